@@ -1,0 +1,249 @@
+"""Frozen dataclass configs of plain values.
+
+Every knob of semoe is a field here; recipes (``semoe.models.recipes``) are plain
+Python functions returning these. Validation happens in ``__post_init__`` and
+raises ``ValueError`` naming the field and the fix, so a bad config fails at
+construction, before anything is allocated or written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+RouterKind = Literal["topk", "expert_choice"]
+ScoreFunc = Literal["softmax", "sigmoid"]
+NoiseKind = Literal["none", "gaussian", "jitter"]
+SecondExpertPolicy = Literal["topk", "random"]
+DropPolicy = Literal["position", "score"]
+Activation = Literal["swiglu", "gelu"]
+ExpertImpl = Literal["grouped_mm", "loop", "padded"]
+
+
+def _check_choice(name: str, value: object, choices: tuple[object, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {list(choices)}")
+
+
+def _check_positive(name: str, value: float | int | None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        hint = " (or None for dropless)" if allow_none else ""
+        raise ValueError(f"{name} must be > 0{hint}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """How tokens pick experts.
+
+    kind:            "topk" (each token picks ``top_k`` experts; k=1 Switch, k=2 GShard) or
+                     "expert_choice" (each expert picks its top-C tokens; C from ``capacity_factor``).
+    score_func:      "softmax" over experts, or independent "sigmoid" scores (DeepSeek-V3 style).
+    normalize_topk:  renormalise the selected probabilities to sum to 1 (Mixtral style).
+    noise:           training-only: "gaussian" = noisy top-k (Shazeer, learned noise scale),
+                     "jitter" = multiplicative uniform noise on the router input (Switch).
+    second_expert:   "random" = GShard random routing: the 2nd expert is kept with probability
+                     min(1, 2 * g2 / (g1 + g2)); only for top_k == 2.
+    capacity_factor: per-expert capacity = ceil(cf * top_k * tokens / num_experts) over the whole
+                     expert-parallel batch, at least ``min_capacity``; ``None`` = dropless.
+    eval_capacity_factor: the same in eval mode.
+    drop_policy:     which assignments an over-full expert drops: "position" keeps first choices before
+                     second choices, then earlier tokens (rank-major global order); "score" keeps the
+                     highest router probabilities.
+    aux_loss_coef / z_loss_coef: weights of the load-balancing loss and the router z-loss.
+    bias_update_rate: > 0 enables auxiliary-loss-free balancing: a per-expert bias added to the
+                     scores for selection only, moved by this rate towards equal load after every
+                     training forward.
+    seed:            seed of the layer's own noise generator (no global RNG is touched).
+    """
+
+    kind: RouterKind = "topk"
+    top_k: int = 2
+    score_func: ScoreFunc = "softmax"
+    normalize_topk: bool = False
+    noise: NoiseKind = "none"
+    jitter_eps: float = 0.01
+    second_expert: SecondExpertPolicy = "topk"
+    capacity_factor: float | None = 1.25
+    eval_capacity_factor: float | None = 2.0
+    min_capacity: int = 4
+    drop_policy: DropPolicy = "position"
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    bias_update_rate: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("router.kind", self.kind, ("topk", "expert_choice"))
+        _check_choice("router.score_func", self.score_func, ("softmax", "sigmoid"))
+        _check_choice("router.noise", self.noise, ("none", "gaussian", "jitter"))
+        _check_choice("router.second_expert", self.second_expert, ("topk", "random"))
+        _check_choice("router.drop_policy", self.drop_policy, ("position", "score"))
+        if not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ValueError(f"router.top_k must be an integer >= 1, got {self.top_k!r}")
+        _check_positive("router.capacity_factor", self.capacity_factor, allow_none=True)
+        _check_positive("router.eval_capacity_factor", self.eval_capacity_factor, allow_none=True)
+        if self.kind == "expert_choice" and self.capacity_factor is None:
+            raise ValueError("router.kind='expert_choice' needs a capacity_factor (each expert takes C tokens)")
+        if self.second_expert == "random" and self.top_k != 2:
+            raise ValueError("router.second_expert='random' (GShard) needs top_k=2")
+        if self.min_capacity < 0:
+            raise ValueError(f"router.min_capacity must be >= 0, got {self.min_capacity}")
+        if not 0.0 <= self.jitter_eps < 1.0:
+            raise ValueError(f"router.jitter_eps must be in [0, 1), got {self.jitter_eps}")
+        if self.aux_loss_coef < 0 or self.z_loss_coef < 0 or self.bias_update_rate < 0:
+            raise ValueError("router.aux_loss_coef, z_loss_coef and bias_update_rate must be >= 0")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """One MoE feed-forward layer.
+
+    d_ff is the hidden size of each routed expert; shared experts (Qwen/DeepSeek style) see every
+    token and have ``shared_d_ff`` hidden units in total. ``shared_expert_gate`` multiplies the
+    shared output by sigmoid(x @ g) (Qwen2-MoE). ``expert_impl``: "grouped_mm" (one grouped GEMM
+    over the sorted tokens), "loop" (per-expert reference), "padded" (capacity-padded
+    [E, C, D] batched GEMM: static shapes, capacity mode only).
+    """
+
+    d_model: int = 512
+    d_ff: int = 2048
+    num_experts: int = 8
+    activation: Activation = "gelu"
+    router: RouterConfig = field(default_factory=RouterConfig)
+    num_shared_experts: int = 0
+    shared_d_ff: int | None = None
+    shared_expert_gate: bool = False
+    expert_impl: ExpertImpl = "grouped_mm"
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "d_ff", "num_experts"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"moe.{name} must be a positive integer, got {v!r}")
+        _check_choice("moe.activation", self.activation, ("swiglu", "gelu"))
+        _check_choice("moe.expert_impl", self.expert_impl, ("grouped_mm", "loop", "padded"))
+        if self.router.kind == "topk" and self.router.top_k > self.num_experts:
+            raise ValueError(
+                f"router.top_k={self.router.top_k} exceeds moe.num_experts={self.num_experts}; "
+                "lower top_k or add experts"
+            )
+        if self.num_shared_experts < 0:
+            raise ValueError(f"moe.num_shared_experts must be >= 0, got {self.num_shared_experts}")
+        if self.expert_impl == "padded" and (
+            self.router.capacity_factor is None or self.router.eval_capacity_factor is None
+        ):
+            raise ValueError("moe.expert_impl='padded' needs a capacity factor for train and eval; "
+                             "use expert_impl='grouped_mm' for dropless routing")
+
+    @property
+    def shared_hidden(self) -> int:
+        return self.shared_d_ff if self.shared_d_ff is not None else self.d_ff * self.num_shared_experts
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Parallel layout. ``ep_size`` ranks share one copy of all experts; world/ep_size replicas of it."""
+
+    ep_size: int = 1
+    ranks_per_node: int | None = None  # None: torchrun's LOCAL_WORLD_SIZE
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ep_size, int) or self.ep_size < 1:
+            raise ValueError(f"parallel.ep_size must be an integer >= 1, got {self.ep_size!r}")
+        if self.ranks_per_node is not None and self.ranks_per_node < 1:
+            raise ValueError(f"parallel.ranks_per_node must be >= 1, got {self.ranks_per_node}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Decoder-only MoE transformer. Layer i (0-based) has an MoE FFN when ``(i + 1) % moe_every == 0``
+    (``moe_every=1``: every layer; HF's ``decoder_sparse_step``), else a dense SwiGLU of ``dense_d_ff``."""
+
+    vocab_size: int = 4096
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: = n_heads (grouped-query attention when smaller)
+    head_dim: int | None = None  # None: d_model // n_heads
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    moe_every: int = 1
+    dense_d_ff: int = 1024
+    tie_embeddings: bool = False
+    attn_bias: bool = False  # q/k/v projection bias (Qwen2-MoE)
+    qk_norm: bool = False  # RMSNorm on the full q and k projections (OLMoE)
+    moe: MoEConfig = field(default_factory=lambda: MoEConfig(d_model=256, d_ff=512, num_experts=8))
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "moe_every", "dense_d_ff"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"model.{name} must be a positive integer, got {v!r}")
+        kv = self.kv_heads
+        if self.n_heads % kv:
+            raise ValueError(f"model.n_heads={self.n_heads} must be a multiple of n_kv_heads={kv}")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                             "set head_dim or change n_heads")
+        if self.moe.d_model != self.d_model:
+            raise ValueError(f"model.moe.d_model={self.moe.d_model} must equal model.d_model={self.d_model}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    def is_moe_layer(self, i: int) -> bool:
+        return (i + 1) % self.moe_every == 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and bookkeeping. Batch sizes are in sequences; ``batch_size`` is per
+    data-parallel rank per micro-step, so the global batch is batch_size * grad_accum * world."""
+
+    steps: int = 300
+    batch_size: int = 8
+    seq_len: int = 128
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    decay_norms_biases_router: bool = False  # False: no weight decay on norms, biases and router
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # <= 0 disables
+    eval_every: int = 50
+    eval_batches: int = 8
+    ckpt_every: int = 100
+    keep_last: int = 2
+    log_every: int = 1
+    seed: int = 1234
+    val_fraction: float = 0.05
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "ckpt_every",
+                     "keep_last", "log_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"train.{name} must be a positive integer, got {v!r}")
+        if not (self.lr > 0 and self.min_lr >= 0):
+            raise ValueError(f"train.lr must be > 0 and train.min_lr >= 0, got {self.lr}, {self.min_lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ValueError(f"train.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """``dataclasses.replace`` that re-runs validation (it does: __post_init__ runs again)."""
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,120 @@
+"""Experts: the local experts' weights stacked, applied to tokens sorted by expert.
+
+Legend: N rows sorted by local expert, L local experts, D d_model, F d_ff, C capacity.
+Weights are stored ``[L, D, F]`` / ``[L, F, D]`` (x @ w), one slice per expert; checkpoints store one
+tensor per global expert id.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from semoe.ops import grouped_mm, grouped_mm_loop, pad_rows, permute
+
+
+def _act(name: str, h1: torch.Tensor, h3: torch.Tensor | None) -> torch.Tensor:
+    if name == "swiglu":
+        assert h3 is not None
+        return F.silu(h1) * h3
+    return F.gelu(h1)
+
+
+class Experts(nn.Module):
+    """``num_local_experts`` FFNs (SwiGLU: w1, w3, w2; GELU: w1, w2) applied group-wise.
+
+    ``impl``: "grouped_mm" (one grouped GEMM per matrix), "loop" (per-expert reference) or
+    "padded" (rows scattered into an ``[L, C, D]`` buffer, then batched GEMMs).
+    """
+
+    def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: str = "gelu",
+                 impl: str = "grouped_mm", init_std: float = 0.02) -> None:
+        super().__init__()
+        self.num_experts = num_experts  # global
+        self.num_local_experts = num_experts
+        self.expert_offset = 0  # global id of local expert 0
+        self.activation, self.impl = activation, impl
+        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+        self.w3 = nn.Parameter(torch.empty(num_experts, d_model, d_ff)) if activation == "swiglu" else None
+        self.w2 = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        self.init_std = init_std
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for w in (self.w1, self.w3, self.w2):
+            if w is not None:
+                nn.init.normal_(w, std=self.init_std)
+
+    def shard_(self, ep_rank: int, ep_size: int) -> None:
+        """Keep only this rank's contiguous block of experts (global ids offset..offset+L-1)."""
+        if self.num_experts % ep_size:
+            raise ValueError(f"num_experts={self.num_experts} is not divisible by ep_size={ep_size}; "
+                             "choose an ep_size that divides the number of experts")
+        L = self.num_experts // ep_size
+        self.num_local_experts, self.expert_offset = L, ep_rank * L
+        for name in ("w1", "w3", "w2"):
+            w = getattr(self, name)
+            if w is not None:
+                setattr(self, name, nn.Parameter(w.detach()[ep_rank * L:(ep_rank + 1) * L].clone()))
+
+    def forward(self, x_ND: torch.Tensor, counts_L: list[int], capacity: int | None = None) -> torch.Tensor:
+        """Rows of ``x_ND`` sorted by local expert, ``counts_L[l]`` rows for expert l."""
+        if self.impl == "padded":
+            if capacity is None:
+                raise ValueError("expert_impl='padded' needs a capacity (set router.capacity_factor)")
+            return self._padded(x_ND, counts_L, capacity)
+        mm = grouped_mm_loop if self.impl == "loop" else grouped_mm
+        offs = None
+        if self.impl == "grouped_mm" and x_ND.shape[0] > 0:
+            offs = torch.tensor(counts_L, device=x_ND.device).cumsum(0).to(torch.int32)
+        if self.impl == "grouped_mm":
+            h1 = grouped_mm(x_ND, self.w1, counts_L, offs)
+            h3 = grouped_mm(x_ND, self.w3, counts_L, offs) if self.w3 is not None else None
+            return grouped_mm(_act(self.activation, h1, h3), self.w2, counts_L, offs)
+        h1 = mm(x_ND, self.w1, counts_L)
+        h3 = mm(x_ND, self.w3, counts_L) if self.w3 is not None else None
+        return mm(_act(self.activation, h1, h3), self.w2, counts_L)
+
+    def _padded(self, x_ND: torch.Tensor, counts_L: list[int], capacity: int) -> torch.Tensor:
+        L, C = self.num_local_experts, capacity
+        if max(counts_L, default=0) > C:
+            raise RuntimeError(f"an expert got {max(counts_L)} rows with capacity {C}")  # invariant
+        counts = torch.tensor(counts_L, device=x_ND.device)
+        starts = torch.cumsum(counts, 0) - counts
+        expert_N = torch.repeat_interleave(torch.arange(L, device=x_ND.device), counts)
+        slot_N = expert_N * C + torch.arange(x_ND.shape[0], device=x_ND.device) - starts[expert_N]
+        buf = pad_rows(x_ND, slot_N, L * C).view(L, C, -1)
+        h1 = torch.bmm(buf, self.w1)
+        h3 = torch.bmm(buf, self.w3) if self.w3 is not None else None
+        y = torch.bmm(_act(self.activation, h1, h3), self.w2)
+        return permute(y.reshape(L * C, -1), slot_N)
+
+
+class SharedExpert(nn.Module):
+    """Dense FFN every token goes through (Qwen2-MoE / DeepSeek shared experts), optionally gated
+    by ``sigmoid(x @ gate)`` (Qwen2-MoE)."""
+
+    def __init__(self, d_model: int, hidden: int, activation: str, gated: bool, init_std: float = 0.02) -> None:
+        super().__init__()
+        self.activation = activation
+        self.w1 = nn.Parameter(torch.randn(d_model, hidden) * init_std)
+        self.w3 = nn.Parameter(torch.randn(d_model, hidden) * init_std) if activation == "swiglu" else None
+        self.w2 = nn.Parameter(torch.randn(hidden, d_model) * init_std)
+        self.gate = nn.Parameter(torch.randn(1, d_model) * init_std) if gated else None
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        h3 = x_TD @ self.w3 if self.w3 is not None else None
+        y = _act(self.activation, x_TD @ self.w1, h3) @ self.w2
+        if self.gate is not None:
+            y = y * torch.sigmoid(F.linear(x_TD, self.gate))
+        return y
+
+
+def expert_flops(num_rows: int, d_model: int, d_ff: int, activation: str) -> float:
+    """Forward FLOPs of ``num_rows`` rows through one expert FFN (2 per multiply-add)."""
+    mats = 3 if activation == "swiglu" else 2
+    return 2.0 * num_rows * d_model * d_ff * mats
+
+
+__all__ = ["Experts", "SharedExpert", "expert_flops"]

@@ -1,0 +1,203 @@
+"""The MoE layer: route -> exchange counts -> drop over capacity -> permute -> all-to-all ->
+experts -> all-to-all back -> weighted un-permute (+ shared experts).
+
+Legend: T local tokens, D d_model, E experts (global), L local experts, K choices per token,
+R ranks of the expert-parallel group, A local assignments, N dispatched rows.
+
+The same code runs with one process (``LocalComm``) and with expert parallelism (a torch.distributed
+comm swapped in by ``semoe.parallel.expert_parallel.apply_expert_parallel``); capacity is defined
+over the whole expert-parallel batch, so results do not depend on the number of ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from semoe.config import MoEConfig
+from semoe.layers.comm import LocalComm
+from semoe.layers.experts import Experts, SharedExpert
+from semoe.layers.losses import load_balancing_loss, router_z_loss
+from semoe.layers.router import Routing, build_router
+from semoe.ops import pad_rows, permute, unpermute
+
+
+@dataclass
+class MoEStats:
+    """Per-call statistics of the whole expert-parallel batch (detached, for logs and plots)."""
+
+    tokens: int  # tokens in the expert-parallel batch
+    assignments: int  # routed (token, expert) pairs before dropping
+    dropped: int  # assignments dropped by capacity
+    routed_per_expert: torch.Tensor  # [E] int64, before dropping
+    tokens_per_expert: torch.Tensor  # [E] int64, after dropping
+    capacity: int | None
+
+    @property
+    def drop_rate(self) -> float:
+        return self.dropped / max(self.assignments, 1)
+
+
+@dataclass
+class MoEOutput:
+    out: torch.Tensor  # same shape as the input
+    aux_loss: torch.Tensor  # unweighted load-balancing loss (value: the whole group's)
+    z_loss: torch.Tensor  # unweighted router z-loss
+    router_loss: torch.Tensor  # aux_loss_coef * aux_loss + z_loss_coef * z_loss, add it to the loss
+    stats: MoEStats
+
+
+def capacity_for(capacity_factor: float, num_assignments: int, num_experts: int, min_capacity: int) -> int:
+    """Slots per expert for the whole expert-parallel batch: ceil(cf * assignments / E), >= min."""
+    return max(min_capacity, math.ceil(capacity_factor * num_assignments / num_experts))
+
+
+def position_keep(counts_REK: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Kept assignments per (rank, expert, choice) under "position" priority: first choices before
+    second choices, then ranks in order, then tokens in order. [R, E, K] int64."""
+    R, E, K = counts_REK.shape
+    by_choice = counts_REK.permute(2, 0, 1).reshape(K * R, E)  # priority order: (k, r)
+    before = torch.cumsum(by_choice, 0) - by_choice
+    keep = (capacity - before).clamp(min=0).minimum(by_choice)
+    return keep.reshape(K, R, E).permute(1, 2, 0)
+
+
+def regroup_index(counts_SL: torch.Tensor) -> torch.Tensor:
+    """Row order that turns blocks laid out source-major [(s, l)] into expert-major [(l, s)]."""
+    sizes_sm = counts_SL.reshape(-1)
+    starts_sm = torch.cumsum(sizes_sm, 0) - sizes_sm
+    sizes_em = counts_SL.t().reshape(-1)
+    starts_em = starts_sm.view_as(counts_SL).t().reshape(-1)
+    dst_start = torch.cumsum(sizes_em, 0) - sizes_em
+    n = int(sizes_em.sum())
+    return torch.repeat_interleave(starts_em - dst_start, sizes_em, output_size=n) + torch.arange(
+        n, device=counts_SL.device)
+
+
+class MoELayer(nn.Module):
+    """Sparsely-gated MoE feed-forward layer. ``forward(x[..., D]) -> MoEOutput``."""
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.router = build_router(cfg.router, cfg.d_model, cfg.num_experts)
+        self.router.reset_parameters(cfg.init_std)
+        self.experts = Experts(cfg.num_experts, cfg.d_model, cfg.d_ff, cfg.activation, cfg.expert_impl, cfg.init_std)
+        self.shared = (SharedExpert(cfg.d_model, cfg.shared_hidden, cfg.activation, cfg.shared_expert_gate,
+                                    cfg.init_std) if cfg.num_shared_experts > 0 else None)
+        self.comm: LocalComm = LocalComm()
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not torch.is_floating_point(x):
+            raise ValueError(f"MoELayer input must be a floating-point tensor, got {x.dtype}; "
+                             "embed token ids first or cast with .float()")
+        if x.shape[-1] != self.cfg.d_model:
+            raise ValueError(f"MoELayer input has hidden size {x.shape[-1]}, expected d_model={self.cfg.d_model}")
+
+    def forward(self, x: torch.Tensor) -> MoEOutput:
+        self._check_input(x)
+        cfg, comm = self.cfg, self.comm
+        E, R, r = cfg.num_experts, comm.ep_size, comm.ep_rank
+        L = E // R
+        x_TD = x.reshape(-1, cfg.d_model)
+        T = x_TD.shape[0]
+
+        routing: Routing = self.router(x_TD, comm)
+        K = routing.num_choices
+
+        # one small collective: routed counts and loss sums of every rank
+        key_A = routing.expert_A * K + routing.choice_A
+        counts_EK = torch.bincount(key_A, minlength=E * K)
+        stats_local = torch.cat([
+            counts_EK.to(torch.float64),
+            routing.prob_sum_E.detach().to(torch.float64),
+            routing.lse_sq_sum.detach().to(torch.float64).reshape(1),
+            torch.tensor([float(T)], dtype=torch.float64, device=x.device),
+        ])
+        stats_RN = comm.exchange_stats(stats_local)
+        counts_REK = stats_RN[:, :E * K].round().long().view(R, E, K)
+        group_tokens = int(stats_RN[:, -1].sum().item())
+        routed_E = counts_REK.sum((0, 2))
+        num_assign = int(routed_E.sum().item())
+
+        total = max(group_tokens, 1)
+        if cfg.router.kind == "topk":
+            frac_E = routed_E.to(torch.float64) / max(num_assign, 1)
+            aux = load_balancing_loss(routing.prob_sum_E, stats_RN[:, E * K:E * K + E].sum(0), frac_E, total, R)
+        else:  # expert choice is balanced by construction
+            aux = routing.prob_sum_E.sum() * 0.0
+        z = router_z_loss(routing.lse_sq_sum, stats_RN[:, E * K + E].sum(), total, R)
+        self.router.update_bias(routed_E)
+
+        # capacity
+        cf = cfg.router.capacity_factor if self.training else cfg.router.eval_capacity_factor
+        capacity = None
+        if cfg.router.kind == "topk" and cf is not None:
+            capacity = capacity_for(cf, K * group_tokens, E, cfg.router.min_capacity)
+        drop_at_sender = capacity is not None and cfg.router.drop_policy == "position"
+        kept_REK = position_keep(counts_REK, capacity) if drop_at_sender else counts_REK
+
+        # sort this rank's assignments by (expert, choice, token): stable, so rank-count independent
+        order_A = torch.argsort(key_A, stable=True)
+        if drop_at_sender:
+            counts_flat = counts_REK[r].reshape(-1).to(x.device)
+            keep_flat = kept_REK[r].reshape(-1).to(x.device)
+            key_sorted = key_A[order_A]
+            starts = torch.cumsum(counts_flat, 0) - counts_flat
+            pos = torch.arange(order_A.numel(), device=x.device) - starts[key_sorted]
+            order_A = order_A[pos < keep_flat[key_sorted]]
+        token_N = routing.token_A[order_A]
+        weight_N = routing.weight_A[order_A]
+        x_ND = permute(x_TD, token_N)
+
+        # all-to-all to the experts' owners
+        kept_RE = kept_REK.sum(-1)
+        send_splits = kept_RE[r].view(R, L).sum(-1).tolist()
+        counts_SL = kept_RE[:, r * L:(r + 1) * L]  # rows this rank receives, per (source, local expert)
+        recv_splits = counts_SL.sum(-1).tolist()
+        x_recv = comm.all_to_all(x_ND, send_splits, recv_splits)
+        if R > 1:
+            regroup = regroup_index(counts_SL.to(x.device))
+            x_recv = permute(x_recv, regroup)
+        counts_L = counts_SL.sum(0)
+
+        if capacity is not None and not drop_at_sender:  # score priority: the owner keeps the best C
+            score_recv = comm.all_to_all(routing.score_A[order_A].unsqueeze(1), send_splits, recv_splits)
+            if R > 1:
+                score_recv = score_recv.index_select(0, regroup)
+            keep_idx, kept_L = _keep_top_scores(score_recv.squeeze(1), counts_L.to(x.device), capacity)
+            y_kept = self.experts(permute(x_recv, keep_idx), kept_L.tolist(), capacity)
+            y_recv = pad_rows(y_kept, keep_idx, x_recv.shape[0])
+            kept_E = counts_REK.sum((0, 2)).clamp(max=capacity)
+        else:
+            y_recv = self.experts(x_recv, counts_L.tolist(), capacity)
+            kept_E = kept_RE.sum(0)
+
+        if R > 1:
+            y_recv = permute(y_recv, torch.argsort(regroup))
+        y_ND = comm.all_to_all(y_recv, recv_splits, send_splits)
+        out_TD = unpermute(y_ND, token_N, weight_N, T).to(x.dtype)
+        if self.shared is not None:
+            out_TD = out_TD + self.shared(x_TD)
+
+        stats = MoEStats(tokens=group_tokens, assignments=num_assign, dropped=num_assign - int(kept_E.sum()),
+                         routed_per_expert=routed_E.cpu(), tokens_per_expert=kept_E.cpu(), capacity=capacity)
+        rc = cfg.router
+        return MoEOutput(out=out_TD.view(x.shape), aux_loss=aux, z_loss=z,
+                         router_loss=rc.aux_loss_coef * aux + rc.z_loss_coef * z, stats=stats)
+
+
+def _keep_top_scores(score_N: torch.Tensor, counts_L: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (expert-major) each expert keeps: its ``capacity`` highest scores, ties to the earlier row."""
+    n = score_N.shape[0]
+    expert_N = torch.repeat_interleave(torch.arange(counts_L.numel(), device=score_N.device), counts_L, output_size=n)
+    by_score = torch.argsort(score_N, descending=True, stable=True)
+    order = by_score[torch.argsort(expert_N[by_score], stable=True)]  # expert-major, best first
+    starts = torch.cumsum(counts_L, 0) - counts_L
+    rank_in_expert = torch.empty_like(order)
+    rank_in_expert[order] = torch.arange(n, device=score_N.device) - starts[expert_N[order]]
+    keep = rank_in_expert < capacity
+    return keep.nonzero().squeeze(1), counts_L.clamp(max=capacity)

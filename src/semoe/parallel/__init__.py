@@ -1,0 +1,1 @@
+"""semoe.parallel"""
