@@ -208,11 +208,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation and bookkeeping. Batch sizes are in sequences; ``batch_size`` is per
-    data-parallel rank per micro-step, so the global batch is batch_size * grad_accum * world."""
+    """Optimisation and bookkeeping. ``batch_size`` is the *global* batch in sequences per optimizer
+    step; each of the W data-parallel ranks runs ``grad_accum`` micro-batches of
+    batch_size / (W * grad_accum) sequences. Keeping the global batch fixed is what lets a run resume
+    on a different number of ranks with the same next-step loss."""
 
     steps: int = 300
-    batch_size: int = 8
+    batch_size: int = 16
     seq_len: int = 128
     grad_accum: int = 1
     lr: float = 3e-3
