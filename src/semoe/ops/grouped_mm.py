@@ -21,9 +21,12 @@ def grouped_mm_loop(x_NK: torch.Tensor, w_GKM: torch.Tensor, counts_G: list[int]
 def _native_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
+    if (w.shape[-1] * w.element_size()) % 16 or (w.shape[-2] * w.element_size()) % 16:
+        return False  # the kernel needs 16-byte aligned strides (forward and backward)
     if x.device.type == "cpu":
         return x.dtype == torch.float32 and w.dtype == torch.float32
-    return x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    same_bf16 = x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16
+    return same_bf16 and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
 class _ContiguousGrad(torch.autograd.Function):

@@ -1,0 +1,368 @@
+"""Import HF checkpoints of Mixtral, Qwen2-MoE and OLMoE (config.json + safetensors) into semoe.
+
+Legend: E experts, D hidden size, F expert hidden size, H shared-expert hidden size.
+
+HF ``nn.Linear`` weights are ``[out, in]`` (``x @ w.T``); semoe experts and shared experts store
+``x @ w`` layouts, so those are transposed. Attention, norms, embeddings, the router and dense MLPs
+keep HF's layout. ``save_pretrained`` in transformers 5.x writes the legacy per-expert names
+(``...experts.{e}.w1.weight`` / ``...experts.{e}.gate_proj.weight``) although transformers keeps the
+experts fused in memory (``experts.gate_up_proj [E, 2F, D]``, ``experts.down_proj [E, D, F]``); both
+spellings are accepted.
+
+:func:`iter_semoe_tensors` is the single place that applies the mapping; it yields one tensor per
+global expert (``layers.{i}.moe.experts.{e}.w1`` ``[D, F]``), the semoe checkpoint format.
+Nothing here imports transformers, and nothing unpickles: only JSON and safetensors are read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import safe_open
+
+from semoe.config import ModelConfig, MoEConfig, RouterConfig
+from semoe.models.transformer import MoETransformer
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "olmoe")
+
+Op = Literal["copy", "t", "gate_t", "up_t", "down_t"]
+
+
+@dataclass(frozen=True)
+class TensorMap:
+    """How one HF tensor becomes semoe tensor(s).
+
+    ``name``: the semoe name; for the fused ops it contains ``{e}``, filled with each expert id.
+    ``op``: "copy" (same layout), "t" (2-D transpose), "gate_t" / "up_t" (first / second half of a
+    fused ``gate_up_proj [E, 2F, D]``, per expert, transposed to ``[D, F]``), "down_t" (fused
+    ``down_proj [E, D, F]``, per expert, transposed to ``[F, D]``).
+    """
+
+    name: str
+    op: Op
+
+
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_EXPERT_RE = re.compile(r"^experts\.(\d+)\.(\w+)\.weight$")
+_SEMOE_EXPERT_RE = re.compile(r"^(layers\.\d+\.moe\.experts)\.(\d+)\.(w[123])$")
+_ATTN = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo"}
+_EXPERT_PROJ = {
+    "mixtral": {"w1": "w1", "w3": "w3", "w2": "w2"},
+    "qwen2_moe": {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"},
+    "olmoe": {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"},
+}
+_DENSE_PROJ = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+
+def _check_model_type(model_type: object) -> str:
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"HF model_type {model_type!r} is not supported; supported: {list(SUPPORTED_MODEL_TYPES)}")
+    return str(model_type)
+
+
+def hf_key_to_semoe(model_type: str, key: str) -> list[TensorMap]:
+    """Where the HF checkpoint tensor ``key`` goes in semoe. An empty list means "not a parameter,
+    skip it" (old checkpoints' ``rotary_emb.inv_freq``). Unknown keys raise ``ValueError``."""
+    mt = _check_model_type(model_type)
+    top = {"model.embed_tokens.weight": "tok_emb.weight", "model.norm.weight": "norm.weight",
+           "lm_head.weight": "lm_head.weight"}
+    if key in top:
+        return [TensorMap(top[key], "copy")]
+    m = _LAYER_RE.match(key)
+    if m is not None:
+        maps = _layer_key(mt, f"layers.{m.group(1)}", m.group(2))
+        if maps is not None:
+            return maps
+    raise ValueError(f"unknown tensor {key!r} in a {mt} checkpoint; semoe cannot map it "
+                     "(is the checkpoint from a different architecture or a newer transformers?)")
+
+
+def _layer_key(mt: str, p: str, rest: str) -> list[TensorMap] | None:
+    """Mapping of ``model.layers.{i}.<rest>`` (``p`` = "layers.{i}"), or None if unknown."""
+    if rest == "input_layernorm.weight":
+        return [TensorMap(f"{p}.attn_norm.weight", "copy")]
+    if rest == "post_attention_layernorm.weight":
+        return [TensorMap(f"{p}.ffn_norm.weight", "copy")]
+    if rest.endswith("rotary_emb.inv_freq"):
+        return []
+    if rest.startswith("self_attn."):
+        attn = rest[len("self_attn."):]
+        proj, _, kind = attn.partition(".")
+        if proj in _ATTN and (kind == "weight" or (kind == "bias" and mt == "qwen2_moe" and proj != "o_proj")):
+            return [TensorMap(f"{p}.attn.{_ATTN[proj]}.{kind}", "copy")]
+        if mt == "olmoe" and attn in ("q_norm.weight", "k_norm.weight"):
+            return [TensorMap(f"{p}.attn.{attn}", "copy")]
+        return None
+    moe_prefixes = ("block_sparse_moe.", "mlp.") if mt == "mixtral" else ("mlp.",)
+    for pre in moe_prefixes:
+        if not rest.startswith(pre):
+            continue
+        sub = rest[len(pre):]
+        if sub == "gate.weight":
+            return [TensorMap(f"{p}.moe.router.weight", "copy")]
+        if sub == "experts.gate_up_proj":
+            return [TensorMap(f"{p}.moe.experts.{{e}}.w1", "gate_t"), TensorMap(f"{p}.moe.experts.{{e}}.w3", "up_t")]
+        if sub == "experts.down_proj":
+            return [TensorMap(f"{p}.moe.experts.{{e}}.w2", "down_t")]
+        em = _EXPERT_RE.match(sub)
+        if em is not None and em.group(2) in _EXPERT_PROJ[mt]:
+            return [TensorMap(f"{p}.moe.experts.{em.group(1)}.{_EXPERT_PROJ[mt][em.group(2)]}", "t")]
+        if mt == "qwen2_moe":
+            if sub == "shared_expert_gate.weight":
+                return [TensorMap(f"{p}.moe.shared.gate", "copy")]
+            proj, _, kind = sub.removeprefix("shared_expert.").partition(".")
+            if sub.startswith("shared_expert.") and proj in _DENSE_PROJ and kind == "weight":
+                return [TensorMap(f"{p}.moe.shared.{_DENSE_PROJ[proj]}", "t")]
+            proj, _, kind = sub.partition(".")
+            if proj in _DENSE_PROJ and kind == "weight":  # a dense layer (decoder_sparse_step > 1)
+                return [TensorMap(f"{p}.mlp.{_DENSE_PROJ[proj]}.weight", "copy")]
+    return None
+
+
+def convert_tensor(tmap: TensorMap, t: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """Apply ``tmap`` to the HF tensor ``t``: yields (semoe name, contiguous tensor)."""
+    if tmap.op == "copy":
+        yield tmap.name, t.contiguous()
+    elif tmap.op == "t":
+        if t.dim() != 2:
+            raise ValueError(f"{tmap.name}: expected a 2-D tensor to transpose, got shape {tuple(t.shape)}")
+        yield tmap.name, t.t().contiguous()
+    elif tmap.op in ("gate_t", "up_t", "down_t"):
+        if t.dim() != 3:
+            raise ValueError(f"{tmap.name}: expected a fused 3-D expert tensor, got shape {tuple(t.shape)}")
+        if tmap.op != "down_t" and t.shape[1] % 2:
+            raise ValueError(f"{tmap.name}: fused gate_up_proj has odd dim 1 ({t.shape[1]})")
+        half = t.shape[1] // 2
+        for e in range(t.shape[0]):
+            w = t[e]
+            if tmap.op == "gate_t":
+                w = w[:half]
+            elif tmap.op == "up_t":
+                w = w[half:]
+            yield tmap.name.format(e=e), w.t().contiguous()
+    else:  # pragma: no cover - Op is closed
+        raise AssertionError(tmap.op)
+
+
+def semoe_param_slot(name: str) -> tuple[str, int | None]:
+    """Model parameter and expert index of a semoe checkpoint name: per-expert names
+    ``layers.{i}.moe.experts.{e}.w1`` live in slice ``e`` of the stacked ``layers.{i}.moe.experts.w1``."""
+    m = _SEMOE_EXPERT_RE.match(name)
+    if m is None:
+        return name, None
+    return f"{m.group(1)}.{m.group(3)}", int(m.group(2))
+
+
+# ----------------------------------------------------------------------------------------- config
+
+
+def _req(hf: dict[str, Any], key: str) -> Any:
+    if hf.get(key) is None:
+        raise ValueError(f"HF config ({hf.get('model_type')}) lacks {key!r}; is config.json complete?")
+    return hf[key]
+
+
+def _rope_theta(hf: dict[str, Any], default: float) -> float:
+    rp = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = rp.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    if rope_type != "default":
+        raise ValueError(f"RoPE scaling {rope_type!r} is not supported; semoe implements default RoPE only")
+    return float(rp.get("rope_theta", hf.get("rope_theta", default)))
+
+
+def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    """A semoe :class:`ModelConfig` from an HF ``config.json`` dict of a Mixtral, Qwen2-MoE or OLMoE
+    model: dropless routing, SwiGLU experts, HF's top-k renormalisation, no z-loss."""
+    mt = _check_model_type(hf.get("model_type"))
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported; semoe experts are SwiGLU (silu)")
+    D = int(_req(hf, "hidden_size"))
+    n_heads = int(_req(hf, "num_attention_heads"))
+    max_seq_len = int(hf.get("max_position_embeddings") or 4096)
+    moe_every, dense_d_ff, attn_bias, qk_norm = 1, int(_req(hf, "intermediate_size")), False, False
+    shared_d_ff = 0
+    if mt == "mixtral":
+        E, d_ff = int(_req(hf, "num_local_experts")), int(_req(hf, "intermediate_size"))
+        normalize, theta, eps_default = True, _rope_theta(hf, 1e6), 1e-5
+        if hf.get("sliding_window") is not None and int(hf["sliding_window"]) < max_seq_len:
+            log.info("mixtral sliding_window=%s: semoe attends over the full sequence, so max_seq_len is capped "
+                     "at the window (identical results within it)", hf["sliding_window"])
+            max_seq_len = int(hf["sliding_window"])
+    elif mt == "qwen2_moe":
+        E, d_ff = int(_req(hf, "num_experts")), int(_req(hf, "moe_intermediate_size"))
+        normalize, theta, eps_default = bool(hf.get("norm_topk_prob", False)), _rope_theta(hf, 1e4), 1e-6
+        if hf.get("mlp_only_layers"):
+            raise ValueError(f"qwen2_moe mlp_only_layers={hf['mlp_only_layers']} is not supported; semoe places "
+                             "dense layers by decoder_sparse_step only")
+        if hf.get("use_sliding_window"):
+            raise ValueError("qwen2_moe use_sliding_window=True is not supported (semoe attention is full causal)")
+        moe_every = int(hf.get("decoder_sparse_step") or 1)
+        attn_bias = bool(hf.get("qkv_bias", True))
+        shared_d_ff = int(hf.get("shared_expert_intermediate_size") or 0)
+    else:  # olmoe
+        E, d_ff = int(_req(hf, "num_experts")), int(_req(hf, "intermediate_size"))
+        normalize, theta, eps_default = bool(hf.get("norm_topk_prob", False)), _rope_theta(hf, 1e4), 1e-5
+        if hf.get("clip_qkv") is not None:
+            raise ValueError(f"olmoe clip_qkv={hf['clip_qkv']} is not supported")
+        if hf.get("attention_bias"):
+            raise ValueError("olmoe attention_bias=True is not supported (semoe has no o_proj bias)")
+        qk_norm = True
+    if E < 1:
+        raise ValueError(f"{mt} config has {E} experts; a dense model is not an MoE checkpoint semoe imports")
+    jitter = float(hf.get("router_jitter_noise") or 0.0)
+    router = RouterConfig(
+        kind="topk", top_k=int(_req(hf, "num_experts_per_tok")), score_func="softmax", normalize_topk=normalize,
+        noise="jitter" if jitter > 0 else "none", jitter_eps=jitter if jitter > 0 else 0.01,
+        capacity_factor=None, eval_capacity_factor=None,
+        aux_loss_coef=float(hf.get("router_aux_loss_coef") or 0.0), z_loss_coef=0.0,
+    )
+    init_std = float(hf.get("initializer_range") or 0.02)
+    moe = MoEConfig(
+        d_model=D, d_ff=d_ff, num_experts=E, activation="swiglu", router=router,
+        num_shared_experts=1 if shared_d_ff > 0 else 0, shared_d_ff=shared_d_ff or None,
+        shared_expert_gate=shared_d_ff > 0, expert_impl="grouped_mm", init_std=init_std,
+    )
+    head_dim = hf.get("head_dim")
+    return ModelConfig(
+        vocab_size=int(_req(hf, "vocab_size")), d_model=D, n_layers=int(_req(hf, "num_hidden_layers")),
+        n_heads=n_heads, n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+        head_dim=int(head_dim) if head_dim is not None else None, max_seq_len=max_seq_len, rope_theta=theta,
+        norm_eps=float(hf.get("rms_norm_eps") or eps_default), moe_every=moe_every, dense_d_ff=dense_d_ff,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), attn_bias=attn_bias, qk_norm=qk_norm,
+        moe=moe, init_std=init_std,
+    )
+
+
+# ------------------------------------------------------------------------------------------ files
+
+
+def read_hf_config(path: str | Path) -> dict[str, Any]:
+    """The ``config.json`` dict of an HF checkpoint directory."""
+    f = Path(path) / "config.json"
+    if not f.is_file():
+        raise ValueError(f"{path} has no config.json; pass an HF checkpoint directory")
+    with f.open() as fh:
+        return json.load(fh)
+
+
+def checkpoint_files(path: str | Path) -> list[tuple[Path, list[str]]]:
+    """(safetensors file, its tensor names) of a checkpoint directory: ``model.safetensors`` or the
+    shards listed by ``model.safetensors.index.json`` (all checked to exist)."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        with index.open() as fh:
+            weight_map: dict[str, str] = json.load(fh).get("weight_map") or {}
+        if not weight_map:
+            raise ValueError(f"{index} has no weight_map")
+        by_file: dict[str, list[str]] = {}
+        for key, fname in weight_map.items():
+            by_file.setdefault(fname, []).append(key)
+        out = []
+        for fname, keys in by_file.items():
+            f = path / fname
+            if not f.is_file():
+                raise ValueError(f"shard {fname!r} listed in {index.name} is missing from {path}")
+            out.append((f, keys))
+        return out
+    single = path / "model.safetensors"
+    if single.is_file():
+        with safe_open(str(single), framework="pt", device="cpu") as fh:
+            return [(single, list(fh.keys()))]
+    raise ValueError(f"{path} has neither model.safetensors nor model.safetensors.index.json "
+                     "(only safetensors checkpoints are read)")
+
+
+def iter_semoe_tensors(path: str | Path, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream an HF checkpoint as (semoe name, tensor), one HF tensor read at a time; expert tensors
+    come one per global expert (``layers.{i}.moe.experts.{e}.w1`` ``[D, F]``, ``w3`` ``[D, F]``,
+    ``w2`` ``[F, D]``). Every name is checked before the first tensor is read. ``dtype``: cast to it
+    (default: as stored). With tied embeddings a stored ``lm_head.weight`` is skipped."""
+    hf = read_hf_config(path)
+    mt = _check_model_type(hf.get("model_type"))
+    tied = bool(hf.get("tie_word_embeddings", False))
+    files = checkpoint_files(path)
+    plan = [(f, [(k, hf_key_to_semoe(mt, k)) for k in keys]) for f, keys in files]
+    for f, items in plan:
+        with safe_open(str(f), framework="pt", device="cpu") as fh:
+            present = set(fh.keys())
+            for key, maps in items:
+                if key not in present:
+                    raise ValueError(f"tensor {key!r} is listed for {f.name} but that file does not contain it")
+                if not maps or (tied and key == "lm_head.weight"):
+                    continue
+                t = fh.get_tensor(key)
+                for tmap in maps:
+                    for name, x in convert_tensor(tmap, t):
+                        yield name, (x.to(dtype) if dtype is not None else x)
+                del t
+
+
+def load_hf_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32,
+                       device: torch.device | str = "cpu") -> MoETransformer:
+    """Build a :class:`MoETransformer` from an HF Mixtral / Qwen2-MoE / OLMoE checkpoint directory.
+
+    The model is built on the meta device, allocated empty on ``device`` in ``dtype``, and filled
+    tensor by tensor from :func:`iter_semoe_tensors` (the state dict is never held twice). Every
+    parameter must be covered, else ``ValueError`` names what is missing. Returned in eval mode.
+    """
+    hf = read_hf_config(path)
+    cfg = model_config_from_hf(hf)
+    with torch.device("meta"):
+        model = MoETransformer(cfg)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    with torch.no_grad():
+        for buf in model.buffers():  # semoe buffers start at zero (router expert_bias, call counter)
+            buf.zero_()
+    params = dict(model.named_parameters())
+    need_experts: dict[str, int] = {n: p.shape[0] for n, p in params.items() if _is_stacked_expert(n)}
+    filled: set[str] = set()
+    filled_experts: dict[str, set[int]] = {n: set() for n in need_experts}
+    with torch.no_grad():
+        for name, t in iter_semoe_tensors(path):
+            target, e = semoe_param_slot(name)
+            p = params.get(target)
+            if p is None or (e is None) == (target in need_experts):
+                raise ValueError(f"checkpoint tensor {name!r} has no place in this model ({cfg.n_layers} layers, "
+                                 f"moe_every={cfg.moe_every}); config.json and the weights disagree")
+            if e is not None and not 0 <= e < need_experts[target]:
+                raise ValueError(f"checkpoint tensor {name!r}: expert {e} out of range "
+                                 f"(model has {need_experts[target]} experts)")
+            dst = p[e] if e is not None else p
+            if tuple(dst.shape) != tuple(t.shape):
+                raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(t.shape)}, "
+                                 f"the model expects {tuple(dst.shape)}")
+            dst.copy_(t)
+            if e is not None:
+                filled_experts[target].add(e)
+            else:
+                filled.add(target)
+    missing = [n for n in params if n not in need_experts and n not in filled]
+    missing += [f"{n} (experts {sorted(set(range(need_experts[n])) - got)})"
+                for n, got in filled_experts.items() if len(got) < need_experts[n]]
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks tensors for: {', '.join(missing[:8])}"
+                         f"{' ...' if len(missing) > 8 else ''}")
+    model.eval()
+    log.info("loaded %s checkpoint %s: %d layers, %d experts", hf["model_type"], path, cfg.n_layers,
+             cfg.moe.num_experts)
+    return model
+
+
+def _is_stacked_expert(param_name: str) -> bool:
+    return re.fullmatch(r"layers\.\d+\.moe\.experts\.w[123]", param_name) is not None
+
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "TensorMap", "checkpoint_files", "convert_tensor", "hf_key_to_semoe",
+           "iter_semoe_tensors", "load_hf_checkpoint", "model_config_from_hf", "read_hf_config",
+           "semoe_param_slot"]

@@ -1,0 +1,87 @@
+"""Gradient rules under expert parallelism.
+
+Objective: the mean over all ranks of each rank's loss. Dense (replicated) parameters: gradients
+averaged over the whole world. Expert parameters: each rank's expert gradient already holds the
+contributions of every rank of its ep group (through the all-to-all's backward), so it is summed
+over the expert's replicas (``dp`` axis) and divided by the world size. Each class is flattened into
+one buffer and reduced with one collective (``semoe.parallel.fusion`` does it bucketed and overlapped).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from semoe.parallel.mesh import dp_group
+
+
+def is_expert_param(name: str) -> bool:
+    """Expert parameters are the stacked weights under an MoE layer's ``experts`` module."""
+    return ".experts." in f".{name}"
+
+
+def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(dense, expert) parameters that require grad, in registration order."""
+    dense, expert = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (expert if is_expert_param(name) else dense).append(p)
+    return dense, expert
+
+
+def _reduce_(params: list[nn.Parameter], group: dist.ProcessGroup | None, scale: float, communicate: bool) -> None:
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    if communicate:
+        dist.all_reduce(flat, group=group)
+    flat.mul_(scale)
+    off = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        if p.grad is None:
+            p.grad = flat[off:off + n].view_as(p).clone()
+        else:
+            p.grad.copy_(flat[off:off + n].view_as(p))
+        off += n
+
+
+def sync_gradients(model: nn.Module, mesh: DeviceMesh | None) -> None:
+    """Average gradients across ranks following the rules above. No-op without a mesh."""
+    if mesh is None or not dist.is_initialized():
+        return
+    world = dist.get_world_size()
+    dense, expert = split_params(model)
+    _reduce_(dense, None, 1.0 / world, communicate=True)  # None: the whole world
+    _reduce_(expert, dp_group(mesh), 1.0 / world, communicate=mesh.size(0) > 1)
+
+
+def grad_norm(model: nn.Module, mesh: DeviceMesh | None) -> torch.Tensor:
+    """Global L2 norm of the (synchronised) gradients, each expert shard counted exactly once:
+    dense gradients are identical on every rank and counted once; expert norms are summed over the ep
+    group (each rank holds different experts; dp replicas are identical)."""
+    dense, expert = split_params(model)
+    def sq(ps: list[nn.Parameter]) -> torch.Tensor:
+        vals = [p.grad.detach().float().pow(2).sum() for p in ps if p.grad is not None]
+        return torch.stack(vals).sum() if vals else torch.zeros(())
+    dense_sq, expert_sq = sq(dense), sq(expert).to(torch.float64)
+    if mesh is not None and mesh.size(1) > 1:
+        dist.all_reduce(expert_sq, group=mesh.get_group("ep"))
+    return (dense_sq.double() + expert_sq).sqrt().float()
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float, mesh: DeviceMesh | None) -> torch.Tensor:
+    """Scale all gradients so the global norm is at most ``max_norm``; returns the norm before."""
+    total = grad_norm(model, mesh)
+    if max_norm > 0 and math.isfinite(float(total)):
+        coef = (max_norm / (float(total) + 1e-6))
+        if coef < 1.0:
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+    return total
