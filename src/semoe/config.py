@@ -9,6 +9,8 @@ construction, before anything is allocated or written.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -146,14 +148,18 @@ class MoEConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """Parallel layout. ``ep_size`` ranks share one copy of all experts; world/ep_size replicas of it."""
+    """Parallel layout. ``ep_size`` ranks share one copy of all experts; world/ep_size replicas of it.
+    ``ep_size=0`` means every rank of the world (the default: pure expert parallelism)."""
 
-    ep_size: int = 1
+    ep_size: int = 0
     ranks_per_node: int | None = None  # None: torchrun's LOCAL_WORLD_SIZE
 
     def __post_init__(self) -> None:
-        if not isinstance(self.ep_size, int) or self.ep_size < 1:
-            raise ValueError(f"parallel.ep_size must be an integer >= 1, got {self.ep_size!r}")
+        if not isinstance(self.ep_size, int) or self.ep_size < 0:
+            raise ValueError(f"parallel.ep_size must be an integer >= 1 (or 0 for the whole world), got {self.ep_size!r}")
+
+    def resolve_ep(self, world_size: int) -> int:
+        return self.ep_size or world_size
         if self.ranks_per_node is not None and self.ranks_per_node < 1:
             raise ValueError(f"parallel.ranks_per_node must be >= 1, got {self.ranks_per_node}")
 
@@ -246,6 +252,119 @@ class TrainConfig:
             raise ValueError(f"train.val_fraction must be in (0, 0.5), got {self.val_fraction}")
 
 
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a training run needs. ``data``: a text file, folder or JSONL path; None = Shakespeare."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: str | None = None
+
+
 def replace(cfg: Any, **changes: Any) -> Any:
     """``dataclasses.replace`` that re-runs validation (it does: __post_init__ runs again)."""
     return dataclasses.replace(cfg, **changes)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain JSON-able dict of a (nested) config."""
+    return dataclasses.asdict(cfg)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert a JSON or command-line value to a field's annotated type."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        return _coerce(value, options[0], where)
+    if value is None:
+        raise ValueError(f"{where} may not be None")
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{where}={value!r} is not supported; choose one of {list(args)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ValueError(f"{where}: expected a list of {len(args)} numbers, got {value!r}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str and not isinstance(value, str):
+        raise ValueError(f"{where} must be a string, got {value!r}")
+    return value
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build a (nested) config dataclass from a plain dict; unknown keys are an error."""
+    types = _field_types(cls)
+    unknown = set(data) - set(types)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {sorted(unknown)} in {where or cls.__name__}; "
+                         f"known: {sorted(types)}")
+    kwargs = {k: _coerce(v, types[k], f"{where + '.' if where else ''}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    import json
+
+    low = text.strip().lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply ``section.field=value`` overrides (e.g. ``train.lr=1e-3``, ``model.moe.router.top_k=1``).
+    An unknown key or a value of the wrong type raises ValueError naming it."""
+    data = to_dict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.field=value, e.g. train.lr=1e-3")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node: Any = data
+        for i, part in enumerate(parts):
+            if not isinstance(node, dict) or part not in node:
+                known = sorted(node) if isinstance(node, dict) else []
+                raise ValueError(f"unknown override key {key!r} (at {part!r}); known here: {known}")
+            if i == len(parts) - 1:
+                if isinstance(node[part], dict):
+                    raise ValueError(f"override {key!r} names a section; set one of its fields: {sorted(node[part])}")
+                node[part] = _parse_scalar(raw)
+            else:
+                node = node[part]
+    keys = {item.split("=", 1)[0].strip() for item in overrides}
+    if "model.d_model" in keys and "model.moe.d_model" not in keys:  # one knob for the width
+        data["model"]["moe"]["d_model"] = data["model"]["d_model"]
+    try:
+        return from_dict(RunConfig, data)
+    except TypeError as e:  # e.g. a list where a number belongs
+        raise ValueError(f"ill-typed override in {overrides}: {e}") from e

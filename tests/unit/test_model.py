@@ -172,6 +172,10 @@ def test_sampling_seeded_and_top_p():
     runs = [generate(model, [[1, 2]], 8, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(7))
             for _ in range(2)]
     assert runs[0] == runs[1] and len(runs[0][0]) == 8
+    assert not model.training  # mode restored (make_model returns an eval model)
+    model.train()
+    generate(model, [[1]], 2, temperature=0.0)
+    assert model.training
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     picks = {int(sample_next(logits, 1.0, top_p=0.5, generator=torch.Generator().manual_seed(s))) for s in range(20)}
     assert picks == {0}  # p(top-1) = 0.64 >= 0.5: the nucleus is one token

@@ -1,1 +1,1 @@
-"""semoe.cli"""
+"""Command line: one module per subcommand."""

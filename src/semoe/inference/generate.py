@@ -54,7 +54,8 @@ def generate(model: MoETransformer, prompt_ids: list[list[int]] | torch.Tensor, 
     (including ``eos_id`` when it is produced, after which that sequence stops).
 
     ``temperature == 0``: greedy. ``top_p < 1``: nucleus sampling. ``generator``: the random source
-    for sampling (its device is used for the draw). The model is put in eval mode.
+    for sampling (its device is used for the draw). The model runs in eval mode; its previous mode
+    is restored on return.
     """
     prompts = _as_lists(prompt_ids)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -70,11 +71,21 @@ def generate(model: MoETransformer, prompt_ids: list[list[int]] | torch.Tensor, 
     if prompts and longest + max_new_tokens - 1 > cfg.max_seq_len:
         raise ValueError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds max_seq_len="
                          f"{cfg.max_seq_len}; shorten the prompt or ask for fewer tokens")
-    model.eval()
     results: list[list[int]] = [[] for _ in prompts]
     if max_new_tokens == 0:
         return results
+    was_training = model.training
+    model.eval()
+    try:
+        _generate_groups(model, prompts, results, max_new_tokens, temperature, top_p, eos_id, generator)
+    finally:
+        model.train(was_training)
+    return results
 
+
+def _generate_groups(model: MoETransformer, prompts: list[list[int]], results: list[list[int]], max_new_tokens: int,
+                     temperature: float, top_p: float, eos_id: int | None, generator: torch.Generator | None) -> None:
+    """Run each group of equal-length prompts as one batch; append the new tokens to ``results``."""
     device = model.tok_emb.weight.device
     by_len: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
@@ -82,7 +93,7 @@ def generate(model: MoETransformer, prompt_ids: list[list[int]] | torch.Tensor, 
     for P, members in by_len.items():
         B = len(members)
         tokens_BP = torch.tensor([prompts[i] for i in members], dtype=torch.long, device=device)
-        cache = model.new_cache(B, P + max_new_tokens - 1 if max_new_tokens > 1 else P)
+        cache = model.new_cache(B, P + max_new_tokens - 1)  # the last new token is never fed back
         logits_BV = model(tokens_BP, cache=cache).logits[:, -1]
         done = [False] * B
         for step in range(max_new_tokens):
@@ -95,7 +106,6 @@ def generate(model: MoETransformer, prompt_ids: list[list[int]] | torch.Tensor, 
                 break
             logits_BV = model(next_B[:, None], cache=cache).logits[:, -1]
         log.debug("generated %d sequences of prompt length %d", B, P)
-    return results
 
 
 __all__ = ["generate", "sample_next"]

@@ -299,5 +299,5 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
     return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
-__all__ = ["Attention", "Block", "KVCache", "MLP", "ModelOutput", "MoETransformer", "RMSNorm", "apply_rope",
+__all__ = ["MLP", "Attention", "Block", "KVCache", "MoETransformer", "ModelOutput", "RMSNorm", "apply_rope",
            "moe_layers", "num_params", "rope_cos_sin"]

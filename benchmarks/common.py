@@ -1,0 +1,183 @@
+"""Small helpers shared by the benchmark scripts: timing, medians, JSON lines, memory, matmul rate.
+
+Conventions (DESIGN.md §4): human-readable text goes to stderr, results go to stdout as one JSON
+object per line, so ``python benchmarks/x.py > results.jsonl`` keeps only the results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def median(xs: Sequence[float]) -> float:
+    """Median (``nan`` for an empty sequence)."""
+    return statistics.median(xs) if xs else math.nan
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    """Seconds ``fn()`` takes (wall clock)."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def log(*parts: object, enabled: bool = True) -> None:
+    """Human-readable text: stderr, flushed (pass ``enabled=rank == 0`` under torchrun)."""
+    if enabled:
+        print(*parts, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send everything written to stdout inside the block (Python prints and file descriptor 1, e.g. a
+    compiler a library spawns) to stderr, so that stdout keeps only JSON lines."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def emit_json(record: dict[str, Any], enabled: bool = True) -> None:
+    """One result as one JSON line on stdout (floats rounded to 4 significant decimals)."""
+    if enabled:
+        print(json.dumps(_round(record)), flush=True)
+
+
+def _round(v: Any) -> Any:
+    if isinstance(v, float):
+        return v if not math.isfinite(v) else float(f"{v:.6g}")
+    if isinstance(v, dict):
+        return {k: _round(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_round(x) for x in v]
+    return v
+
+
+# ------------------------------------------------------------------------------------------ memory
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, MiB (``ru_maxrss`` is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def current_rss_mb() -> float:
+    """Current resident set size of this process, MiB."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE / 2**20
+    except OSError:  # not Linux
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+
+
+def release_free_memory() -> None:
+    """Ask glibc to hand cached free heap memory back to the OS (no-op elsewhere), so that an RSS
+    delta measured next reflects new allocations, not what earlier code left in malloc's free lists."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class RssPeakSampler:
+    """Peak RSS above the starting RSS while the ``with`` block runs, sampled by a thread every
+    ``interval_s`` (torch kernels release the GIL, so the sampler sees their allocations)."""
+
+    def __init__(self, interval_s: float = 0.0005) -> None:
+        self.interval_s = interval_s
+        self.start_mb = self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, current_rss_mb())
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> RssPeakSampler:
+        release_free_memory()
+        self.start_mb = self.peak_mb = current_rss_mb()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, current_rss_mb())
+
+    @property
+    def delta_mb(self) -> float:
+        return self.peak_mb - self.start_mb
+
+
+@contextlib.contextmanager
+def saved_tensor_bytes(exclude: Sequence[torch.Tensor] = ()) -> Iterator[list[int]]:
+    """Bytes of the distinct storages autograd saves for backward inside the block (activation
+    memory), leaving out the storages of ``exclude`` (parameters, the input). Yields a one-element
+    list that holds the total when the block ends."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in skip and s.data_ptr() != 0:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    total = [0]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield total
+    total[0] = sum(seen.values())
+
+
+# ------------------------------------------------------------------------------------------ compute
+def linear_gemm_shapes(rows: int, d_in: int, d_out: int) -> list[tuple[int, int, int]]:
+    """(m, k, n) of the three GEMMs of a linear layer's forward and backward:
+    y = x @ w, dx = dy @ w.T, dw = x.T @ dy; each costs 2 * rows * d_in * d_out FLOPs."""
+    return [(rows, d_in, d_out), (rows, d_out, d_in), (d_in, rows, d_out)]
+
+
+class MatmulProbe:
+    """Measures this process's float32 ``torch.mm`` rate on a fixed list of (m, k, n) shapes, at the
+    current thread count. ``run()`` times one pass over all shapes and returns seconds; the rate is
+    ``flops / seconds``. Buffers are allocated once (no allocator noise in the timing)."""
+
+    def __init__(self, shapes: Sequence[tuple[int, int, int]], dtype: torch.dtype = torch.float32,
+                 seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.ops = [(torch.randn(m, k, generator=g, dtype=dtype), torch.randn(k, n, generator=g, dtype=dtype),
+                     torch.empty(m, n, dtype=dtype)) for m, k, n in shapes]
+        self.flops = float(sum(2 * m * k * n for m, k, n in shapes))
+
+    def run(self) -> float:
+        t0 = time.perf_counter()
+        for a, b, out in self.ops:
+            torch.mm(a, b, out=out)
+        return time.perf_counter() - t0
+
+    def rate(self, reps: int = 3, warmup: int = 1) -> float:
+        """FLOP/s from the median of ``reps`` passes."""
+        for _ in range(warmup):
+            self.run()
+        return self.flops / median([self.run() for _ in range(reps)])

@@ -1,0 +1,35 @@
+"""``semoe`` command line: one module per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from semoe.cli import generate, train
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="semoe", description="Train and serve Mixture-of-Experts models (SE-MoE on PyTorch).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for module in (train, generate):
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args, argv) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"semoe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # e.g. TrainingDiverged, a failed data download
+        print(f"semoe {args.command}: error: {e}", file=sys.stderr)
+        return 1

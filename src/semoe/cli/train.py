@@ -1,0 +1,150 @@
+"""``semoe train``: train an MoE language model (1 process, or N expert-parallel ranks via torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+from semoe.config import RunConfig, apply_overrides, replace, to_dict
+from semoe.models.recipes import RECIPES, get_recipe
+from semoe.parallel.mesh import torchrun_env
+from semoe.storage import checkpoint as ckpt
+from semoe.training.data import default_cache_dir
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train an MoE language model",
+                       description="Train a decoder-only MoE transformer. With --nproc N > 1 this starts torchrun "
+                       "for you (N expert-parallel ranks); `torchrun ... -m semoe train ...` works directly too, "
+                       "multi-node included.")
+    p.add_argument("--recipe", default="small", help=f"model+training recipe: {', '.join(sorted(RECIPES))} "
+                   "(default: small)")
+    p.add_argument("--data", default=None, help="text file, folder of .txt/.md, or JSONL with a 'text' field "
+                   "(default: Shakespeare, fetched once into the cache)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides the recipe)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<recipe>)")
+    p.add_argument("--nproc", type=int, default=1, help="processes on this machine (expert-parallel ranks)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.lr=1e-3 --set model.moe.router.top_k=1")
+    p.add_argument("--resume", default="auto", help="'auto' (continue from the newest checkpoint in --out if any), "
+                   "'none' (refuse if --out has checkpoints), or a checkpoint path")
+    p.add_argument("--cache-dir", type=Path, default=None, help="data/tokenizer cache (default: ~/.cache/semoe)")
+    p.add_argument("--sample", default="ROMEO:", help="prompt for the sample printed at the end ('' to skip)")
+    p.set_defaults(func=run)
+
+
+def build_run_config(args: argparse.Namespace) -> RunConfig:
+    run = get_recipe(args.recipe)
+    run = apply_overrides(run, list(args.overrides))
+    if args.data is not None:
+        run = replace(run, data=args.data)
+    if args.steps is not None:
+        if args.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {args.steps}")
+        run = replace(run, train=replace(run.train, steps=args.steps))
+    return run
+
+
+def preflight(run: RunConfig, args: argparse.Namespace, out: Path) -> None:
+    """Checks that must fail before any process starts or anything is written."""
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    env = torchrun_env()
+    world = env["world_size"] if env["world_size"] > 1 else args.nproc
+    ep = run.parallel.resolve_ep(world)
+    if world % ep:
+        raise ValueError(f"{world} ranks are not divisible by parallel.ep_size={ep}")
+    if run.model.moe.num_experts % ep:
+        raise ValueError(f"--nproc {args.nproc} does not divide num_experts={run.model.moe.num_experts}; "
+                         f"use --nproc in {[d for d in range(1, 9) if run.model.moe.num_experts % d == 0]} "
+                         "or set parallel.ep_size")
+    if run.data is not None and not Path(run.data).exists():
+        raise FileNotFoundError(f"--data {run.data} does not exist; pass a text file, a folder or a .jsonl file")
+    existing = ckpt.find_latest(out / "checkpoints") if (out / "checkpoints").exists() else None
+    if existing is not None:
+        if args.resume == "none":
+            raise ValueError(f"{out} already holds checkpoint {existing}; choose another --out or --resume auto")
+        if args.resume == "auto":
+            manifest = ckpt.read_manifest(existing, verify=False)
+            from semoe.training.trainer import config_mismatch
+
+            diff = config_mismatch(to_dict(run.model), manifest["config"]["model"])
+            diff = [d for d in diff if not d.startswith("vocab_size")]  # the tokenizer may shrink the vocab
+            if diff:
+                raise ckpt.CheckpointError(f"{out} holds a checkpoint of a different model config ({'; '.join(diff[:4])}); "
+                                           "use another --out, or the same recipe and overrides to resume")
+
+
+def _strip_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        out.append(a)
+    return out
+
+
+def print_sample(ckpt_path: Path, prompt: str) -> None:
+    import torch
+
+    from semoe.inference.generate import generate
+    from semoe.inference.load import load_checkpoint_model
+
+    model, tok, _ = load_checkpoint_model(ckpt_path)
+    if tok is None or not prompt:
+        return
+    ids = tok.encode(prompt).ids
+    g = torch.Generator().manual_seed(0)
+    eos = tok.token_to_id("<|endoftext|>")
+    room = model.cfg.max_seq_len - len(ids)
+    if room < 1:
+        return
+    new = generate(model, [ids], max_new_tokens=min(80, room), temperature=0.8, top_p=0.95, eos_id=eos, generator=g)[0]
+    print("\n--- sample ---\n" + tok.decode(ids + new) + "\n--------------")
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    run_cfg = build_run_config(args)
+    out = args.out if args.out is not None else Path("runs") / args.recipe
+    preflight(run_cfg, args, out)
+    cache_dir = args.cache_dir or default_cache_dir()
+    env = torchrun_env()
+    if args.nproc > 1 and env["world_size"] == 1:
+        sub_argv = _strip_nproc(argv[argv.index("train") + 1:])
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               "-m", "semoe", "train", *sub_argv, "--sample", ""]
+        log.info("starting %d ranks: %s", args.nproc, " ".join(cmd))
+        rc = subprocess.call(cmd)
+        if rc != 0:
+            print(f"semoe train: {args.nproc} ranks failed (exit {rc}); see the messages above", file=sys.stderr)
+            return rc
+        result_ckpt = ckpt.find_latest(out / "checkpoints")
+    else:
+        from semoe.training.trainer import Trainer
+
+        resume = None if args.resume == "none" else args.resume
+        trainer = Trainer(run_cfg, out, cache_dir, resume=resume)
+        result = trainer.fit()
+        result_ckpt = result.checkpoint
+        if trainer.rank != 0:
+            return 0
+        if result.first_val_loss is not None:
+            print(f"validation loss: {result.first_val_loss:.3f} -> {result.last_val_loss:.3f}")
+        if env["world_size"] > 1:  # a torchrun worker: `semoe train --nproc N` prints the rest
+            return 0
+    print(f"metrics:    {out / 'metrics.csv'}\nplots:      {out / 'loss.png'}, {out / 'expert_load.png'}\n"
+          f"checkpoint: {result_ckpt}")
+    if args.sample and result_ckpt is not None:
+        print_sample(result_ckpt, args.sample)
+    return 0

@@ -1,0 +1,289 @@
+"""The trainer: thin, built from a RunConfig. One process or many under torchrun (expert parallel).
+
+Per optimizer step: ``grad_accum`` micro-batches (forward, loss + router loss, backward), gradient
+sync (dense over the world, experts over their replicas), global-norm clipping, AdamW, LR schedule.
+Rank 0 shows progress, writes ``metrics.csv``, checkpoints and, at the end, ``loss.png`` and
+``expert_load.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from semoe.config import RunConfig, TrainConfig, from_dict, replace, to_dict
+from semoe.models.transformer import MoETransformer
+from semoe.parallel import apply_expert_parallel, build_mesh, clip_grad_norm_, init_distributed, sync_gradients
+from semoe.parallel.mesh import default_device
+from semoe.storage import checkpoint as ckpt
+from semoe.training.data import Corpus, GlobalBatchLoader, prepare_corpus, split_windows
+from semoe.training.metrics import MetricsWriter, plot_expert_load, plot_loss
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps_done: int
+    first_val_loss: float | None
+    last_val_loss: float | None
+    checkpoint: Path | None
+    losses: list[float] = field(default_factory=list)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine from ``lr`` to ``min_lr`` at ``steps``."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    frac = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * frac))
+
+
+def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
+    """Weight decay on matrices; none on norms, biases and the router unless configured."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.dim() < 2 or name.endswith(".bias") or ".router." in f".{name}"
+        (no_decay if skip and not cfg.decay_norms_biases_router else decay).append(p)
+    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def config_mismatch(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Paths where two config dicts differ."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += config_mismatch(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: checkpoint {vb!r} vs now {va!r}")
+    return out
+
+
+class Trainer:
+    """Build everything from ``run`` and train: ``Trainer(run, out_dir).fit()``."""
+
+    def __init__(self, run: RunConfig, out_dir: Path, cache_dir: Path, resume: str | None = "auto",
+                 corpus: Corpus | None = None) -> None:
+        self.out_dir, self.cache_dir = Path(out_dir), Path(cache_dir)
+        self.distributed = init_distributed()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+        self.ep_size = run.parallel.resolve_ep(self.world)
+        tc = run.train
+        if tc.batch_size % (self.world * tc.grad_accum):
+            raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by world size {self.world} x "
+                             f"grad_accum {tc.grad_accum}; change batch_size or the number of ranks")
+        if run.model.moe.num_experts % self.ep_size:
+            raise ValueError(f"num_experts={run.model.moe.num_experts} is not divisible by ep_size={self.ep_size}; "
+                             "choose a number of ranks (--nproc) or parallel.ep_size that divides it")
+        self.mesh = build_mesh(self.ep_size)
+        self.device = default_device()
+        self.corpus = corpus if corpus is not None else self._prepare_corpus(run)
+        if self.corpus.vocab_size != run.model.vocab_size:
+            run = replace(run, model=replace(run.model, vocab_size=self.corpus.vocab_size))
+        if tc.seq_len > run.model.max_seq_len:
+            raise ValueError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={run.model.max_seq_len}")
+        self.run = run
+        torch.manual_seed(tc.seed)  # identical init on every rank, then each keeps its experts
+        self.model = MoETransformer(run.model)
+        apply_expert_parallel(self.model, self.mesh)
+        self.model.to(self.device)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, tc), lr=tc.lr, betas=tc.betas,
+                                           fused=False, foreach=True)
+        train_starts, val_starts = split_windows(len(self.corpus.tokens), tc.seq_len, tc.val_fraction)
+        self.loader = GlobalBatchLoader(self.corpus.tokens, train_starts, tc.seq_len, tc.batch_size, tc.seed,
+                                        dp_rank=self.rank, dp_size=self.world, grad_accum=tc.grad_accum)
+        self.val_loader = GlobalBatchLoader(self.corpus.tokens, val_starts, tc.seq_len, tc.batch_size, tc.seed,
+                                            dp_rank=self.rank, dp_size=self.world, grad_accum=1)
+        self.ckpt_root = self.out_dir / "checkpoints"
+        self.start_step = 0
+        self.expert_load: list[np.ndarray] = []
+        self.load_steps: list[int] = []
+        self.last_checkpoint: Path | None = None
+        if resume is not None:
+            self._maybe_resume(resume)
+
+    # ------------------------------------------------------------------ setup
+    def _barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def _prepare_corpus(self, run: RunConfig) -> Corpus:
+        path = Path(run.data) if run.data else None
+        if self.rank == 0:
+            corpus = prepare_corpus(path, self.cache_dir, run.model.vocab_size)
+        self._barrier()
+        if self.rank != 0:
+            corpus = prepare_corpus(path, self.cache_dir, run.model.vocab_size)  # cached by rank 0
+        return corpus
+
+    def _maybe_resume(self, resume: str) -> None:
+        path = ckpt.find_latest(self.ckpt_root) if resume == "auto" else ckpt.find_latest(Path(resume))
+        if path is None:
+            if resume != "auto":
+                raise ckpt.CheckpointError(f"no checkpoint found at {resume}")
+            return
+        manifest = ckpt.read_manifest(path)
+        diff = config_mismatch(to_dict(self.run.model), manifest["config"]["model"])
+        if diff:
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} is from a different model config ({'; '.join(diff[:5])}). "
+                f"Use the same recipe/overrides, or another --out directory to start afresh.")
+        if manifest["data"]["fingerprint"] != self.corpus.fingerprint:
+            log.warning("resuming on different data than the checkpoint was trained on")
+        ckpt.load_model(path, self.model)
+        ckpt.load_optimizer(path, self.model, self.optimizer)
+        ckpt.set_rng_state(manifest.get("rng", {}))
+        self.start_step = int(manifest["data"]["step"])
+        self.last_checkpoint = path
+        load_file = self.out_dir / "expert_load.npz"
+        if load_file.exists():
+            z = np.load(load_file)
+            keep = z["steps"] < self.start_step
+            self.load_steps = list(z["steps"][keep])
+            self.expert_load = list(z["load"][keep])
+        if self.rank == 0:
+            log.info("resumed from %s at step %d (world %d, ep %d; it was written with world %s, ep %s)", path,
+                     self.start_step, self.world, self.ep_size, manifest.get("world_size"), manifest.get("ep_size"))
+
+    # ------------------------------------------------------------------ steps
+    def _mean(self, value: float) -> float:
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t) / self.world
+
+    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            out = self.model(x.to(self.device))
+        loss = F.cross_entropy(out.logits.float().flatten(0, 1), y.to(self.device).flatten())
+        return loss, out
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimizer step; returns logged scalars (averaged over ranks)."""
+        self.model.train()
+        tc = self.run.train
+        lr = lr_at(step, tc)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        loss_sum, aux_sum, dropped, assigned = 0.0, 0.0, 0, 0
+        loads = None
+        for x, y in self.loader.get(step):
+            loss, out = self._forward_loss(x, y)
+            ((loss + out.router_loss) / tc.grad_accum).backward()
+            loss_sum += float(loss.detach()) / tc.grad_accum
+            aux_sum += float(out.aux_loss.detach()) / tc.grad_accum / max(1, len(out.moe_stats))
+            dropped += sum(s.dropped for s in out.moe_stats)
+            assigned += sum(s.assignments for s in out.moe_stats)
+            cur = np.stack([s.tokens_per_expert.numpy() for s in out.moe_stats]) if out.moe_stats else None
+            loads = cur if loads is None else loads + cur
+        sync_gradients(self.model, self.mesh)
+        norm = float(clip_grad_norm_(self.model, tc.grad_clip, self.mesh))
+        loss_mean = self._mean(loss_sum)
+        if not math.isfinite(loss_mean) or not math.isfinite(norm):
+            raise TrainingDiverged(
+                f"loss became {loss_mean} (grad norm {norm}) at step {step}; the last good checkpoint is "
+                f"{self.last_checkpoint or 'none (no checkpoint was written yet)'}. Lower train.lr, raise "
+                "train.warmup_steps or set train.grad_clip, then resume from it.")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if loads is not None:
+            self.expert_load.append(loads / np.maximum(loads.sum(-1, keepdims=True), 1))
+            self.load_steps.append(step)
+        return {"loss": loss_mean, "aux_loss": self._mean(aux_sum),  # mean over MoE layers "lr": lr, "grad_norm": norm,
+                "drop_rate": self._mean(dropped / max(assigned, 1))}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        tc = self.run.train
+        total, n = 0.0, 0
+        for i in range(tc.eval_batches):
+            for x, y in self.val_loader.get(i):
+                loss, _ = self._forward_loss(x, y)
+                total += float(loss)
+                n += 1
+        return self._mean(total / max(n, 1))
+
+    def save(self, step: int) -> Path:
+        dp_index, ep_rank = divmod(self.rank, self.ep_size)
+        manifest = {
+            "config": to_dict(self.run),
+            "data": {"step": step, "fingerprint": self.corpus.fingerprint, "global_batch": self.run.train.batch_size},
+            "rng": ckpt.rng_state(), "world_size": self.world, "ep_size": self.ep_size,
+        }
+        path = ckpt.save_checkpoint(self.ckpt_root, step, self.model, self.optimizer, manifest, rank=self.rank,
+                                    ep_rank=ep_rank, dp_index=dp_index, barrier=self._barrier,
+                                    keep_last=self.run.train.keep_last,
+                                    extra_files={"tokenizer.json": self.corpus.tokenizer_path})
+        if self.rank == 0 and self.expert_load:
+            np.savez(self.out_dir / "expert_load.npz", steps=np.array(self.load_steps), load=np.stack(self.expert_load))
+        self.last_checkpoint = path
+        return path
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> TrainResult:
+        tc = self.run.train
+        is_main = self.rank == 0
+        if is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._barrier()
+        metrics = MetricsWriter(self.out_dir / "metrics.csv", resume_step=self.start_step - 1) if is_main else None
+        tokens_per_step = tc.batch_size * tc.seq_len
+        first_val = last_val = None
+        if self.start_step == 0:
+            first_val = last_val = self.evaluate()
+            if metrics:
+                metrics.log({"step": 0, "val_loss": first_val})
+        bar = tqdm(range(self.start_step, tc.steps), initial=self.start_step, total=tc.steps, disable=not is_main,
+                   desc="train", unit="step", dynamic_ncols=True)
+        losses: list[float] = []
+        for step in bar:
+            t0 = time.perf_counter()
+            row = self.train_step(step)
+            dt = time.perf_counter() - t0
+            losses.append(row["loss"])
+            row = {"step": step + 1, **row, "tokens_per_s": tokens_per_step / dt, "step_ms": 1e3 * dt}
+            done = step + 1
+            if done % tc.eval_every == 0 or done == tc.steps:
+                last_val = row["val_loss"] = self.evaluate()
+                first_val = first_val if first_val is not None else last_val
+            if metrics and (done % tc.log_every == 0 or "val_loss" in row):
+                metrics.log(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
+                            drop=f"{row['drop_rate']:.1%}", refresh=False)
+            if done % tc.ckpt_every == 0 or done == tc.steps:
+                self.save(done)
+        bar.close()
+        if metrics:
+            metrics.close()
+            plot_loss(self.out_dir / "metrics.csv", self.out_dir / "loss.png")
+            if self.expert_load:
+                plot_expert_load(np.stack(self.expert_load), self.out_dir / "expert_load.png",
+                                 steps=np.array(self.load_steps))
+        return TrainResult(self.out_dir, tc.steps, first_val, last_val, self.last_checkpoint, losses)
+
+
+def load_run_config(checkpoint: Path) -> RunConfig:
+    """The RunConfig stored in a checkpoint's manifest."""
+    manifest = ckpt.read_manifest(checkpoint, verify=False)
+    return from_dict(RunConfig, manifest["config"])

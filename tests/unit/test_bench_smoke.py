@@ -1,0 +1,49 @@
+"""``benchmarks/bench_moe_layer.py --smoke`` runs, exits 0 and prints its JSON lines, in one process and
+under torchrun with two ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "bench_moe_layer.py"
+RESULT_KEYS = {"impl", "world", "mode", "tokens_per_s", "step_ms", "peak_rss_mb", "drop_rate", "param_mb",
+               "activation_mb", "gemm_fraction"}
+
+
+def _run(cmd: list[str], timeout: float) -> list[dict]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]  # stdout is JSON only
+    assert lines, f"no JSON lines; stderr:\n{proc.stderr[-4000:]}"
+    return lines
+
+
+def _check(lines: list[dict], world: int) -> None:
+    results, summary = lines[:-1], lines[-1]
+    assert [r["impl"] for r in results] == ["semoe"]  # --smoke runs no peers
+    r = results[0]
+    assert RESULT_KEYS <= r.keys()
+    assert r["world"] == world and r["mode"] == "capacity"
+    assert r["tokens_per_s"] > 0 and r["step_ms"] > 0 and r["peak_rss_mb"] > 0
+    assert 0.0 <= r["drop_rate"] <= 1.0
+    assert summary["world"] == world
+    assert summary["ratio_vs_deepspeed"] is None
+    assert summary["gemm_bound_tokens_per_s"] > 0
+
+
+def test_smoke_one_process() -> None:
+    _check(_run([sys.executable, str(SCRIPT), "--smoke"], timeout=120), world=1)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
+def test_smoke_two_ranks() -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT), "--smoke"]
+    _check(_run(cmd, timeout=120), world=2)
