@@ -6,6 +6,7 @@ Run (from the repository root):
     torchrun --standalone --nproc_per_node=2 benchmarks/bench_moe_layer.py    # expert parallel, 1 thread per rank
     python benchmarks/bench_moe_layer.py --dropless                           # semoe dropless vs DeepSpeed capacity
     python benchmarks/bench_moe_layer.py --smoke                              # tiny, seconds, no peers (CI)
+    torchrun --standalone --nproc_per_node=2 benchmarks/bench_moe_layer.py --smoke
 
 Both layers: d_model 512, d_ff 2048, GELU experts (two matrices), 8 experts, top-2, capacity factor 1.25,
 4096 tokens per step in total (each of W ranks gets 4096/W), float32, experts sharded over all ranks
@@ -31,26 +32,40 @@ at 2 ranks); semoe lets any rank fill them. ``--dropless``: semoe without capaci
 Output (stdout, JSON lines; human text goes to stderr): one line per contender with ``impl``, ``world``,
 ``mode``, ``tokens_per_s``, ``step_ms`` and
   peak_rss_mb       the process's peak RSS (max over ranks) read after that contender's warm-up; both live in
-                    one process and semoe warms up first, so DeepSpeed's figure includes semoe's (and vice
-                    versa is not true): compare them with the two fields below, not with this one
+                    one process and semoe warms up first, so DeepSpeed's figure also holds semoe's weights and
+                    its earlier peak: compare the contenders' memory with the fields below, not with this one
   param_mb          parameters (+ grads are the same size again) on the busiest rank
   activation_mb     bytes autograd saves for backward in one forward (distinct storages, parameters and the
                     input left out), max over ranks
   step_rss_delta_mb RSS growth during one forward+backward over the RSS before it (glibc free memory trimmed
                     first, sampled every 0.5 ms), max over ranks
+  minor_faults_per_step  minor page faults per timed step (median over rounds, max over ranks): the kernel
+                    zero-filling fresh pages; glibc serves blocks above its mmap threshold (at most 32 MiB by
+                    default) with fresh mmap pages, so every big tensor allocated per step costs ~1 fault per 4 KiB
   drop_rate         dropped assignments / routed assignments, whole group
   rows              expert rows computed per step, whole group (semoe: kept assignments; DeepSpeed: E x C x W
                     slots, padding included)
-  gemm_fraction     tokens_per_s / (GEMM bound for that contender's rows)
-then one line with ``ratio_vs_deepspeed`` ({semoe mode: {world: semoe tokens/s / DeepSpeed tokens/s}}, null
-without a peer), ``gemm_bound_tokens_per_s`` (tokens per step / (FLOPs of semoe's real rows / measured matmul
-rate)), the matmul rate and the targets. FLOPs per step = 3 x forward (backward = 2 x forward) with forward =
-2 x rows x d x ff x 2 matrices + the router's 2 x T x d x E. The matmul rate: median over rounds of the six
-GEMM shapes of the experts' forward and backward at [tokens per rank, d] x [d, ff], timed on every rank at
-once, times the world size.
+  rows_per_rank     expert rows each rank computes (semoe: its experts' kept assignments; DeepSpeed: E x C)
+  gemm_fraction     tokens_per_s / (GEMM bound for that contender's rows on the busiest rank)
+then one summary line:
+  ratio_vs_deepspeed         {semoe mode: {world: semoe tokens/s / DeepSpeed tokens/s}}; null without a peer
+  ratio_vs_deepspeed_paired  the same from the median over rounds of neighbouring blocks' ratios (less
+                             sensitive to load that changes during the run)
+  gemm_bound_tokens_per_s    tokens per step / (FLOPs of semoe's real rows / measured matmul rate), the rows
+                             being W x the busiest rank's rows, since a step waits for that rank
+  gemm_bound_balanced_tokens_per_s  the same with the total rows (as if the ranks were perfectly balanced)
+  matmul_gflops, step_gflops, malloc, env, targets
+FLOPs per step = 3 x forward (backward = 2 x forward), forward = 2 x rows x d x ff x 2 matrices + the router's
+2 x T x d x E. The matmul rate: median over rounds of the six GEMM shapes of the experts' forward and backward
+at [tokens per rank, d] x [d, ff], timed on every rank at once, times the world size.
 
 Targets on a 2-core CPU (same run, same routing): capacity mode >= 1.05x DeepSpeed at 1 and 2 ranks and
 >= 90% of the GEMM bound; dropless >= 1.3x DeepSpeed's capacity-mode tokens/s.
+
+Allocator: results depend on how big tensors get their memory (see minor_faults_per_step); the summary line
+(``env``) records THP_MEM_ALLOC_ENABLE (torch: 2 MiB huge pages for big CPU tensors), MALLOC_MMAP_THRESHOLD_ /
+MALLOC_TRIM_THRESHOLD_ (glibc: keep big blocks in the heap) and OMP_NUM_THREADS when set. Both contenders share
+the setting; ``--malloc heap`` sets glibc's thresholds from inside the process (recorded as ``malloc``).
 
 DeepSpeed's first ``init_distributed`` JIT-compiles a C++ op (about 60 s, cached afterwards).
 """
@@ -82,9 +97,11 @@ from common import (
     MatmulProbe,
     RssPeakSampler,
     emit_json,
+    keep_big_blocks_in_heap,
     linear_gemm_shapes,
     log,
     median,
+    minor_faults,
     peak_rss_mb,
     saved_tensor_bytes,
     stdout_to_stderr,
@@ -94,6 +111,9 @@ from semoe.layers import MoELayer
 from semoe.layers.experts import expert_flops
 from semoe.parallel import apply_expert_parallel, build_mesh, init_distributed
 
+# environment that changes the speed of both contenders: threads, and how big CPU tensors get their memory
+RECORDED_ENV = ("THP_MEM_ALLOC_ENABLE", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
+                 "LD_PRELOAD", "OMP_NUM_THREADS")
 TARGETS = {"capacity": {"ratio_vs_deepspeed": 1.05, "gemm_fraction": 0.90}, "dropless": {"ratio_vs_deepspeed": 1.3}}
 
 
@@ -121,6 +141,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads per rank; 0 keeps torch's default (all cores in one process, "
                          "1 under torchrun, which sets OMP_NUM_THREADS=1)")
+    ap.add_argument("--malloc", default="default", choices=["default", "heap"],
+                    help="heap: glibc keeps big freed blocks in the heap (mallopt), for both contenders, so per-step "
+                         "activations reuse pages instead of page-faulting fresh ones (default: glibc's defaults)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
     ap.add_argument("--timeout", type=float, default=600.0, help="collective timeout, seconds")
     ap.add_argument("--smoke", action="store_true",
@@ -134,6 +157,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.threads = args.threads or 1
         if args.peers == "auto":
             args.peers = "none"
+    if min(args.warmup, args.rounds, args.steps_per_round) < 1:
+        ap.error("--warmup, --rounds and --steps-per-round must be >= 1")
     if args.top_k < 1 or args.top_k > args.experts:
         ap.error(f"--top-k must be in 1..{args.experts}")
     return args
@@ -188,6 +213,8 @@ class Contender:
     forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # x -> (out, weighted aux loss)
     routing: Callable[[], dict[str, Any]]  # after a step: drop_rate, rows, expert_slots of the whole group
     times: list[float] = field(default_factory=list)
+    faults: list[float] = field(default_factory=list)  # minor page faults per step, per block (this rank)
+    round_s: list[float] = field(default_factory=list)  # median step of each round's block
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -220,8 +247,9 @@ def build_semoe(args: argparse.Namespace, world: int) -> tuple[Contender, dict[s
     def routing() -> dict[str, Any]:
         s = last["stats"]  # already whole-group numbers
         slots = None if s.capacity is None else s.capacity * args.experts
-        return {"drop_rate": s.drop_rate, "rows": s.assignments - s.dropped, "expert_slots": slots,
-                "capacity_per_expert": s.capacity}
+        per_rank = s.tokens_per_expert.view(world, -1).sum(1).tolist()  # rank r owns experts r*L..r*L+L-1
+        return {"drop_rate": s.drop_rate, "rows": s.assignments - s.dropped, "rows_per_rank": per_rank,
+                "expert_slots": slots, "capacity_per_expert": s.capacity}
 
     mode = "dropless" if args.dropless else "capacity"
     return Contender("semoe", mode, layer, forward, routing), full
@@ -271,8 +299,8 @@ def build_deepspeed(args: argparse.Namespace, d: Dist, full: dict[str, torch.Ten
         counts = last["counts"].double()  # routes per expert before dropping, this rank's tokens
         dropped = (counts - cap).clamp(min=0).sum().item()
         routed, dropped = d.reduce([counts.sum().item(), dropped], "sum")
-        return {"drop_rate": dropped / max(routed, 1.0), "rows": E * cap * W, "expert_slots": E * cap * W,
-                "capacity_per_expert": cap * W, "capacity_per_expert_per_rank": cap}
+        return {"drop_rate": dropped / max(routed, 1.0), "rows": E * cap * W, "rows_per_rank": [E * cap] * W,
+                "expert_slots": E * cap * W, "capacity_per_expert": cap * W, "capacity_per_expert_per_rank": cap}
 
     return Contender("deepspeed", "capacity", moe, forward, routing)
 
@@ -309,6 +337,7 @@ def train_step(c: Contender, x: torch.Tensor) -> torch.Tensor:
 def run_block(c: Contender, x: torch.Tensor, steps: int, d: Dist) -> list[float]:
     """Step times (slowest rank) of ``steps`` steps; ranks start every step together."""
     times = []
+    faults0 = minor_faults()
     for _ in range(steps):
         d.barrier()
         t0 = time.perf_counter()
@@ -316,6 +345,7 @@ def run_block(c: Contender, x: torch.Tensor, steps: int, d: Dist) -> list[float]
         times.append(time.perf_counter() - t0)
         if not math.isfinite(float(loss)):
             raise RuntimeError(f"{c.impl}: non-finite loss {float(loss)}")
+    c.faults.append((minor_faults() - faults0) / max(steps, 1))
     return d.reduce(times, "max")
 
 
@@ -350,6 +380,9 @@ def routing_check(sem: Contender, peer: Contender, x: torch.Tensor, d: Dist) -> 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.malloc == "heap" and not keep_big_blocks_in_heap():
+        log("[bench_moe_layer] --malloc heap: mallopt not available (not glibc?); using the default allocator")
+        args.malloc = "default"
     importable = importlib.util.find_spec("deepspeed") is not None
     want_peer = args.peers == "deepspeed" or (args.peers == "auto" and importable)
     if args.peers == "auto" and not want_peer:
@@ -397,13 +430,15 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.rounds):
         order = contenders if r % 2 == 0 else contenders[::-1]
         for c in order:
-            c.times += run_block(c, x, args.steps_per_round, d)
+            block = run_block(c, x, args.steps_per_round, d)
+            c.times += block
+            c.round_s.append(median(block))
         d.barrier()
         probe_times += d.reduce([probe.run()], "max")
         med = {c.impl: f"{median(c.times[-args.steps_per_round:]) * 1e3:.0f} ms" for c in contenders}
         log(f"[bench_moe_layer] round {r + 1}/{args.rounds}: {med}", enabled=say)
 
-    # GEMM bound: every rank runs its share of the rows at the probe's rate, all at once
+    # GEMM bound: every rank runs its own rows at the probe's rate, all at once; the busiest rank sets the pace
     matmul_flops_per_s = W * probe.flops / median(probe_times)
     router_flops = 3 * 2.0 * args.tokens * args.d_model * args.experts
 
@@ -413,18 +448,23 @@ def main(argv: list[str] | None = None) -> int:
     def bound(rows: int) -> float:
         return args.tokens * matmul_flops_per_s / step_flops(rows)
 
+    def critical_rows(info: dict[str, Any]) -> int:
+        return W * max(info["rows_per_rank"])
+
     results: dict[str, dict[str, Any]] = {}
     for c in contenders:
         c.info.update(c.routing())
+        c.info["minor_faults_per_step"] = d.reduce([median(c.faults[1:])], "max")[0]  # [0] is the warm-up
         step_s = median(c.times)
         tps = args.tokens / step_s
         rec = {"impl": c.impl, "world": W, "mode": c.mode, "tokens_per_s": tps, "step_ms": step_s * 1e3,
                "peak_rss_mb": c.info["peak_rss_mb"], "step_ms_min": min(c.times) * 1e3, "steps": len(c.times),
                "threads_per_rank": threads, "param_mb": c.info["param_mb"], "activation_mb": c.info["activation_mb"],
-               "step_rss_delta_mb": c.info["step_rss_delta_mb"], "drop_rate": c.info["drop_rate"],
-               "rows": c.info["rows"], "expert_slots": c.info["expert_slots"],
+               "step_rss_delta_mb": c.info["step_rss_delta_mb"],
+               "minor_faults_per_step": c.info["minor_faults_per_step"], "drop_rate": c.info["drop_rate"],
+               "rows": c.info["rows"], "rows_per_rank": c.info["rows_per_rank"], "expert_slots": c.info["expert_slots"],
                "capacity_per_expert": c.info["capacity_per_expert"],
-               "gemm_fraction": tps / bound(c.info["rows"]),
+               "gemm_fraction": tps / bound(critical_rows(c.info)),
                "tokens": args.tokens, "d_model": args.d_model, "d_ff": args.d_ff, "experts": args.experts,
                "top_k": args.top_k, "capacity_factor": None if c.mode == "dropless" else args.capacity_factor,
                "dtype": "float32"}
@@ -436,20 +476,25 @@ def main(argv: list[str] | None = None) -> int:
         emit_json(rec, enabled=say)
 
     s = results["semoe"]
-    ratio = None
+    ratio = paired = None
     targets: dict[str, Any] = {}
     if "deepspeed" in results:
         rv = s["tokens_per_s"] / results["deepspeed"]["tokens_per_s"]
         ratio = {s["mode"]: {str(W): rv}}
+        # the same from neighbouring blocks only: robust to load that drifts during the run
+        paired = median([b / a for a, b in zip(contenders[0].round_s, contenders[1].round_s)])
         tgt = TARGETS[s["mode"]]
         targets["ratio_vs_deepspeed"] = {"min": tgt["ratio_vs_deepspeed"], "met": rv >= tgt["ratio_vs_deepspeed"]}
     if "gemm_fraction" in TARGETS[s["mode"]]:
         gf = TARGETS[s["mode"]]["gemm_fraction"]
         targets["gemm_fraction"] = {"min": gf, "met": s["gemm_fraction"] >= gf}
     emit_json({"world": W, "mode": s["mode"], "ratio_vs_deepspeed": ratio,
-               "gemm_bound_tokens_per_s": bound(s["rows"]), "matmul_gflops": matmul_flops_per_s / 1e9,
-               "step_gflops": step_flops(s["rows"]) / 1e9, "threads_per_rank": threads,
-               "targets": targets, "peers": [c.impl for c in contenders if c.impl != "semoe"]}, enabled=say)
+               "ratio_vs_deepspeed_paired": None if ratio is None else {s["mode"]: {str(W): paired}},
+               "gemm_bound_tokens_per_s": bound(critical_rows(s)),
+               "gemm_bound_balanced_tokens_per_s": bound(s["rows"]), "matmul_gflops": matmul_flops_per_s / 1e9,
+               "step_gflops": step_flops(s["rows"]) / 1e9, "threads_per_rank": threads, "malloc": args.malloc,
+               "targets": targets, "peers": [c.impl for c in contenders if c.impl != "semoe"],
+               "env": {k: os.environ[k] for k in RECORDED_ENV if k in os.environ}}, enabled=say)
 
     if dist.is_initialized():
         d.barrier()

@@ -80,6 +80,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def minor_faults() -> int:
+    """Minor page faults of this process so far (fresh pages the kernel had to map and zero)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def current_rss_mb() -> float:
     """Current resident set size of this process, MiB."""
     try:
@@ -96,6 +101,18 @@ def release_free_memory() -> None:
     delta measured next reflects new allocations, not what earlier code left in malloc's free lists."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def keep_big_blocks_in_heap(threshold: int = 1 << 30) -> bool:
+    """glibc only: serve allocations up to ``threshold`` bytes from the heap and never trim it, instead of
+    giving every block above the (at most 32 MiB) mmap threshold fresh, zero-filled pages from the kernel.
+    Affects the whole process from now on; returns whether glibc accepted it."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, threshold)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 class RssPeakSampler:
