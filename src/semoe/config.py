@@ -148,20 +148,48 @@ class MoEConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """Parallel layout. ``ep_size`` ranks share one copy of all experts; world/ep_size replicas of it.
-    ``ep_size=0`` means every rank of the world (the default: pure expert parallelism)."""
+    """Parallel layout and communication switches (each one on its own, so a benchmark can toggle it).
+
+    ep_size:          ranks that share one copy of all experts; world/ep_size replicas of it.
+                      0 means every rank of the world (the default: pure expert parallelism).
+    ranks_per_node:   ranks on each node; None: torchrun's LOCAL_WORLD_SIZE (one node without torchrun).
+                      Must divide the world size. Tests set it to emulate several nodes on one machine.
+    grad_fusion:      gradients of each class (dense / router / expert) in preallocated flat buckets,
+                      each all-reduced asynchronously during backward as soon as it is complete
+                      (``semoe.parallel.fusion``; the default: equal to the plain path, tested);
+                      False: one synchronous reduction per class after backward.
+    bucket_mb:        size of a fusion bucket in MiB (> 0).
+    hierarchical_a2a: two-hop all-to-all (inside the node, then across nodes on rails) with node-level
+                      de-duplication of the dispatch; results bit-equal to the flat one.
+    a2a_chunks:       split the dispatch in this many chunks and overlap each chunk's all-to-all with the
+                      experts of the previous one, forward and backward (1: no overlap).
+    """
 
     ep_size: int = 0
-    ranks_per_node: int | None = None  # None: torchrun's LOCAL_WORLD_SIZE
+    ranks_per_node: int | None = None
+    grad_fusion: bool = True
+    bucket_mb: float = 25.0
+    hierarchical_a2a: bool = False
+    a2a_chunks: int = 1
 
     def __post_init__(self) -> None:
-        if not isinstance(self.ep_size, int) or self.ep_size < 0:
-            raise ValueError(f"parallel.ep_size must be an integer >= 1 (or 0 for the whole world), got {self.ep_size!r}")
+        def is_int(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not is_int(self.ep_size) or self.ep_size < 0:
+            raise ValueError(f"parallel.ep_size must be an integer >= 1 (or 0 for the whole world), "
+                             f"got {self.ep_size!r}")
+        if self.ranks_per_node is not None and (not is_int(self.ranks_per_node) or self.ranks_per_node < 1):
+            raise ValueError(f"parallel.ranks_per_node must be an integer >= 1 (or None for torchrun's "
+                             f"LOCAL_WORLD_SIZE), got {self.ranks_per_node!r}")
+        if isinstance(self.bucket_mb, bool) or not isinstance(self.bucket_mb, (int, float)) or not self.bucket_mb > 0:
+            raise ValueError(f"parallel.bucket_mb must be > 0 (MiB per gradient bucket, e.g. 25), "
+                             f"got {self.bucket_mb!r}")
+        if not is_int(self.a2a_chunks) or self.a2a_chunks < 1:
+            raise ValueError(f"parallel.a2a_chunks must be an integer >= 1 (1 = no overlap), got {self.a2a_chunks!r}")
 
     def resolve_ep(self, world_size: int) -> int:
         return self.ep_size or world_size
-        if self.ranks_per_node is not None and self.ranks_per_node < 1:
-            raise ValueError(f"parallel.ranks_per_node must be >= 1, got {self.ranks_per_node}")
 
 
 @dataclass(frozen=True)

@@ -112,7 +112,7 @@ def test_noise_only_in_training() -> None:
     (lambda: RouterConfig(eval_capacity_factor=0.0), "eval_capacity_factor"),
     (lambda: MoEConfig(expert_impl="padded", router=RouterConfig(capacity_factor=None)), "padded"),
     (lambda: ParallelDims(world_size=6, ep_size=4), "not divisible by ep_size"),
-    (lambda: ParallelConfig(ep_size=0), "ep_size"),
+    (lambda: ParallelConfig(ep_size=-1), "ep_size"),
     (lambda: RouterConfig(kind="nope"), "router.kind"),
 ])
 def test_bad_config(make, match: str) -> None:

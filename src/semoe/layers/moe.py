@@ -2,7 +2,8 @@
 experts -> all-to-all back -> weighted un-permute (+ shared experts).
 
 Legend: T local tokens, D d_model, E experts (global), L local experts, K choices per token,
-R ranks of the expert-parallel group, A local assignments, N dispatched rows.
+R ranks of the expert-parallel group, A local assignments, N dispatched rows, M received rows,
+C chunks of the comm's dispatch (ranges of local tokens; 1 unless the comm overlaps).
 
 The same code runs with one process (``LocalComm``) and with expert parallelism (a torch.distributed
 comm swapped in by ``semoe.parallel.expert_parallel.apply_expert_parallel``); capacity is defined
@@ -13,12 +14,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 
 from semoe.config import MoEConfig
-from semoe.layers.comm import LocalComm
+from semoe.layers.comm import LocalComm, Route
 from semoe.layers.experts import Experts, SharedExpert
 from semoe.layers.losses import load_balancing_loss, router_z_loss
 from semoe.layers.router import Routing, build_router
@@ -65,6 +67,12 @@ def position_keep(counts_REK: torch.Tensor, capacity: int) -> torch.Tensor:
     return keep.reshape(K, R, E).permute(1, 2, 0)
 
 
+def _split_kept(counts_REKC: torch.Tensor, kept_REK: torch.Tensor) -> torch.Tensor:
+    """Kept rows per chunk: a (rank, expert, choice) block keeps its first tokens, chunks are token ranges."""
+    before = torch.cumsum(counts_REKC, -1) - counts_REKC
+    return (kept_REK.unsqueeze(-1) - before).clamp(min=0).minimum(counts_REKC)
+
+
 def regroup_index(counts_SL: torch.Tensor) -> torch.Tensor:
     """Row order that turns blocks laid out source-major [(s, l)] into expert-major [(l, s)]."""
     sizes_sm = counts_SL.reshape(-1)
@@ -101,24 +109,27 @@ class MoELayer(nn.Module):
         self._check_input(x)
         cfg, comm = self.cfg, self.comm
         E, R, r = cfg.num_experts, comm.ep_size, comm.ep_rank
-        L = E // R
         x_TD = x.reshape(-1, cfg.d_model)
         T = x_TD.shape[0]
 
         routing: Routing = self.router(x_TD, comm)
         K = routing.num_choices
 
-        # one small collective: routed counts and loss sums of every rank
+        # one small collective: routed counts (per chunk of the comm's dispatch: a chunk is a range of
+        # tokens) and loss sums of every rank
+        C = comm.chunks
         key_A = routing.expert_A * K + routing.choice_A
-        counts_EK = torch.bincount(key_A, minlength=E * K)
+        counts_EKC = torch.bincount(key_A * C + routing.token_A * C // max(T, 1), minlength=E * K * C)
         stats_local = torch.cat([
-            counts_EK.to(torch.float64),
+            counts_EKC.to(torch.float64),
             routing.prob_sum_E.detach().to(torch.float64),
             routing.lse_sq_sum.detach().to(torch.float64).reshape(1),
             torch.tensor([float(T)], dtype=torch.float64, device=x.device),
         ])
         stats_RN = comm.exchange_stats(stats_local)
-        counts_REK = stats_RN[:, :E * K].round().long().view(R, E, K)
+        n_counts = E * K * C
+        counts_REKC = stats_RN[:, :n_counts].round().long().view(R, E, K, C)
+        counts_REK = counts_REKC.sum(-1)
         group_tokens = int(stats_RN[:, -1].sum().item())
         routed_E = counts_REK.sum((0, 2))
         num_assign = int(routed_E.sum().item())
@@ -126,10 +137,10 @@ class MoELayer(nn.Module):
         total = max(group_tokens, 1)
         if cfg.router.kind == "topk":
             frac_E = routed_E.to(torch.float64) / max(num_assign, 1)
-            aux = load_balancing_loss(routing.prob_sum_E, stats_RN[:, E * K:E * K + E].sum(0), frac_E, total, R)
+            aux = load_balancing_loss(routing.prob_sum_E, stats_RN[:, n_counts:n_counts + E].sum(0), frac_E, total, R)
         else:  # expert choice is balanced by construction
             aux = routing.prob_sum_E.sum() * 0.0
-        z = router_z_loss(routing.lse_sq_sum, stats_RN[:, E * K + E].sum(), total, R)
+        z = router_z_loss(routing.lse_sq_sum, stats_RN[:, n_counts + E].sum(), total, R)
         self.router.update_bias(routed_E)
 
         # capacity
@@ -151,34 +162,20 @@ class MoELayer(nn.Module):
             order_A = order_A[pos < keep_flat[key_sorted]]
         token_N = routing.token_A[order_A]
         weight_N = routing.weight_A[order_A]
-        x_ND = permute(x_TD, token_N)
 
-        # all-to-all to the experts' owners
+        # to the experts' owners and back (the comm may chunk, overlap and route hierarchically)
         kept_RE = kept_REK.sum(-1)
-        send_splits = kept_RE[r].view(R, L).sum(-1).tolist()
-        counts_SL = kept_RE[:, r * L:(r + 1) * L]  # rows this rank receives, per (source, local expert)
-        recv_splits = counts_SL.sum(-1).tolist()
-        x_recv = comm.all_to_all(x_ND, send_splits, recv_splits)
-        if R > 1:
-            regroup = regroup_index(counts_SL.to(x.device))
-            x_recv = permute(x_recv, regroup)
-        counts_L = counts_SL.sum(0)
-
+        kept_REKC = _split_kept(counts_REKC, kept_REK) if drop_at_sender else counts_REKC
+        route = Route(token_N, kept_REKC.permute(3, 0, 1, 2).cpu(), r)
+        keep_sm = None
         if capacity is not None and not drop_at_sender:  # score priority: the owner keeps the best C
-            score_recv = comm.all_to_all(routing.score_A[order_A].unsqueeze(1), send_splits, recv_splits)
-            if R > 1:
-                score_recv = score_recv.index_select(0, regroup)
-            keep_idx, kept_L = _keep_top_scores(score_recv.squeeze(1), counts_L.to(x.device), capacity)
-            y_kept = self.experts(permute(x_recv, keep_idx), kept_L.tolist(), capacity)
-            y_recv = pad_rows(y_kept, keep_idx, x_recv.shape[0])
+            score_sm = comm.exchange_rows(routing.score_A[order_A].unsqueeze(1), route).squeeze(1)
+            keep_sm = _score_keep_mask(score_sm, route.counts_SL, capacity)
             kept_E = counts_REK.sum((0, 2)).clamp(max=capacity)
         else:
-            y_recv = self.experts(x_recv, counts_L.tolist(), capacity)
             kept_E = kept_RE.sum(0)
-
-        if R > 1:
-            y_recv = permute(y_recv, torch.argsort(regroup))
-        y_ND = comm.all_to_all(y_recv, recv_splits, send_splits)
+        expert_fn = partial(self._experts_on_rows, capacity=capacity, keep_sm=keep_sm)
+        y_ND = comm.run_experts(x_TD, route, expert_fn, list(self.experts.parameters()))
         out_TD = unpermute(y_ND, token_N, weight_N, T).to(x.dtype)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
@@ -188,6 +185,26 @@ class MoELayer(nn.Module):
         rc = cfg.router
         return MoEOutput(out=out_TD.view(x.shape), aux_loss=aux, z_loss=z,
                          router_loss=rc.aux_loss_coef * aux + rc.z_loss_coef * z, stats=stats)
+
+    def _experts_on_rows(self, x_MD: torch.Tensor, counts_SL: torch.Tensor, rows_M: torch.Tensor | None,
+                         capacity: int | None, keep_sm: torch.Tensor | None) -> torch.Tensor:
+        """The experts on received rows (source-major, ``counts_SL`` per (source, local expert));
+        ``keep_sm``: the score-priority keep mask of the whole receive buffer, ``rows_M`` these rows'
+        positions in it (None: all of it). Returns the outputs in the input's row order."""
+        regroup = regroup_index(counts_SL).to(x_MD.device) if counts_SL.shape[0] > 1 else None
+        x_recv = permute(x_MD, regroup) if regroup is not None else x_MD  # expert-major
+        counts_L = counts_SL.sum(0)
+        if keep_sm is not None:
+            keep = keep_sm if rows_M is None else keep_sm[rows_M]
+            keep = keep[regroup] if regroup is not None else keep
+            keep_idx = keep.nonzero().squeeze(1)
+            expert_M = torch.repeat_interleave(torch.arange(counts_L.numel()), counts_L).to(x_MD.device)
+            kept_L = torch.bincount(expert_M[keep_idx], minlength=counts_L.numel())
+            y_kept = self.experts(permute(x_recv, keep_idx), kept_L.tolist(), capacity)
+            y_recv = pad_rows(y_kept, keep_idx, x_recv.shape[0])
+        else:
+            y_recv = self.experts(x_recv, counts_L.tolist(), capacity)
+        return permute(y_recv, torch.argsort(regroup)) if regroup is not None else y_recv
 
 
 def _keep_top_scores(score_N: torch.Tensor, counts_L: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,3 +218,19 @@ def _keep_top_scores(score_N: torch.Tensor, counts_L: torch.Tensor, capacity: in
     rank_in_expert[order] = torch.arange(n, device=score_N.device) - starts[expert_N[order]]
     keep = rank_in_expert < capacity
     return keep.nonzero().squeeze(1), counts_L.clamp(max=capacity)
+
+
+def _score_keep_mask(score_M: torch.Tensor, counts_SL: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Score priority over the whole receive buffer (source-major): True for the rows each local expert
+    keeps (its ``capacity`` best scores, ties to the earlier row in expert-major order)."""
+    counts_L = counts_SL.sum(0).to(score_M.device)
+    regroup = regroup_index(counts_SL).to(score_M.device) if counts_SL.shape[0] > 1 else None
+    score_em = score_M[regroup] if regroup is not None else score_M
+    keep_idx, _ = _keep_top_scores(score_em, counts_L, capacity)
+    keep_em = torch.zeros(score_M.shape[0], dtype=torch.bool, device=score_M.device)
+    keep_em[keep_idx] = True
+    if regroup is None:
+        return keep_em
+    keep_sm = torch.empty_like(keep_em)
+    keep_sm[regroup] = keep_em
+    return keep_sm

@@ -91,3 +91,69 @@ def ep_group(mesh: DeviceMesh | None) -> dist.ProcessGroup | None:
 
 def dp_group(mesh: DeviceMesh | None) -> dist.ProcessGroup | None:
     return None if mesh is None else mesh.get_group("dp")
+
+
+def resolve_ranks_per_node(override: int | None = None) -> int:
+    """Ranks per node: ``override`` (``ParallelConfig.ranks_per_node``), else torchrun's
+    LOCAL_WORLD_SIZE, else the whole world (one machine). Must divide the world size."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if override is not None:
+        rpn = override
+    elif "LOCAL_WORLD_SIZE" in os.environ:
+        rpn = torchrun_env()["local_world_size"]
+    else:
+        rpn = world
+    if not isinstance(rpn, int) or rpn < 1 or world % rpn:
+        raise ValueError(f"ranks per node = {rpn!r} does not divide the world size {world}; set "
+                         "parallel.ranks_per_node to the number of ranks on each node (a divisor of the world size)")
+    return rpn
+
+
+def ep_ranks_per_node(ep_size: int, rpn: int) -> int:
+    """Ranks of one expert-parallel group on each node it spans (ep groups are consecutive ranks)."""
+    if ep_size % rpn == 0:
+        return rpn
+    if rpn % ep_size == 0:
+        return ep_size  # the whole group sits on one node
+    raise ValueError(f"ep_size {ep_size} and ranks per node {rpn} do not nest (neither divides the other); "
+                     "the hierarchical all-to-all needs whole nodes per expert-parallel group (or a group inside "
+                     "one node): change parallel.ep_size or parallel.ranks_per_node")
+
+
+def node_of_ranks(group: dist.ProcessGroup, rpn: int) -> list[int]:
+    """Node index of every rank of ``group`` (global ranks are numbered node by node, as torchrun does)."""
+    return [g // rpn for g in dist.get_process_group_ranks(group)]
+
+
+def hierarchical_groups(mesh: DeviceMesh, per_node: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """(node group, rail group) of this rank: the ranks of its ep group on its node, and the ranks of its
+    ep group with its local index on every node. Every rank creates every group, in the same order."""
+    me = dist.get_rank()
+    node_group = rail_group = None
+    for row in mesh.mesh.reshape(-1, mesh.size(1)).tolist():  # one expert-parallel group per row
+        for n in range(len(row) // per_node):
+            ranks = row[n * per_node:(n + 1) * per_node]
+            g = dist.new_group(ranks)
+            node_group = g if me in ranks else node_group
+        for p in range(per_node):
+            ranks = row[p::per_node]
+            g = dist.new_group(ranks)
+            rail_group = g if me in ranks else rail_group
+    assert node_group is not None and rail_group is not None
+    return node_group, rail_group
+
+
+def fusion_groups(mesh: DeviceMesh | None, num_world_groups: int) -> tuple[list[dist.ProcessGroup],
+                                                                          dist.ProcessGroup | None]:
+    """Fresh process groups for gradient fusion, so its asynchronous all-reduces never share a
+    group's ordering with anything else: ``num_world_groups`` copies of the world, and this rank's expert
+    replica group (same ep rank, every dp index; None when there is one replica)."""
+    world = list(range(dist.get_world_size()))
+    world_groups = [dist.new_group(world) for _ in range(num_world_groups)]
+    replica = None
+    if mesh is not None and mesh.size(0) > 1:
+        me = dist.get_rank()
+        for col in mesh.mesh.reshape(mesh.size(0), -1).t().tolist():
+            g = dist.new_group(col)
+            replica = g if me in col else replica
+    return world_groups, replica

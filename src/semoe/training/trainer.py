@@ -8,6 +8,7 @@ Rank 0 shows progress, writes ``metrics.csv``, checkpoints and, at the end, ``lo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -23,6 +24,7 @@ from tqdm import tqdm
 from semoe.config import RunConfig, TrainConfig, from_dict, replace, to_dict
 from semoe.models.transformer import MoETransformer
 from semoe.parallel import apply_expert_parallel, build_mesh, clip_grad_norm_, init_distributed, sync_gradients
+from semoe.parallel.fusion import GradFusion
 from semoe.parallel.mesh import default_device
 from semoe.storage import checkpoint as ckpt
 from semoe.training.data import Corpus, GlobalBatchLoader, prepare_corpus, split_windows
@@ -104,10 +106,14 @@ class Trainer:
         self.run = run
         torch.manual_seed(tc.seed)  # identical init on every rank, then each keeps its experts
         self.model = MoETransformer(run.model)
-        apply_expert_parallel(self.model, self.mesh)
+        pc = run.parallel
+        apply_expert_parallel(self.model, self.mesh, comm="hierarchical" if pc.hierarchical_a2a else "flat",
+                              ranks_per_node=pc.ranks_per_node, chunks=pc.a2a_chunks)
         self.model.to(self.device)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, tc), lr=tc.lr, betas=tc.betas,
                                            fused=False, foreach=True)
+        use_fusion = pc.grad_fusion and self.mesh is not None
+        self.fusion = GradFusion(self.model, self.mesh, pc.bucket_mb) if use_fusion else None
         train_starts, val_starts = split_windows(len(self.corpus.tokens), tc.seq_len, tc.val_fraction)
         self.loader = GlobalBatchLoader(self.corpus.tokens, train_starts, tc.seq_len, tc.batch_size, tc.seed,
                                         dp_rank=self.rank, dp_size=self.world, grad_accum=tc.grad_accum)
@@ -187,16 +193,21 @@ class Trainer:
             g["lr"] = lr
         loss_sum, aux_sum, dropped, assigned = 0.0, 0.0, 0, 0
         loads = None
-        for x, y in self.loader.get(step):
-            loss, out = self._forward_loss(x, y)
-            ((loss + out.router_loss) / tc.grad_accum).backward()
+        for i, (x, y) in enumerate(self.loader.get(step)):
+            last = i == tc.grad_accum - 1
+            with self.fusion.no_sync() if self.fusion is not None and not last else contextlib.nullcontext():
+                loss, out = self._forward_loss(x, y)
+                ((loss + out.router_loss) / tc.grad_accum).backward()
             loss_sum += float(loss.detach()) / tc.grad_accum
             aux_sum += float(out.aux_loss.detach()) / tc.grad_accum / max(1, len(out.moe_stats))
             dropped += sum(s.dropped for s in out.moe_stats)
             assigned += sum(s.assignments for s in out.moe_stats)
             cur = np.stack([s.tokens_per_expert.numpy() for s in out.moe_stats]) if out.moe_stats else None
             loads = cur if loads is None else loads + cur
-        sync_gradients(self.model, self.mesh)
+        if self.fusion is not None:
+            self.fusion.finish()
+        else:
+            sync_gradients(self.model, self.mesh)
         norm = float(clip_grad_norm_(self.model, tc.grad_clip, self.mesh))
         loss_mean = self._mean(loss_sum)
         if not math.isfinite(loss_mean) or not math.isfinite(norm):
@@ -205,11 +216,12 @@ class Trainer:
                 f"{self.last_checkpoint or 'none (no checkpoint was written yet)'}. Lower train.lr, raise "
                 "train.warmup_steps or set train.grad_clip, then resume from it.")
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=self.fusion is None)  # fusion: grads are views into its buckets
         if loads is not None:
             self.expert_load.append(loads / np.maximum(loads.sum(-1, keepdims=True), 1))
             self.load_steps.append(step)
-        return {"loss": loss_mean, "aux_loss": self._mean(aux_sum),  # mean over MoE layers "lr": lr, "grad_norm": norm,
+        # aux_loss: mean over MoE layers
+        return {"loss": loss_mean, "aux_loss": self._mean(aux_sum), "lr": lr, "grad_norm": norm,
                 "drop_rate": self._mean(dropped / max(assigned, 1))}
 
     @torch.no_grad()

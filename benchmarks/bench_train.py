@@ -1,0 +1,367 @@
+"""Full training step of the same GPT-MoE: semoe (each communication switch) against DeepSpeed.
+
+Run from the repository root:
+
+    python benchmarks/bench_train.py                       # 2 ranks on loopback, semoe features vs DeepSpeed
+    python benchmarks/bench_train.py --zero 1              # DeepSpeed with ZeRO stage 1
+    sudo python benchmarks/bench_train.py --topology two-node --link-mbit 400   # 4 ranks, 2 emulated nodes
+    python benchmarks/bench_train.py --smoke               # tiny, seconds, semoe only (CI)
+
+Each contender runs in its own ``torchrun`` job (so peak RSS is its own), jobs alternate
+(A B A B ...), every job warms up and then times steps; a step lasts as long as the slowest rank.
+The report per contender is the median over jobs of each job's median step.
+
+Same model for both: the decoder-only transformer of ``semoe.models`` (RMSNorm, RoPE, causal SDPA);
+for DeepSpeed each MoE layer is replaced by ``deepspeed.moe.layer.MoE`` with SwiGLU experts of the same
+size, same top-2, same capacity factor (DeepSpeed per rank, semoe over the expert-parallel group: the
+same number of slots in total), no noise, ``top2_2nd_expert_sampling=False``, ``use_rts=False``; both
+train with AdamW (DeepSpeed through ``deepspeed.initialize`` with the ZeRO stage of ``--zero``),
+gradient clipping 1.0, aux coefficient 0.01. The batch is random tokens, the same on both.
+
+Features of semoe (``--features``, comma separated; each is ``ParallelConfig`` switches):
+    plain     no fusion, flat all-to-all, no chunking (one synchronous all-reduce per class)
+    fusion    gradient buckets reduced asynchronously during backward
+    hier      + hierarchical all-to-all with node-level de-duplication
+    overlap   + dispatch in 2 chunks, all-to-all overlapped with expert compute
+    all       fusion + hier + overlap
+
+Output: JSON lines on stdout: one per contender with ``impl``, ``world``, ``features``, ``tokens_per_s``,
+``step_ms``, ``peak_rss_mb`` (max over ranks of the job's peak RSS, median over jobs), ``a2a_share`` (time
+inside ``all_to_all_single`` / step time, rank 0), then one summary line with ``ratio_vs_deepspeed``
+per feature set and ``peak_rss_ratio``.
+
+Topology emulation (``--topology two-node``, root, Linux): ``benchmarks/topology.sh up`` creates two
+network namespaces joined by a veth pair rate-limited with ``tc`` (``--link-mbit``); ranks 0-1 run in
+namespace 0, ranks 2-3 in namespace 1 (torchrun ``--nnodes 2``, LOCAL_WORLD_SIZE 2); traffic inside a
+namespace stays on its loopback, traffic between them crosses the limited link. ``down`` removes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+FEATURES = {
+    "plain": {"grad_fusion": False, "hierarchical_a2a": False, "a2a_chunks": 1},
+    "fusion": {"grad_fusion": True, "hierarchical_a2a": False, "a2a_chunks": 1},
+    "hier": {"grad_fusion": True, "hierarchical_a2a": True, "a2a_chunks": 1},
+    "overlap": {"grad_fusion": True, "hierarchical_a2a": False, "a2a_chunks": 2},
+    "all": {"grad_fusion": True, "hierarchical_a2a": True, "a2a_chunks": 2},
+}
+TARGETS = {"loopback": 1.1, "two-node": 1.33}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--impl", default="semoe", choices=["semoe", "deepspeed"], help=argparse.SUPPRESS)
+    ap.add_argument("--feature", default="fusion", help=argparse.SUPPRESS)
+    ap.add_argument("--features", default="plain,fusion,overlap", help="semoe feature sets to run (see above)")
+    ap.add_argument("--peers", default="auto", choices=["auto", "deepspeed", "none"])
+    ap.add_argument("--zero", type=int, default=0, choices=[0, 1, 2], help="DeepSpeed ZeRO stage")
+    ap.add_argument("--nproc", type=int, default=2, help="ranks on loopback (topology two-node: 4)")
+    ap.add_argument("--topology", default="loopback", choices=["loopback", "two-node"])
+    ap.add_argument("--link-mbit", type=float, default=1000.0, help="inter-node link rate for two-node")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--d-model", type=int, default=256)
+    ap.add_argument("--d-ff", type=int, default=512)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--capacity-factor", type=float, default=1.25)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--global-batch", type=int, default=32, help="sequences per step, all ranks")
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per job")
+    ap.add_argument("--jobs", type=int, default=2, help="jobs per contender (alternating)")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, semoe only, seconds")
+    ap.add_argument("--json", type=Path, default=None, help="also append the JSON lines to this file")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.layers, args.d_model, args.d_ff, args.experts, args.seq_len = 2, 64, 128, 4, 32
+        args.global_batch, args.vocab, args.warmup, args.steps, args.jobs = 4, 256, 1, 2, 1
+        args.features = "plain,all" if args.topology == "loopback" else args.features
+        args.peers = "none"
+    if args.topology == "two-node":
+        args.nproc = 4
+    return args
+
+
+# ============================================================================ worker (inside torchrun)
+def model_config(args: argparse.Namespace):
+    from semoe.config import ModelConfig, MoEConfig, RouterConfig
+
+    router = RouterConfig(top_k=args.top_k, capacity_factor=args.capacity_factor,
+                          eval_capacity_factor=args.capacity_factor, normalize_topk=args.top_k > 1,
+                          aux_loss_coef=0.01, z_loss_coef=0.0)
+    moe = MoEConfig(d_model=args.d_model, d_ff=args.d_ff, num_experts=args.experts, activation="swiglu",
+                    router=router)
+    return ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=4,
+                       max_seq_len=args.seq_len, dense_d_ff=args.d_ff, moe=moe)
+
+
+class _A2ATimer:
+    """Wall time spent inside ``dist.all_to_all_single`` (both contenders call it; CPU/gloo is synchronous)."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.seconds = 0.0
+        real = dist.all_to_all_single
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            out = real(*a, **k)
+            if k.get("async_op"):
+                return out
+            self.seconds += time.perf_counter() - t0
+            return out
+
+        dist.all_to_all_single = timed
+
+
+def _ds_swap_moe(model, args, world: int) -> None:
+    """Replace every semoe MoELayer by DeepSpeed's MoE with SwiGLU experts of the same size."""
+    import torch
+    from deepspeed.moe.layer import MoE
+    from torch import nn
+
+    from semoe.layers.moe import MoEOutput, MoEStats
+
+    class SwiGLU(nn.Module):
+        def __init__(self, d: int, f: int) -> None:
+            super().__init__()
+            self.w1 = nn.Linear(d, f, bias=False)
+            self.w3 = nn.Linear(d, f, bias=False)
+            self.w2 = nn.Linear(f, d, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
+
+    class DSMoE(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.moe = MoE(hidden_size=args.d_model, expert=SwiGLU(args.d_model, args.d_ff), num_experts=args.experts,
+                           ep_size=world, k=args.top_k, capacity_factor=args.capacity_factor,
+                           eval_capacity_factor=args.capacity_factor, min_capacity=4, noisy_gate_policy=None,
+                           drop_tokens=True, use_rts=False, top2_2nd_expert_sampling=False)
+            for ex in self.moe.deepspeed_moe.experts.deepspeed_experts:  # DeepSpeed deep-copies one expert
+                for lin in (ex.w1, ex.w3, ex.w2):
+                    nn.init.normal_(lin.weight, std=0.02)
+
+        def forward(self, x: torch.Tensor) -> MoEOutput:
+            out, l_aux, counts = self.moe(x)
+            E = args.experts
+            stats = MoEStats(tokens=x.shape[0] * x.shape[1], assignments=0, dropped=0,
+                             routed_per_expert=counts.detach().cpu(), tokens_per_expert=counts.detach().cpu(),
+                             capacity=None)
+            zero = l_aux * 0
+            return MoEOutput(out=out, aux_loss=l_aux * E / E, z_loss=zero, router_loss=0.01 * l_aux, stats=stats)
+
+    for block in model.layers:
+        if getattr(block, "is_moe", False):
+            block.moe = DSMoE()
+
+
+def worker(args: argparse.Namespace) -> None:
+    import resource
+
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from semoe.config import ParallelConfig
+    from semoe.models.transformer import MoETransformer
+    from semoe.parallel import apply_expert_parallel, build_mesh, clip_grad_norm_, init_distributed, sync_gradients
+
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    timer = _A2ATimer()
+    cfg = model_config(args)
+    torch.manual_seed(0)
+    model = MoETransformer(cfg)
+    local = args.global_batch // world
+    g = torch.Generator().manual_seed(1234 + rank)
+    batches = [torch.randint(0, args.vocab, (local, args.seq_len + 1), generator=g) for _ in range(4)]
+
+    if args.impl == "deepspeed":
+        import logging
+
+        import deepspeed
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.ERROR)
+        deepspeed.init_distributed(dist_backend="gloo")
+        _ds_swap_moe(model, args, world)
+        groups = split_params_into_different_moe_groups_for_optimizer(
+            {"params": list(model.parameters()), "name": "params"})
+        opt = torch.optim.AdamW(groups, lr=1e-3)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config={
+            "train_micro_batch_size_per_gpu": local, "gradient_clipping": 1.0,
+            "zero_optimization": {"stage": args.zero}, "steps_per_print": 10**9})
+
+        def step(tokens: torch.Tensor) -> float:
+            out = engine(tokens[:, :-1])
+            loss = F.cross_entropy(out.logits.flatten(0, 1), tokens[:, 1:].flatten())
+            engine.backward(loss + out.router_loss)
+            engine.step()
+            return float(loss)
+    else:
+        feats = FEATURES[args.feature]
+        pc = ParallelConfig(ep_size=world, ranks_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
+                            bucket_mb=25.0, **feats)
+        mesh = build_mesh(pc.ep_size)
+        apply_expert_parallel(model, mesh, comm="hierarchical" if pc.hierarchical_a2a else "flat",
+                              ranks_per_node=pc.ranks_per_node, chunks=pc.a2a_chunks)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+        fusion = None
+        if pc.grad_fusion:
+            from semoe.parallel.fusion import GradFusion
+
+            fusion = GradFusion(model, mesh, pc.bucket_mb)
+
+        def step(tokens: torch.Tensor) -> float:
+            out = model(tokens[:, :-1])
+            loss = F.cross_entropy(out.logits.flatten(0, 1), tokens[:, 1:].flatten())
+            (loss + out.router_loss).backward()
+            if fusion is not None:
+                fusion.finish()
+            else:
+                sync_gradients(model, mesh)
+            clip_grad_norm_(model, 1.0, mesh)
+            opt.step()
+            opt.zero_grad(set_to_none=fusion is None)
+            return float(loss)
+
+    model.train()
+    for i in range(args.warmup):
+        step(batches[i % len(batches)])
+    times, a2a = [], []
+    for i in range(args.steps):
+        dist.barrier()
+        timer.seconds = 0.0
+        t0 = time.perf_counter()
+        step(batches[i % len(batches)])
+        dt = torch.tensor([time.perf_counter() - t0])
+        dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+        times.append(float(dt))
+        a2a.append(timer.seconds)
+    rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])
+    dist.all_reduce(rss, op=dist.ReduceOp.MAX)
+    if rank == 0:
+        med = statistics.median(times)
+        # semoe's all-to-alls are asynchronous (launch, then wait), so only DeepSpeed's share is meaningful
+        share = statistics.median(a / t for a, t in zip(a2a, times)) if args.impl == "deepspeed" else None
+        print("RESULT " + json.dumps({"step_s": med, "peak_rss_mb": float(rss), "a2a_share": share}), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)  # DeepSpeed can abort at interpreter exit (see shared notes)
+
+
+# ============================================================================ driver
+def _launch(args: argparse.Namespace, impl: str, feature: str) -> dict | None:
+    base = [str(HERE / "bench_train.py"), "--worker", "--impl", impl, "--feature", feature,
+            *[f"--{k.replace('_', '-')}={getattr(args, k)}" for k in (
+                "layers", "d_model", "d_ff", "experts", "top_k", "capacity_factor", "seq_len", "global_batch",
+                "vocab", "warmup", "steps", "zero")]]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if args.topology == "loopback":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", *base]
+        procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+    else:
+        procs = []
+        for node in (0, 1):
+            cmd = ["ip", "netns", "exec", f"semoe_n{node}", sys.executable, "-m", "torch.distributed.run",
+                   "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=2", "--master_addr=10.77.0.1",
+                   "--master_port=29533", *base]
+            node_env = {**env, "GLOO_SOCKET_IFNAME": f"semoe_v{node}"}
+            procs.append(subprocess.Popen(cmd, env=node_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True))
+    result = None
+    for p in procs:
+        out, err = p.communicate(timeout=1800)
+        for line in out.splitlines():
+            if line.startswith("RESULT "):
+                result = json.loads(line[len("RESULT "):])
+        if p.returncode != 0:
+            print(f"[bench_train] {impl}/{feature} failed (exit {p.returncode}):\n{err[-3000:]}", file=sys.stderr)
+            return None
+    return result
+
+
+def _emit(rec: dict, path: Path | None) -> None:
+    line = json.dumps(rec)
+    print(line, flush=True)
+    if path is not None:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    import importlib.util
+
+    feats = [f for f in args.features.split(",") if f]
+    unknown = [f for f in feats if f not in FEATURES]
+    if unknown:
+        raise SystemExit(f"unknown --features {unknown}; choose from {sorted(FEATURES)}")
+    if args.global_batch % args.nproc or args.experts % args.nproc:
+        raise SystemExit(f"--global-batch and --experts must be divisible by the {args.nproc} ranks")
+    want_ds = args.peers == "deepspeed" or (args.peers == "auto" and importlib.util.find_spec("deepspeed"))
+    if args.peers == "auto" and not want_ds:
+        print("[bench_train] deepspeed not importable: semoe only (pip install -e .[bench])", file=sys.stderr)
+    if args.topology == "two-node":
+        subprocess.run(["bash", str(HERE / "topology.sh"), "up", str(args.link_mbit)], check=True)
+    contenders = [("semoe", f) for f in feats] + ([("deepspeed", f"zero{args.zero}")] if want_ds else [])
+    runs: dict[tuple[str, str], list[dict]] = {c: [] for c in contenders}
+    try:
+        for job in range(args.jobs):
+            order = contenders if job % 2 == 0 else contenders[::-1]
+            for impl, feat in order:
+                print(f"[bench_train] job {job + 1}/{args.jobs}: {impl} {feat}", file=sys.stderr)
+                res = _launch(args, impl, feat)
+                if res is not None:
+                    runs[(impl, feat)].append(res)
+    finally:
+        if args.topology == "two-node":
+            subprocess.run(["bash", str(HERE / "topology.sh"), "down"], check=False)
+    tokens = args.global_batch * args.seq_len
+    summary: dict[str, dict] = {}
+    for (impl, feat), rs in runs.items():
+        if not rs:
+            continue
+        step_s = statistics.median(r["step_s"] for r in rs)
+        rec = {"impl": impl, "world": args.nproc, "features": feat, "topology": args.topology,
+               "link_mbit": args.link_mbit if args.topology == "two-node" else None,
+               "tokens_per_s": tokens / step_s, "step_ms": 1e3 * step_s,
+               "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs),
+               "a2a_share": None if impl == "semoe" else statistics.median(r["a2a_share"] for r in rs),
+               "jobs": len(rs)}
+        summary[f"{impl}/{feat}"] = rec
+        _emit(rec, args.json)
+    ds = next((v for k, v in summary.items() if k.startswith("deepspeed/")), None)
+    ratios = {k.split("/")[1]: v["tokens_per_s"] / ds["tokens_per_s"] for k, v in summary.items()
+              if ds is not None and k.startswith("semoe/")}
+    mem = {k.split("/")[1]: v["peak_rss_mb"] / ds["peak_rss_mb"] for k, v in summary.items()
+           if ds is not None and k.startswith("semoe/")}
+    _emit({"summary": True, "topology": args.topology, "world": args.nproc,
+           "ratio_vs_deepspeed": ratios or None, "peak_rss_ratio": mem or None,
+           "target_ratio": TARGETS[args.topology],
+           "deepspeed_a2a_share": None if ds is None else ds["a2a_share"]}, args.json)
+    return 0 if all(runs.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Gradient fusion: N optimizer steps with bucketed asynchronous reduction equal the plain per-class
+reduction (losses and parameters), with gradient accumulation, a parameter that never gets a gradient,
+dp replicas of the experts; buckets go out during backward; the trainer with every switch on matches
+the trainer with none."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from semoe.config import ModelConfig, MoEConfig, RouterConfig, apply_overrides
+from semoe.models.transformer import MoETransformer
+from semoe.parallel import apply_expert_parallel, build_mesh, clip_grad_norm_, sync_gradients
+from semoe.parallel.fusion import GradFusion, param_class
+from semoe.training.trainer import Trainer
+from tests.dist.launcher import run_ranks
+from tests.unit.test_train import tiny_run
+
+STEPS, MICRO = 3, 2
+
+
+def small_model() -> MoETransformer:
+    torch.manual_seed(0)
+    moe = MoEConfig(d_model=32, d_ff=48, num_experts=4, activation="swiglu",
+                    router=RouterConfig(top_k=2, capacity_factor=1.25))
+    model = MoETransformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=16,
+                                       dense_d_ff=48, moe=moe))
+    model.unused = nn.Parameter(torch.ones(3))  # never gets a gradient: its bucket must still go out
+    return model
+
+
+def _train_fn(rank: int, world: int, ep_size: int, fused: bool, bucket_mb: float) -> dict:
+    model = small_model()
+    mesh = build_mesh(ep_size)
+    apply_expert_parallel(model, mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    fusion = GradFusion(model, mesh, bucket_mb) if fused else None
+    g = torch.Generator().manual_seed(100 + rank)
+    losses, hooked = [], 0
+    for step in range(STEPS):
+        for m in range(MICRO):
+            tokens = torch.randint(0, 64, (2, 9), generator=g)
+            last = m == MICRO - 1
+            with fusion.no_sync() if fusion is not None and not last else nullcontext():
+                out = model(tokens[:, :-1])
+                loss = nn.functional.cross_entropy(out.logits.flatten(0, 1), tokens[:, 1:].flatten())
+                ((loss + out.router_loss) / MICRO).backward()
+            losses.append(float(loss))
+        if fusion is not None:
+            fusion.finish()
+        else:
+            sync_gradients(model, mesh)
+        clip_grad_norm_(model, 0.5, mesh)
+        opt.step()
+        opt.zero_grad(set_to_none=fusion is None or step % 2 == 1)  # fusion re-attaches its views either way
+    if fusion is not None:
+        hooked = fusion.launched_by_hook
+    return {"losses": losses, "params": {k: p.detach().clone() for k, p in model.named_parameters()},
+            "hooked": hooked, "buckets": fusion.num_buckets if fusion else {}}
+
+
+@pytest.mark.parametrize("world,ep_size", [(2, 2), (4, 2)])
+def test_fusion_equals_plain_reduction(tmp_path, world: int, ep_size: int) -> None:
+    plain = run_ranks(_train_fn, world, tmp_path, ep_size, False, 1.0)
+    fused = run_ranks(_train_fn, world, tmp_path, ep_size, True, 0.01)  # ~10 KiB buckets: several per class
+    for a, b in zip(plain, fused):
+        assert b["losses"] == pytest.approx(a["losses"], abs=1e-6, rel=1e-6)
+        for name, p in a["params"].items():
+            torch.testing.assert_close(b["params"][name], p, atol=1e-6, rtol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        assert all(n >= 1 for n in b["buckets"].values()) and b["buckets"]["dense"] > 1
+        assert b["hooked"] > 0, "no bucket was reduced during backward"
+
+
+def test_param_classes() -> None:
+    assert param_class("layers.0.moe.experts.w1") == "expert"
+    assert param_class("layers.0.moe.router.weight") == "router"
+    assert param_class("layers.0.moe.shared.w1") == "dense"
+    assert param_class("tok_emb.weight") == "dense"
+
+
+def _bad_bucket(rank: int, world: int, bucket_mb: float) -> str:
+    try:
+        GradFusion(small_model(), build_mesh(world), bucket_mb)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+@pytest.mark.parametrize("bucket_mb", [0.0, -1.0])
+def test_bad_bucket_size(tmp_path, bucket_mb: float) -> None:
+    for msg in run_ranks(_bad_bucket, 2, tmp_path, bucket_mb):
+        assert "bucket_mb must be > 0" in msg
+    with pytest.raises(ValueError, match="bucket_mb"):
+        apply_overrides(tiny_run(Path("x")), [f"parallel.bucket_mb={bucket_mb}"])
+
+
+def _trainer_fn(rank: int, world: int, run, out: str, cache: str) -> dict:
+    t = Trainer(run, Path(out), Path(cache), resume=None)
+    losses = [t.train_step(s)["loss"] for s in range(3)]
+    return {"losses": losses, "params": {k: p.detach().clone() for k, p in t.model.named_parameters()}}
+
+
+def test_trainer_switches_match_defaults(tmp_path, corpus_file, cache_dir) -> None:
+    """4 ranks as 2 nodes x 2, grad_accum 2: fusion + hierarchical all-to-all + 2 chunks == none of them."""
+    base = apply_overrides(tiny_run(corpus_file, steps=3, ckpt_every=100),
+                           ["train.grad_accum=2", "parallel.grad_fusion=false"])
+    on = apply_overrides(base, ["parallel.grad_fusion=true", "parallel.bucket_mb=0.05",
+                                "parallel.hierarchical_a2a=true", "parallel.ranks_per_node=2", "parallel.a2a_chunks=2"])
+    ref = run_ranks(_trainer_fn, 4, tmp_path, base, str(tmp_path / "a"), str(cache_dir))
+    got = run_ranks(_trainer_fn, 4, tmp_path, on, str(tmp_path / "b"), str(cache_dir))
+    for a, b in zip(ref, got):
+        assert b["losses"] == pytest.approx(a["losses"], abs=1e-5)
+        for name, p in a["params"].items():
+            torch.testing.assert_close(b["params"][name], p, atol=1e-5, rtol=1e-5)
