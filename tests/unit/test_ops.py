@@ -47,3 +47,51 @@ def test_grouped_mm_matches_loop(counts: list[int]) -> None:
 def test_grouped_mm_empty() -> None:
     out = grouped_mm(torch.zeros(0, 4), torch.randn(3, 4, 5), [0, 0, 0])
     assert out.shape == (0, 5)
+
+
+def _ffn_reference(x, w1, w2, w3, counts):
+    h = grouped_mm_loop(x, w1, counts)
+    a = torch.nn.functional.gelu(h) if w3 is None else torch.nn.functional.silu(h) * grouped_mm_loop(x, w3, counts)
+    return grouped_mm_loop(a, w2, counts)
+
+
+@pytest.mark.parametrize("swiglu", [False, True])
+@pytest.mark.parametrize("counts", [[5, 0, 3, 9], [0, 0, 4, 0]])
+def test_expert_ffn_matches_reference_and_reuses_buffers(swiglu: bool, counts: list[int]) -> None:
+    from semoe.ops import FFNWorkspace, expert_ffn
+
+    torch.manual_seed(0)
+    G, D, F = len(counts), 6, 10
+    w1, w2 = torch.randn(G, D, F, requires_grad=True), torch.randn(G, F, D, requires_grad=True)
+    w3 = torch.randn(G, D, F, requires_grad=True) if swiglu else None
+    params = [w for w in (w1, w2, w3) if w is not None]
+    ws = FFNWorkspace()
+    for _ in range(3):  # later steps reuse the workspace buffers
+        x = torch.randn(sum(counts), D, requires_grad=True)
+        c = torch.randn(sum(counts), D)
+        got = torch.autograd.grad((expert_ffn(x, w1, w2, w3, counts, ws) * c).sum(), [x, *params])
+        want = torch.autograd.grad((_ffn_reference(x, w1, w2, w3, counts) * c).sum(), [x, *params])
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert not ws.busy()
+
+
+def test_expert_ffn_two_forwards_before_backward() -> None:
+    """A second forward while the first graph is alive must not overwrite the first one's buffers."""
+    from semoe.ops import FFNWorkspace, expert_ffn
+
+    torch.manual_seed(0)
+    counts = [3, 4]
+    w1, w2, w3 = (torch.randn(2, 4, 8, requires_grad=True), torch.randn(2, 8, 4, requires_grad=True),
+                  torch.randn(2, 4, 8, requires_grad=True))
+    ws = FFNWorkspace()
+    xa, xb = torch.randn(7, 4, requires_grad=True), torch.randn(7, 4, requires_grad=True)
+    ya, yb = expert_ffn(xa, w1, w2, w3, counts, ws), expert_ffn(xb, w1, w2, w3, counts, ws)
+    assert ws.busy()
+    (ya.square().sum() + yb.sum()).backward()
+    ref = torch.autograd.grad(_ffn_reference(xa, w1, w2, w3, counts).square().sum()
+                              + _ffn_reference(xb, w1, w2, w3, counts).sum(), [xa, xb])
+    torch.testing.assert_close(xa.grad, ref[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(xb.grad, ref[1], atol=1e-5, rtol=1e-5)
+    del ya, yb
+    assert not ws.busy()

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from semoe.ops import grouped_mm, grouped_mm_loop, pad_rows, permute
+from semoe.ops.expert_ffn import FFNWorkspace, expert_ffn
 
 
 def _act(name: str, h1: torch.Tensor, h3: torch.Tensor | None) -> torch.Tensor:
@@ -24,8 +25,9 @@ def _act(name: str, h1: torch.Tensor, h3: torch.Tensor | None) -> torch.Tensor:
 class Experts(nn.Module):
     """``num_local_experts`` FFNs (SwiGLU: w1, w3, w2; GELU: w1, w2) applied group-wise.
 
-    ``impl``: "grouped_mm" (one grouped GEMM per matrix), "loop" (per-expert reference) or
-    "padded" (rows scattered into an ``[L, C, D]`` buffer, then batched GEMMs).
+    ``impl``: "grouped_mm" (on CUDA one ``torch._grouped_mm`` per matrix; on a CPU the fused
+    ``ops.expert_ffn`` op, whose activation buffers are reused across steps), "loop" (per-expert
+    reference, plain autograd) or "padded" (rows scattered into an ``[L, C, D]`` buffer, then batched GEMMs).
     """
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: str = "gelu",
@@ -39,6 +41,7 @@ class Experts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(num_experts, d_model, d_ff)) if activation == "swiglu" else None
         self.w2 = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
         self.init_std = init_std
+        self.workspace = FFNWorkspace()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -64,6 +67,8 @@ class Experts(nn.Module):
             if capacity is None:
                 raise ValueError("expert_impl='padded' needs a capacity (set router.capacity_factor)")
             return self._padded(x_ND, counts_L, capacity)
+        if self.impl == "grouped_mm" and x_ND.device.type == "cpu":
+            return expert_ffn(x_ND, self.w1, self.w2, self.w3, counts_L, self.workspace)
         mm = grouped_mm_loop if self.impl == "loop" else grouped_mm
         offs = None
         if self.impl == "grouped_mm" and x_ND.shape[0] > 0:
