@@ -47,3 +47,30 @@ def test_smoke_one_process() -> None:
 def test_smoke_two_ranks() -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT), "--smoke"]
     _check(_run(cmd, timeout=120), world=2)
+
+
+OFFLOAD_ROW_KEYS = {"impl", "workload", "cache", "tokens_per_s", "peak_rss_mb", "peak_anon_mb", "peak_file_mb",
+                    "bound_tokens_per_s", "x_of_bound", "base_rss_mb", "budget_mb", "model_mb", "passes"}
+
+
+def test_offload_smoke(tmp_path) -> None:
+    """``bench_offload.py --smoke``: every (impl, workload, cache) row, semoe's ring against accelerate when it is
+    installed (then both must produce the same greedy tokens), and the summary line last."""
+    import importlib.util
+
+    script = ROOT / "benchmarks" / "bench_offload.py"
+    lines = _run([sys.executable, str(script), "--smoke", "--workdir", str(tmp_path)], timeout=300)
+    rows, summary = lines[:-1], lines[-1]
+    impls = {"semoe"} | ({"accelerate"} if importlib.util.find_spec("accelerate") else set())
+    assert {(r["impl"], r["workload"], r["cache"]) for r in rows} == {
+        (i, w, c) for i in impls for w in ("prefill", "decode") for c in ("warm", "cold")}
+    for r in rows:
+        assert OFFLOAD_ROW_KEYS <= r.keys()
+        assert r["tokens_per_s"] > 0 and r["bound_tokens_per_s"] > 0 and r["peak_rss_mb"] >= r["peak_anon_mb"] > 0
+        assert r["budget_mb"] * 4 <= r["model_mb"] * 1.01
+    for r in rows:
+        if r["impl"] == "semoe":  # the ring, not a resident model: two slots, every pass streamed
+            assert r["slots"] == 2 and r["load_s"] > 0
+    assert summary["summary"] is True and summary["smoke"] is True
+    assert summary["greedy_tokens_agree"] is (True if "accelerate" in impls else None)
+    assert set(summary["targets"]) >= {"within_1.3x_of_bound", "peak_rss_le_base_plus_1.1_budget_plus_overhead"}

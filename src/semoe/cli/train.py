@@ -76,8 +76,9 @@ def preflight(run: RunConfig, args: argparse.Namespace, out: Path) -> None:
             diff = config_mismatch(to_dict(run.model), manifest["config"]["model"])
             diff = [d for d in diff if not d.startswith("vocab_size")]  # the tokenizer may shrink the vocab
             if diff:
-                raise ckpt.CheckpointError(f"{out} holds a checkpoint of a different model config ({'; '.join(diff[:4])}); "
-                                           "use another --out, or the same recipe and overrides to resume")
+                raise ckpt.CheckpointError(
+                    f"{out} holds a checkpoint of a different model config ({'; '.join(diff[:4])}); "
+                    "use another --out, or the same recipe and overrides to resume")
 
 
 def _strip_nproc(argv: list[str]) -> list[str]:

@@ -153,6 +153,26 @@ def convert_tensor(tmap: TensorMap, t: torch.Tensor) -> Iterator[tuple[str, torc
         raise AssertionError(tmap.op)
 
 
+def converted_shapes(tmap: TensorMap, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    """(semoe name, shape) of what :func:`convert_tensor` yields for an HF tensor of ``shape``, without
+    reading it (the converter and the ring engine size their outputs from the headers alone)."""
+    shape = tuple(int(s) for s in shape)
+    if tmap.op == "copy":
+        return [(tmap.name, shape)]
+    if tmap.op == "t":
+        if len(shape) != 2:
+            raise ValueError(f"{tmap.name}: expected a 2-D tensor to transpose, got shape {shape}")
+        return [(tmap.name, (shape[1], shape[0]))]
+    if len(shape) != 3:
+        raise ValueError(f"{tmap.name}: expected a fused 3-D expert tensor, got shape {shape}")
+    E, a, b = shape
+    if tmap.op == "down_t":
+        return [(tmap.name.format(e=e), (b, a)) for e in range(E)]
+    if a % 2:
+        raise ValueError(f"{tmap.name}: fused gate_up_proj has odd dim 1 ({a})")
+    return [(tmap.name.format(e=e), (b, a // 2)) for e in range(E)]
+
+
 def semoe_param_slot(name: str) -> tuple[str, int | None]:
     """Model parameter and expert index of a semoe checkpoint name: per-expert names
     ``layers.{i}.moe.experts.{e}.w1`` live in slice ``e`` of the stacked ``layers.{i}.moe.experts.w1``."""
@@ -363,6 +383,7 @@ def _is_stacked_expert(param_name: str) -> bool:
     return re.fullmatch(r"layers\.\d+\.moe\.experts\.w[123]", param_name) is not None
 
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "TensorMap", "checkpoint_files", "convert_tensor", "hf_key_to_semoe",
+__all__ = ["SUPPORTED_MODEL_TYPES", "TensorMap", "checkpoint_files", "convert_tensor", "converted_shapes",
+           "hf_key_to_semoe",
            "iter_semoe_tensors", "load_hf_checkpoint", "model_config_from_hf", "read_hf_config",
            "semoe_param_slot"]

@@ -1,0 +1,811 @@
+"""Ring-memory inference: run an MoE model larger than memory by streaming it section by section.
+
+Legend: B sequences of a group (or a chunk of it), S new positions in this pass, L cached + new positions,
+D d_model, V vocab, G kv heads, Kh head dim, K ring slots, T tokens of a call (B * S).
+
+SE-MoE's ring memory: the model is cut into sections (consecutive units: the embedding, layers, the
+head; see :mod:`semoe.inference.sections`); the compute device holds a ring of K preallocated slots;
+a loader thread fills the slot of ticket t + K - 1 while the section of ticket t computes, round-robin
+(ticket t lives in slot t mod K). On a CPU-only machine the model stays on disk and the loader reads
+the safetensors files with positional reads (``os.preadv``, no memory map: file pages never enter this
+process's resident set) straight into the slots. On CUDA the loader reads into one of two pinned host
+buffers and copies it to the device slot on a copy stream; per-slot events order the copy after the
+slot's previous reader and the compute after the copy.
+
+Throughput mode: all prompts of a call (a *wave*, as many as the memory budget holds) are grouped by
+prompt length (exact without padding masks), one KV cache per group (on the compute device, or
+``kv_device``); every loaded section runs over every active group before it is evicted, so one load
+serves the whole wave. A pass is one trip over all sections: the first pass is the prefill, in chunks of
+``batch_size`` rows (micro-batches: their activations are what the budget must hold), each later pass
+decodes one token per sequence, a whole group per call. A sequence stops at an EOS id or its token limit;
+a group leaves the passes when all its sequences have stopped.
+
+The math is the model's own: the :class:`~semoe.models.transformer.MoETransformer` is built once on the
+meta device and each section runs its modules with ``torch.func.functional_call``, the section's
+parameters being views of the slot (no copy). Nothing is allocated by the ring in the steady state:
+slots, the staging area and the pinned buffers are allocated once; KV caches once per wave.
+
+Memory budget (``max_memory``): K slots of the largest section + the staging area (only for a dtype
+cast) + the resident set of a wave (KV caches, hidden states, the activation estimate of
+:func:`activation_bytes`) must fit; otherwise the wave is made smaller, and if not even one sequence
+fits, ``ValueError`` states the minimum. The process's fixed overhead (interpreter, torch, code) is
+outside the budget; ``docs/inference.md`` gives its measured size.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import re
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from semoe.inference.generate import sample_next
+from semoe.inference.sections import (
+    ModelSource,
+    Section,
+    SectionPlan,
+    build_meta_model,
+    open_model,
+    plan_sections,
+)
+from semoe.models.transformer import MoETransformer, rope_cos_sin
+from semoe.storage.safetensors_io import SafetensorsReader
+
+log = logging.getLogger(__name__)
+
+__all__ = ["GenerationResult", "RingEngine", "RingStats", "activation_bytes", "parse_size", "process_memory",
+           "ring_generate"]
+
+MiB = 2**20
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+
+
+def parse_size(size: str | int | float) -> int:
+    """Bytes from "300MB", "2GB", "1.5GiB", "512K" or a number of bytes. KB/MB/GB/TB are binary
+    (1 MB = 2**20 bytes), as are KiB/MiB/GiB/TiB."""
+    if isinstance(size, bool):
+        raise ValueError(f"memory size must be a number of bytes or a string like '300MB', got {size!r}")
+    if isinstance(size, (int, float)):
+        value = int(size)
+    else:
+        m = _SIZE_RE.match(str(size))
+        if m is None:
+            raise ValueError(f"cannot read memory size {size!r}; write it like '300MB', '2GB' or '1.5GiB'")
+        value = int(float(m.group(1)) * 1024 ** " kmgt".index((m.group(2) or " ").lower()))
+    if value <= 0:
+        raise ValueError(f"memory size must be > 0, got {size!r}")
+    return value
+
+
+def process_memory() -> dict[str, float]:
+    """This process's memory in MiB: ``rss`` (now), ``peak_rss`` (VmHWM, since start), ``anon`` and
+    ``file`` (RssAnon / RssFile now). Linux ``/proc``; elsewhere only rss and peak_rss (resource)."""
+    out: dict[str, float] = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                name = {"VmRSS": "rss", "VmHWM": "peak_rss", "RssAnon": "anon", "RssFile": "file"}.get(key)
+                if name:
+                    out[name] = int(rest.split()[0]) / 1024.0
+    except OSError:
+        import resource
+
+        out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        out["rss"] = out["peak_rss"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+
+def activation_bytes(cfg: Any, batch: int, new: int, total: int, itemsize: int) -> int:
+    """A generous estimate of the peak temporary memory of one block forward over ``batch`` sequences
+    of ``new`` positions that attend to ``total`` positions (every intermediate counted as if live at
+    once): attention projections, RoPE copies, repeated K/V, the attention matrix (float32), and the
+    MoE layer's routing, permuted rows and expert hidden states."""
+    T = batch * new
+    H, G, Kh, D = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head, cfg.d_model
+    moe = cfg.moe
+    k = moe.router.top_k
+    F_ = max(moe.d_ff, cfg.dense_d_ff)
+    shared = moe.shared_hidden if moe.num_shared_experts else 0
+    per_token = 8 * D + 6 * H * Kh + 4 * G * Kh + k * (2 * D + 3 * F_) + 3 * shared
+    return (itemsize * T * per_token + 4 * T * 3 * moe.num_experts + 8 * T * k * 6
+            + 4 * batch * H * new * total + 2 * itemsize * batch * H * total * Kh)
+
+
+@dataclass
+class RingStats:
+    """Counters of an engine (cumulative) or of one :meth:`RingEngine.generate` call.
+
+    ``load_s``: time the loader spent reading (and issuing copies); ``wait_s``: time the compute
+    waited for the loader; ``compute_s``: time in section compute (host time; on CUDA kernels run
+    asynchronously, so there only ``wall_s`` is exact). ``peak_*_mb`` are MiB of this process: peak RSS
+    (VmHWM) and the largest RssAnon / RssFile seen at section boundaries."""
+
+    passes: int = 0
+    loads: int = 0
+    bytes_read: int = 0
+    load_s: float = 0.0
+    wait_s: float = 0.0
+    compute_s: float = 0.0
+    wall_s: float = 0.0
+    waves: int = 0
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    peak_rss_mb: float = 0.0
+    peak_anon_mb: float = 0.0
+    peak_file_mb: float = 0.0
+    peak_device_mb: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generated tokens per second of wall time."""
+        return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    def minus(self, before: RingStats) -> RingStats:
+        """The counters accumulated since ``before`` (peaks are kept as they are)."""
+        out = RingStats(**vars(self))
+        for name in ("passes", "loads", "bytes_read", "load_s", "wait_s", "compute_s", "wall_s", "waves",
+                     "prompt_tokens", "new_tokens"):
+            setattr(out, name, getattr(self, name) - getattr(before, name))
+        return out
+
+
+@dataclass
+class GenerationResult:
+    """``tokens``: the new tokens of each prompt (an EOS id included when produced); ``logits``: with
+    ``return_logits``, per prompt a float32 ``[len(tokens[i]), V]`` tensor of the logits each new token
+    was chosen from; ``stats``: this call's counters."""
+
+    tokens: list[list[int]]
+    logits: list[torch.Tensor] | None
+    stats: RingStats
+
+
+# ------------------------------------------------------------------------------------------ the ring
+
+
+class _SlotRing:
+    """K slots filled by a loader thread. Ticket t (section ``s``) is loaded into slot ``t % K`` once
+    ticket ``t - K`` has been released; the compute acquires tickets in order and releases them in order.
+    With ``sizes`` given per slot and K equal to the number of sections, slot i holds section i for good
+    (resident mode: each section is read once)."""
+
+    def __init__(self, plan: SectionPlan, device: torch.device, sizes: list[int], stats: RingStats,
+                 drop_page_cache: bool, readahead: bool) -> None:
+        self.plan, self.device, self.stats = plan, device, stats
+        self.K = len(sizes)
+        self.drop_page_cache, self.readahead = drop_page_cache, readahead
+        self.cuda = device.type == "cuda"
+        self.slots = [torch.empty(n, dtype=torch.uint8, device=device) for n in sizes]
+        self.content = [-1] * self.K  # the section each slot holds (-1: none or being loaded)
+        host_max = max(sizes)
+        self.staging = torch.empty(plan.staging_bytes, dtype=torch.uint8) if plan.staging_bytes else None
+        if self.cuda:  # double-buffered pinned host memory, a copy stream, per-slot events
+            self.pinned = [torch.empty(host_max, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+            self.copy_stream = torch.cuda.Stream(device)
+            self.ev_loaded = [torch.cuda.Event() for _ in range(self.K)]
+            self.ev_free = [torch.cuda.Event() for _ in range(self.K)]
+            self.ev_pinned = [torch.cuda.Event() for _ in range(2)]
+            self.pin_next = 0
+        self.readers = {f: SafetensorsReader(f) for f in plan.source.files}
+        self._programs: dict[tuple[int, int], list[tuple[Any, ...]]] = {}
+        self.cv = threading.Condition()
+        self.requests: deque[tuple[int, int]] = deque()
+        self.done: set[int] = set()
+        self.released = -1
+        self.next_ticket = 0
+        self.error: BaseException | None = None
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="semoe-ring-loader", daemon=True)
+        self.thread.start()
+
+    # compute side ---------------------------------------------------------------------------------
+    def request(self, section: int) -> int:
+        with self.cv:
+            t = self.next_ticket
+            self.next_ticket += 1
+            self.requests.append((t, section))
+            self.cv.notify_all()
+            return t
+
+    def acquire(self, ticket: int) -> int:
+        """Block until ``ticket`` is loaded; returns its slot. Re-raises a loader error."""
+        t0 = time.perf_counter()
+        with self.cv:
+            while ticket not in self.done and self.error is None:
+                self.cv.wait()
+            if self.error is not None:
+                raise self.error
+        self.stats.wait_s += time.perf_counter() - t0
+        slot = ticket % self.K
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(self.ev_loaded[slot])
+        return slot
+
+    def release(self, ticket: int) -> None:
+        slot = ticket % self.K
+        if self.cuda:
+            self.ev_free[slot].record(torch.cuda.current_stream(self.device))
+        with self.cv:
+            assert ticket == self.released + 1, "tickets are released in order"
+            self.released = ticket
+            self.done.discard(ticket)
+            self.cv.notify_all()
+
+    def close(self) -> None:
+        with self.cv:
+            self.stopping = True
+            self.cv.notify_all()
+        self.thread.join()
+        for r in self.readers.values():
+            r.close()
+        self.readers.clear()
+
+    # loader side ----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        if self.cuda:
+            torch.cuda.set_device(self.device)
+        while True:
+            with self.cv:
+                while not self.stopping and not (self.requests and self.requests[0][0] - self.K <= self.released):
+                    self.cv.wait()
+                if self.stopping:
+                    return
+                ticket, section = self.requests.popleft()
+            try:
+                self._load(ticket, section)
+            except BaseException as e:  # handed to the compute thread, which raises it
+                log.debug("ring loader failed on section %d", section, exc_info=True)
+                with self.cv:
+                    self.error = e
+                    self.cv.notify_all()
+                return
+            with self.cv:
+                self.done.add(ticket)
+                self.cv.notify_all()
+                idle = not (self.requests and self.requests[0][0] - self.K <= self.released)
+            if idle and self.readahead and self.K < len(self.plan.sections):
+                self._hint((section + 1) % len(self.plan.sections))
+
+    def _program(self, section: Section, slot: int, target: torch.Tensor) -> list[tuple[Any, ...]]:
+        """The reads of ``section`` into ``target`` as runs of consecutive file bytes: ("direct", reader,
+        offset, [byte views]) read in one ``preadv``, or ("cast", reader, offset, nbytes, src dtype, typed
+        destination) through the staging area."""
+        key = (section.index, slot)
+        if key in self._programs:
+            return self._programs[key]
+        dtype = self.plan.dtype
+        regions = {r.key: r for r in section.regions}
+        prog: list[tuple[Any, ...]] = []
+        for rd in section.reads:
+            reg = regions[rd.region]
+            start = reg.byte_offset + rd.elem_offset * dtype.itemsize
+            if rd.src_dtype == dtype:
+                dst = target[start:start + rd.nbytes]
+                last = prog[-1] if prog else None
+                if last is not None and last[0] == "direct" and last[1] is self.readers[rd.path] \
+                        and last[2] + last[4] == rd.offset:
+                    last[3].append(dst)
+                    prog[-1] = (*last[:4], last[4] + rd.nbytes)
+                else:
+                    prog.append(("direct", self.readers[rd.path], rd.offset, [dst], rd.nbytes))
+            else:
+                typed = target[start:start + rd.numel * dtype.itemsize].view(dtype)
+                prog.append(("cast", self.readers[rd.path], rd.offset, rd.nbytes, rd.src_dtype, typed))
+        self._programs[key] = prog
+        return prog
+
+    def _read_section(self, section: Section, slot: int, target: torch.Tensor) -> int:
+        n = 0
+        for op in self._program(section, slot, target):
+            if op[0] == "direct":
+                _, reader, offset, dsts, nbytes = op
+                n += reader.readv(offset, dsts)
+            else:
+                _, reader, offset, nbytes, src_dtype, typed = op
+                assert self.staging is not None
+                raw = self.staging[:nbytes]
+                n += reader.readv(offset, [raw])
+                typed.copy_(raw.view(src_dtype))
+            if self.drop_page_cache:
+                reader.drop_cache(offset, nbytes)
+        return n
+
+    def _load(self, ticket: int, section_idx: int) -> None:
+        slot = ticket % self.K
+        if self.content[slot] == section_idx:  # still there (resident mode)
+            return
+        t0 = time.perf_counter()
+        section = self.plan.sections[section_idx]
+        self.content[slot] = -1
+        if not self.cuda:
+            n = self._read_section(section, slot, self.slots[slot])
+        else:
+            p = self.pin_next
+            self.pin_next ^= 1
+            self.ev_pinned[p].synchronize()  # the previous copy out of this pinned buffer is done
+            n = self._read_section(section, -1 - p, self.pinned[p])
+            with torch.cuda.stream(self.copy_stream):
+                self.copy_stream.wait_event(self.ev_free[slot])  # the slot's previous section is computed
+                self.slots[slot][:section.nbytes].copy_(self.pinned[p][:section.nbytes], non_blocking=True)
+                self.ev_loaded[slot].record(self.copy_stream)
+                self.ev_pinned[p].record(self.copy_stream)
+        self.content[slot] = section_idx
+        self.stats.loads += 1
+        self.stats.bytes_read += n
+        self.stats.load_s += time.perf_counter() - t0
+
+    def _hint(self, section_idx: int) -> None:
+        """Start the kernel's read-ahead of a section that will be loaded next (fills the page cache only)."""
+        runs: dict[Path, list[int]] = {}
+        for rd in self.plan.sections[section_idx].reads:
+            lo_hi = runs.setdefault(rd.path, [rd.offset, rd.offset + rd.nbytes])
+            lo_hi[0], lo_hi[1] = min(lo_hi[0], rd.offset), max(lo_hi[1], rd.offset + rd.nbytes)
+        for path, (lo, hi) in runs.items():
+            self.readers[path].will_need(lo, hi - lo)
+
+    def views(self, section: Section, slot: int) -> dict[str, torch.Tensor]:
+        """Parameter name -> view of the slot (names prefixed "model." for the runner)."""
+        buf, dtype = self.slots[slot], self.plan.dtype
+        regions = {r.key: buf[r.byte_offset:r.byte_offset + r.nbytes].view(dtype).view(r.shape)
+                   for r in section.regions}
+        return {f"model.{v.param}": v.apply(regions[v.region]) for v in section.views}
+
+
+def _share_workspaces(model: nn.Module) -> None:
+    """One activation workspace for all expert layers: the ring computes one layer at a time, and a
+    workspace per layer would keep n_layers x the largest call's activations resident."""
+    shared = None
+    for m in model.modules():
+        ws = getattr(m, "workspace", None)
+        if ws is not None and ws.__class__.__name__ == "FFNWorkspace":
+            shared = shared or ws
+            m.workspace = shared
+
+
+class _Runner(nn.Module):
+    """Holds the meta model so that ``functional_call`` can swap a section's parameters in; ``fn`` gets
+    the model with those parameters and runs the section."""
+
+    def __init__(self, model: MoETransformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn: Callable[[MoETransformer], None]) -> None:
+        fn(self.model)
+
+
+# ------------------------------------------------------------------------------------------ engine
+
+
+@dataclass
+class _Group:
+    """The prompts of one length in a wave: one KV cache (batch-major, so a chunk of rows is a view), the
+    prefill in chunks of ``chunk`` rows (activations bounded by the budget), each decode step in one call."""
+
+    rows: list[int]  # prompt indices
+    tokens: torch.Tensor  # [B, S] the next input
+    limits: list[int]
+    chunk: int  # rows per prefill call
+    k: list[torch.Tensor] | None  # per layer [B, G, max_len, Kh]; None when every sequence makes one token
+    v: list[torch.Tensor] | None
+    start: int = 0
+    x: list[torch.Tensor] = field(default_factory=list)  # hidden states, one tensor per chunk
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+    counts: list[int] = field(default_factory=list)
+    done: list[bool] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(self.done)
+
+    def chunks(self) -> list[slice]:
+        """Row slices of this pass: chunks for the prefill, all rows for a decode step."""
+        B = len(self.rows)
+        step = self.chunk if self.tokens.shape[1] > 1 else B
+        return [slice(j, min(j + step, B)) for j in range(0, B, step)]
+
+
+class RingEngine:
+    """Streams a model from disk through a ring of slots and generates with it.
+
+    ``model``: a model folder (HF or semoe, see :func:`~semoe.inference.sections.open_model`) or an
+    opened :class:`ModelSource`. ``max_memory``: the budget of the compute device's memory ("300MB",
+    bytes); ``None`` = no budget: every section is loaded once and stays (ring off). With a budget
+    that holds the whole model with room to spare (model <= 3/4 of it) the sections also stay resident;
+    otherwise ``slots`` (default 2) slots of the largest section form the ring. ``layers_per_section``:
+    units (embedding, layers, head) per section. ``batch_size``: sequences per prefill call (micro-batch).
+    ``kv_device``: where KV caches live (default: the compute device). ``drop_page_cache``: drop the
+    file pages of each section from the kernel page cache after reading it (they never count in this
+    process's RSS either way; this frees the machine's cache at the price of disk reads every pass).
+    ``readahead``: ask the kernel (``POSIX_FADV_WILLNEED``) to read the next section into the page cache while
+    the loader waits for a slot (off by default: on the development machine it lowered the loader's cold
+    read rate from ~1.3-1.6 to ~1.1 GB/s).
+    """
+
+    def __init__(self, model: str | Path | ModelSource, *, max_memory: str | int | None = None,
+                 slots: int | None = None, layers_per_section: int = 1, device: str | torch.device | None = None,
+                 dtype: torch.dtype = torch.float32, kv_device: str | torch.device | None = None,
+                 batch_size: int = 8, drop_page_cache: bool = False, readahead: bool = False) -> None:
+        self.source = model if isinstance(model, ModelSource) else open_model(model)
+        self.plan = plan_sections(self.source, layers_per_section, dtype)
+        self.layers_per_section = layers_per_section
+        self.cfg = self.source.cfg
+        self.dtype = dtype
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for but CUDA is not available; use device='cpu'")
+        self.kv_device = torch.device(kv_device) if kv_device is not None else self.device
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        self.batch_size = batch_size
+        self.budget = parse_size(max_memory) if max_memory is not None else None
+        self._force_kv_staging = False  # tests: exercise the kv_device != device path on one device
+        S = len(self.plan.sections)
+        sizes, self.resident = self._choose_slots(slots, S)
+        self.ring_bytes = sum(sizes) + self.plan.staging_bytes
+        self.model = build_meta_model(self.cfg, dtype)
+        _share_workspaces(self.model)
+        self._runner = _Runner(self.model)
+        self._buffers = {f"model.{n}": b.to(device=self.device, dtype=dtype if b.is_floating_point() else b.dtype)
+                         for n, b in self.source.buffers.items()}
+        self.stats = RingStats()
+        self._ring = _SlotRing(self.plan, self.device, sizes, self.stats, drop_page_cache, readahead)
+        self._finalizer = weakref.finalize(self, self._ring.close)  # stops the loader if close() is forgotten
+        self._pending: deque[tuple[int, int]] = deque()  # (ticket, section) requested, not yet computed
+        self._next_section = 0
+        self._allowed = 0  # sections the current generate() call may still compute
+        self._kv_scratch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        log.info("ring engine: %s (%s), %d sections, %s, slot %.1f MiB, budget %s", self.source.path,
+                 self.source.fmt, S, "resident" if self.resident else f"K={len(sizes)} slots",
+                 self.plan.slot_bytes / MiB, "none" if self.budget is None else f"{self.budget / MiB:.1f} MiB")
+
+    # set-up ---------------------------------------------------------------------------------------
+    def min_memory(self, slots: int = 2) -> int:
+        """Bytes the ring itself needs with ``slots`` slots of the largest section (plus staging)."""
+        return slots * self.plan.slot_bytes + self.plan.staging_bytes
+
+    def _one_sequence_bytes(self, prompt_len: int = 1, new: int = 1) -> int:
+        return self._resident_bytes([(1, prompt_len, prompt_len + max(new, 1) - 1, 1)])
+
+    def _choose_slots(self, slots: int | None, S: int) -> tuple[list[int], bool]:
+        """Slot sizes, and whether every section has its own slot (resident: each is read once)."""
+        plan = self.plan
+        resident = [s.nbytes for s in plan.sections]
+        if slots is not None and (not isinstance(slots, int) or slots < 2):
+            raise ValueError(f"slots must be an integer >= 2 (one computing, one loading), got {slots!r}")
+        if self.budget is None:
+            if slots is not None and slots < S:
+                return [plan.slot_bytes] * slots, False
+            return resident, True
+        one = self._one_sequence_bytes()
+        need2 = self.min_memory(2) + one
+        if self.budget < need2:
+            raise ValueError(
+                f"max_memory={self.budget / MiB:.2f} MiB is too small: the model needs at least "
+                f"{need2 / MiB:.2f} MiB for K=2 slots of the largest section ({plan.slot_bytes / MiB:.2f} MiB)"
+                + (f" plus a {plan.staging_bytes / MiB:.2f} MiB dtype-cast staging area" if plan.staging_bytes else "")
+                + f" plus {one / MiB:.2f} MiB for one sequence's cache and activations; raise --max-memory to at "
+                f"least {math.ceil(need2 / MiB)}MB"
+                + (" or use fewer --layers-per-section" if self.layers_per_section > 1 else ""))
+        if slots is None:
+            if plan.total_bytes + plan.staging_bytes <= 0.75 * self.budget:
+                return resident, True
+            return [plan.slot_bytes] * 2, False
+        slots = min(slots, S)
+        if slots == S and plan.total_bytes + plan.staging_bytes + one <= self.budget:
+            return resident, True
+        need = self.min_memory(slots) + one
+        if self.budget < need:
+            raise ValueError(f"max_memory={self.budget / MiB:.2f} MiB cannot hold K={slots} slots of the largest "
+                             f"section ({plan.slot_bytes / MiB:.2f} MiB): that needs {need / MiB:.2f} MiB; use fewer "
+                             f"--slots (K=2 needs {need2 / MiB:.2f} MiB) or raise --max-memory")
+        return [plan.slot_bytes] * slots, False
+
+    def _resident_bytes(self, groups: Iterable[tuple[int, int, int, int]]) -> int:
+        """Memory (on the compute device) of a wave of groups ``(rows, prompt_len, max_len, prefill chunk)``:
+        KV caches (when on the compute device; none for groups that make one token), the hidden states of
+        every row during the prefill, and the largest single call's activations and logits (a prefill chunk,
+        or a whole group's decode step), plus the KV staging area when the caches live elsewhere."""
+        cfg, item = self.cfg, self.dtype.itemsize
+        groups = list(groups)
+        kv_per_pos = 2 * cfg.n_layers * cfg.kv_heads * cfg.dim_per_head * item
+        stage = self._stage_kv
+        kv_here = not (stage and self.kv_device != self.device)
+        kv = sum(B * L * kv_per_pos for B, P, L, _ in groups if L > P) if kv_here else 0
+        hidden = sum(B * P * cfg.d_model * item for B, P, _, _ in groups)
+        act = 0
+        for B, P, L, c in groups:
+            prefill = activation_bytes(cfg, c, P, P, item) + 8 * B * cfg.vocab_size
+            decode = activation_bytes(cfg, B, 1, L, item) + 8 * B * cfg.vocab_size if L > P else 0
+            act = max(act, prefill, decode)
+        scratch = 0
+        if stage and any(L > P for _, P, L, _ in groups):
+            Bmax = max(B for B, P, L, _ in groups if L > P)
+            Lmax = max(L for B, P, L, _ in groups if L > P)
+            scratch = 2 * Bmax * Lmax * cfg.kv_heads * cfg.dim_per_head * item
+        return kv + hidden + act + scratch
+
+    @property
+    def _stage_kv(self) -> bool:
+        return self._force_kv_staging or self.kv_device != self.device
+
+    @property
+    def num_slots(self) -> int:
+        return self._ring.K
+
+    def close(self) -> None:
+        """Stop the loader thread and close the files."""
+        if getattr(self, "_ring", None) is not None:
+            self._finalizer()
+            self._ring = None  # type: ignore[assignment]
+
+    def __enter__(self) -> RingEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # generation -----------------------------------------------------------------------------------
+    def _check_prompts(self, prompts: Sequence[Sequence[int]] | torch.Tensor,
+                       max_new_tokens: int | Sequence[int]) -> tuple[list[list[int]], list[int]]:
+        if isinstance(prompts, torch.Tensor):
+            if prompts.dim() != 2 or prompts.is_floating_point():
+                raise ValueError(f"prompts tensor must be integer [batch, seq], got {prompts.dtype} "
+                                 f"{tuple(prompts.shape)}")
+            prompts = prompts.tolist()
+        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, (list, tuple)) for p in prompts):
+            raise TypeError("prompts must be a list of token-id lists or a [batch, seq] tensor")
+        out = [[int(t) for t in p] for p in prompts]
+        if not out:
+            raise ValueError("no prompts given; pass at least one prompt")
+        if any(not p for p in out):
+            raise ValueError("every prompt needs at least one token")
+        V = self.cfg.vocab_size
+        bad = [t for p in out for t in p if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"token ids must be in [0, {V}), got {bad[:5]}")
+        limits = [max_new_tokens] * len(out) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        if len(limits) != len(out) or any(not isinstance(n, int) or n < 0 for n in limits):
+            raise ValueError(f"max_new_tokens must be an integer >= 0 or one per prompt, got {max_new_tokens!r}")
+        for p, n in zip(out, limits):
+            if len(p) + n - 1 > self.cfg.max_seq_len:
+                raise ValueError(f"prompt of {len(p)} tokens + {n} new tokens exceeds max_seq_len="
+                                 f"{self.cfg.max_seq_len}; shorten the prompt or ask for fewer tokens")
+        return out, limits
+
+    def _plan_waves(self, prompts: list[list[int]], limits: list[int]) -> list[dict[int, tuple[list[int], int]]]:
+        """Waves of ``{prompt length: (prompt indices, prefill chunk)}`` that fit the budget: rows are added
+        in order, ``batch_size`` at a time (fewer when one prefill call of that many would not fit)."""
+        by_len: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            if limits[i] > 0:
+                by_len.setdefault(len(p), []).append(i)
+        room = None if self.budget is None else self.budget - self.ring_bytes
+        chunk: dict[int, int] = {}
+        for P, rows in by_len.items():
+            L = P + max(limits[i] for i in rows) - 1
+            bs = min(self.batch_size, len(rows))
+            if room is not None:
+                need = self._resident_bytes([(1, P, L, 1)])
+                if need > room:
+                    raise ValueError(
+                        f"max_memory={self.budget / MiB:.2f} MiB leaves {room / MiB:.2f} MiB after the ring "
+                        f"({self.ring_bytes / MiB:.2f} MiB for {self.num_slots} slots); one sequence of {P} prompt "
+                        f"tokens needs {need / MiB:.2f} MiB of KV cache and activations: raise --max-memory to at "
+                        f"least {math.ceil((self.ring_bytes + need) / MiB)}MB or shorten the prompt")
+                while bs > 1 and self._resident_bytes([(bs, P, L, bs)]) > room:
+                    bs //= 2
+            chunk[P] = bs
+
+        def spec(wave: dict[int, list[int]]) -> list[tuple[int, int, int, int]]:
+            return [(len(r), P, P + max(limits[i] for i in r) - 1, min(chunk[P], len(r))) for P, r in wave.items()]
+
+        waves: list[dict[int, list[int]]] = []
+        cur: dict[int, list[int]] = {}
+        for P, rows in by_len.items():
+            for j in range(0, len(rows), chunk[P]):
+                trial = {**cur, P: cur.get(P, []) + rows[j:j + chunk[P]]}
+                if cur and room is not None and self._resident_bytes(spec(trial)) > room:
+                    waves.append(cur)
+                    trial = {P: rows[j:j + chunk[P]]}
+                cur = trial
+        if cur:
+            waves.append(cur)
+        return [{P: (r, min(chunk[P], len(r))) for P, r in w.items()} for w in waves]
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int | Sequence[int], *,
+                 eos_id: int | Iterable[int] | None = None, temperature: float = 0.0, top_p: float = 1.0,
+                 generator: torch.Generator | None = None, return_logits: bool = False) -> GenerationResult:
+        """Continue every prompt by up to its ``max_new_tokens`` (an int, or one per prompt), stopping at an
+        ``eos_id``. ``temperature == 0``: greedy (the default); else nucleus sampling with ``top_p``."""
+        if self._ring is None:
+            raise ValueError("this RingEngine is closed; make a new one")
+        prompts, limits = self._check_prompts(prompts, max_new_tokens)
+        if temperature < 0 or not 0.0 < top_p <= 1.0:
+            raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
+        eos = set() if eos_id is None else ({int(eos_id)} if isinstance(eos_id, int) else {int(e) for e in eos_id})
+        waves = self._plan_waves(prompts, limits)
+        before = RingStats(**vars(self.stats))
+        results: list[list[int]] = [[] for _ in prompts]
+        logits_out: list[list[torch.Tensor]] | None = [[] for _ in prompts] if return_logits else None
+        sample = functools.partial(self._sample, results=results, logits_out=logits_out, eos=eos,
+                                   temperature=temperature, top_p=top_p, generator=generator)
+        S = len(self.plan.sections)
+        self._allowed = sum(S * max(limits[i] for rows, _ in w.values() for i in rows) for w in waves)
+        t0 = time.perf_counter()
+        for wave in waves:
+            self._run_wave(prompts, limits, wave, sample)
+            self.stats.waves += 1
+        self.stats.wall_s += time.perf_counter() - t0
+        self.stats.prompt_tokens += sum(len(p) for p, n in zip(prompts, limits) if n > 0)
+        self.stats.new_tokens += sum(len(r) for r in results)
+        self._record_memory()
+        logits = [torch.stack(x) if x else torch.zeros(0, self.cfg.vocab_size) for x in logits_out] \
+            if logits_out is not None else None
+        return GenerationResult(results, logits, self.stats.minus(before))
+
+    def _record_memory(self) -> None:
+        mem = process_memory()
+        st = self.stats
+        st.peak_rss_mb = max(st.peak_rss_mb, mem.get("peak_rss", 0.0))
+        st.peak_anon_mb = max(st.peak_anon_mb, mem.get("anon", 0.0))
+        st.peak_file_mb = max(st.peak_file_mb, mem.get("file", 0.0))
+        if self.device.type == "cuda":
+            st.peak_device_mb = max(st.peak_device_mb, torch.cuda.max_memory_allocated(self.device) / MiB)
+
+    def _new_group(self, prompts: list[list[int]], limits: list[int], rows: list[int], P: int, chunk: int) -> _Group:
+        cfg = self.cfg
+        B = len(rows)
+        max_len = P + max(limits[i] for i in rows) - 1
+        shape = (B, cfg.kv_heads, max_len, cfg.dim_per_head)
+        pin = self.kv_device.type == "cpu" and self.device.type == "cuda"
+        k = v = None
+        if max_len > P:  # the prefill's keys/values are needed by later steps
+            k = [torch.empty(shape, dtype=self.dtype, device=self.kv_device, pin_memory=pin)
+                 for _ in range(cfg.n_layers)]
+            v = [torch.empty(shape, dtype=self.dtype, device=self.kv_device, pin_memory=pin)
+                 for _ in range(cfg.n_layers)]
+        tokens = torch.tensor([prompts[i] for i in rows], dtype=torch.long, device=self.device)
+        return _Group(rows=rows, tokens=tokens, limits=[limits[i] for i in rows], chunk=chunk, k=k, v=v,
+                      counts=[0] * B, done=[False] * B)
+
+    def _run_wave(self, prompts: list[list[int]], limits: list[int], wave: dict[int, tuple[list[int], int]],
+                  sample: Callable[[_Group, torch.Tensor], None]) -> None:
+        groups = [self._new_group(prompts, limits, rows, P, chunk) for P, (rows, chunk) in wave.items()]
+        self._kv_scratch = None
+        if self._stage_kv and any(g.k is not None for g in groups):
+            cfg = self.cfg
+            bmax = max(len(g.rows) for g in groups if g.k is not None)
+            lmax = max(g.k[0].shape[2] for g in groups if g.k is not None)
+            shape = (bmax, cfg.kv_heads, lmax, cfg.dim_per_head)
+            self._kv_scratch = (torch.empty(shape, dtype=self.dtype, device=self.device),
+                                torch.empty(shape, dtype=self.dtype, device=self.device))
+        while True:
+            active = [g for g in groups if not g.finished]
+            if not active:
+                break
+            for g in active:
+                pos = torch.arange(g.start, g.start + g.tokens.shape[1], device=self.device)
+                g.cos, g.sin = rope_cos_sin(pos, self.cfg.dim_per_head, self.cfg.rope_theta)
+            for section in self.plan.sections:
+                ticket, slot = self._acquire(section.index)
+                t0 = time.perf_counter()
+                try:
+                    params = self._section_params(section, slot)
+                    functional_call(self._runner, params,
+                                    (functools.partial(self._compute, section, active, sample),))
+                finally:
+                    self._ring.release(ticket)
+                self.stats.compute_s += time.perf_counter() - t0
+                if self.device.type == "cpu":
+                    mem = process_memory()
+                    self.stats.peak_anon_mb = max(self.stats.peak_anon_mb, mem.get("anon", 0.0))
+                    self.stats.peak_file_mb = max(self.stats.peak_file_mb, mem.get("file", 0.0))
+            self.stats.passes += 1
+        self._kv_scratch = None
+
+    def _acquire(self, section: int) -> tuple[int, int]:
+        """Request tickets up to K ahead (never more sections than this call may still compute) and wait
+        for the one of ``section``."""
+        ring, S = self._ring, len(self.plan.sections)
+        while len(self._pending) < ring.K and len(self._pending) < self._allowed:
+            self._pending.append((ring.request(self._next_section), self._next_section))
+            self._next_section = (self._next_section + 1) % S
+        ticket, sec = self._pending.popleft()
+        assert sec == section, f"ring schedule out of order: got section {sec}, expected {section}"
+        self._allowed -= 1
+        return ticket, ring.acquire(ticket)
+
+    def _section_params(self, section: Section, slot: int) -> dict[str, torch.Tensor]:
+        key = (section.index, slot)
+        if key not in self._views:
+            views = self._ring.views(section, slot)
+            layers = {u.split(".")[1] for u in section.units if u.startswith("layer.")}
+            views.update({n: b for n, b in self._buffers.items() if n.split(".")[2] in layers})
+            self._views[key] = views
+        return self._views[key]
+
+    def _compute(self, section: Section, active: list[_Group], sample: Callable[[_Group, torch.Tensor], None],
+                 model: MoETransformer) -> None:
+        for unit in section.units:
+            if unit == "embed":
+                for g in active:
+                    g.x = [model.tok_emb(g.tokens[sl]) for sl in g.chunks()]
+            elif unit == "head":
+                w = model.lm_head.weight if model.lm_head is not None else model.tok_emb.weight
+                for g in active:
+                    h_B1D = model.norm(torch.cat([x[:, -1:] for x in g.x]))
+                    sample(g, F.linear(h_B1D, w)[:, 0].float())
+            else:
+                i = int(unit.split(".")[1])
+                layer = model.layers[i]
+                for g in active:
+                    g.x = [self._layer(layer, i, g, sl, x) for sl, x in zip(g.chunks(), g.x)]
+
+    def _layer(self, layer: nn.Module, i: int, g: _Group, sl: slice, x_BSD: torch.Tensor) -> torch.Tensor:
+        if g.k is None or g.v is None:  # prefill of sequences that make one token: no cache
+            out, _ = layer(x_BSD, g.cos, g.sin, None, 0)
+            return out
+        k, v = g.k[i][sl], g.v[i][sl]  # batch-major: a view of these rows
+        if self._kv_scratch is None:
+            out, _ = layer(x_BSD, g.cos, g.sin, (k, v), g.start)
+            return out
+        # the cache lives elsewhere (e.g. host memory): stage this layer's keys/values on the compute device
+        B, S = x_BSD.shape[:2]
+        end = g.start + S
+        ks, vs = self._kv_scratch[0][:B, :, :end], self._kv_scratch[1][:B, :, :end]
+        if g.start:  # (strided copies: synchronous, so no pinned buffer is reused too early)
+            ks[:, :, :g.start].copy_(k[:, :, :g.start])
+            vs[:, :, :g.start].copy_(v[:, :, :g.start])
+        out, _ = layer(x_BSD, g.cos, g.sin, (ks, vs), g.start)
+        k[:, :, g.start:end].copy_(ks[:, :, g.start:end])
+        v[:, :, g.start:end].copy_(vs[:, :, g.start:end])
+        return out
+
+    def _sample(self, g: _Group, logits_BV: torch.Tensor, *, results: list[list[int]],
+                logits_out: list[list[torch.Tensor]] | None, eos: set[int], temperature: float, top_p: float,
+                generator: torch.Generator | None) -> None:
+        next_B = sample_next(logits_BV, temperature, top_p, generator)
+        for b, tok in enumerate(next_B.tolist()):
+            if g.done[b]:
+                continue
+            row = g.rows[b]
+            results[row].append(tok)
+            if logits_out is not None:
+                logits_out[row].append(logits_BV[b].detach().to("cpu", copy=True))
+            g.counts[b] += 1
+            g.done[b] = tok in eos or g.counts[b] >= g.limits[b]
+        g.start += g.tokens.shape[1]
+        g.tokens = next_B[:, None]
+        g.x = []
+
+
+def ring_generate(model: str | Path, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], *,
+                  max_memory: str | int | None = None, **kwargs: Any) -> GenerationResult:
+    """One-shot: open ``model`` in a :class:`RingEngine` with ``max_memory``, generate, close. Keyword
+    arguments go to the engine (slots, layers_per_section, batch_size, device, ...) or to
+    :meth:`RingEngine.generate` (eos_id, temperature, top_p, generator, return_logits)."""
+    gen_keys = {"eos_id", "temperature", "top_p", "generator", "return_logits"}
+    gen_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in gen_keys}
+    with RingEngine(model, max_memory=max_memory, **kwargs) as engine:
+        return engine.generate(prompts, max_new_tokens, **gen_kwargs)
