@@ -24,6 +24,8 @@ Features of semoe (``--features``, comma separated; each is ``ParallelConfig`` s
     hier      + hierarchical all-to-all with node-level de-duplication
     overlap   + dispatch in 2 chunks, all-to-all overlapped with expert compute
     all       fusion + hier + overlap
+    bf16wire  fusion + tokens and their gradients cross the all-to-all in bfloat16 (lossy; DeepSpeed sends float32)
+    hier+bf16wire  fusion + hier + bf16 wire
 
 Output: JSON lines on stdout: one per contender with ``impl``, ``world``, ``features``, ``tokens_per_s``,
 ``step_ms``, ``peak_rss_mb`` (max over ranks of the job's peak RSS, median over jobs), ``a2a_share`` (time
@@ -54,6 +56,8 @@ FEATURES = {
     "hier": {"grad_fusion": True, "hierarchical_a2a": True, "a2a_chunks": 1},
     "overlap": {"grad_fusion": True, "hierarchical_a2a": False, "a2a_chunks": 2},
     "all": {"grad_fusion": True, "hierarchical_a2a": True, "a2a_chunks": 2},
+    "bf16wire": {"grad_fusion": True, "hierarchical_a2a": False, "a2a_chunks": 1, "a2a_wire_dtype": "bfloat16"},
+    "hier+bf16wire": {"grad_fusion": True, "hierarchical_a2a": True, "a2a_chunks": 1, "a2a_wire_dtype": "bfloat16"},
 }
 TARGETS = {"loopback": 1.1, "two-node": 1.33}
 
@@ -72,13 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--link-mbit", type=float, default=1000.0, help="inter-node link rate for two-node")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--d-model", type=int, default=256)
-    ap.add_argument("--d-ff", type=int, default=512)
+    ap.add_argument("--d-ff", type=int, default=1024)
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--capacity-factor", type=float, default=1.25)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--global-batch", type=int, default=32, help="sequences per step, all ranks")
-    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8, help="timed steps per job")
     ap.add_argument("--jobs", type=int, default=2, help="jobs per contender (alternating)")
@@ -221,7 +225,7 @@ def worker(args: argparse.Namespace) -> None:
                             bucket_mb=25.0, **feats)
         mesh = build_mesh(pc.ep_size)
         apply_expert_parallel(model, mesh, comm="hierarchical" if pc.hierarchical_a2a else "flat",
-                              ranks_per_node=pc.ranks_per_node, chunks=pc.a2a_chunks)
+                              ranks_per_node=pc.ranks_per_node, chunks=pc.a2a_chunks, wire_dtype=pc.wire_dtype())
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
         fusion = None
         if pc.grad_fusion:

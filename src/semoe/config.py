@@ -163,6 +163,8 @@ class ParallelConfig:
                       de-duplication of the dispatch; results bit-equal to the flat one.
     a2a_chunks:       split the dispatch in this many chunks and overlap each chunk's all-to-all with the
                       experts of the previous one, forward and backward (1: no overlap).
+    a2a_wire_dtype:   "same" (rows travel in their own dtype) or "bfloat16": float32 tokens and their
+                      gradients cross the all-to-all in bfloat16 (half the bytes; lossy, ~3 significant digits).
     """
 
     ep_size: int = 0
@@ -171,6 +173,7 @@ class ParallelConfig:
     bucket_mb: float = 25.0
     hierarchical_a2a: bool = False
     a2a_chunks: int = 1
+    a2a_wire_dtype: Literal["same", "bfloat16"] = "same"
 
     def __post_init__(self) -> None:
         def is_int(v: object) -> bool:
@@ -185,11 +188,18 @@ class ParallelConfig:
         if isinstance(self.bucket_mb, bool) or not isinstance(self.bucket_mb, (int, float)) or not self.bucket_mb > 0:
             raise ValueError(f"parallel.bucket_mb must be > 0 (MiB per gradient bucket, e.g. 25), "
                              f"got {self.bucket_mb!r}")
+        _check_choice("parallel.a2a_wire_dtype", self.a2a_wire_dtype, ("same", "bfloat16"))
         if not is_int(self.a2a_chunks) or self.a2a_chunks < 1:
             raise ValueError(f"parallel.a2a_chunks must be an integer >= 1 (1 = no overlap), got {self.a2a_chunks!r}")
 
     def resolve_ep(self, world_size: int) -> int:
         return self.ep_size or world_size
+
+    def wire_dtype(self) -> Any:
+        """The torch dtype of ``a2a_wire_dtype`` (None for "same")."""
+        import torch
+
+        return None if self.a2a_wire_dtype == "same" else getattr(torch, self.a2a_wire_dtype)
 
 
 @dataclass(frozen=True)

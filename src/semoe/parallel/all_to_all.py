@@ -16,7 +16,7 @@ local rank p on every node (one per node).
 from __future__ import annotations
 
 import math
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, fields
 
 import torch
@@ -52,27 +52,38 @@ class TrafficCounters:
 
 
 class _Pending:
-    """An asynchronous collective and the input it reads (kept alive until it is waited for)."""
+    """An asynchronous collective and the input it reads (kept alive until it is waited for);
+    ``finish`` runs after the wait (e.g. widening a compressed receive buffer into the output)."""
 
-    def __init__(self, work: dist.Work, keep: torch.Tensor) -> None:
-        self.work, self.keep = work, keep
+    def __init__(self, work: dist.Work, keep: torch.Tensor, finish: Callable[[], object] | None = None) -> None:
+        self.work, self.keep, self.finish = work, keep, finish
 
     def is_completed(self) -> bool:
         return self.work.is_completed()
 
     def wait(self) -> None:
         self.work.wait()
+        if self.finish is not None:
+            self.finish()
+            self.finish = None
         self.keep = None
 
 
 class Link:
     """A process group as seen from this rank: ``crosses[d]`` says whether group rank d sits on another
-    node. ``group=None`` with one rank is a local copy."""
+    node. ``group=None`` with one rank is a local copy. ``wire_dtype`` (e.g. bfloat16): floating rows
+    wider than it travel in it and are widened on arrival (lossy compression, off by default)."""
 
-    def __init__(self, group: dist.ProcessGroup | None, crosses: list[bool], counters: TrafficCounters) -> None:
+    def __init__(self, group: dist.ProcessGroup | None, crosses: list[bool], counters: TrafficCounters,
+                 wire_dtype: torch.dtype | None = None) -> None:
         self.group, self.crosses, self.counters = group, crosses, counters
         self.size = len(crosses)
         self.rank = dist.get_rank(group) if self.size > 1 else 0
+        self.wire_dtype = wire_dtype
+
+    def _compress(self, x: torch.Tensor) -> bool:
+        w = self.wire_dtype
+        return w is not None and x.is_floating_point() and x.element_size() > torch.empty((), dtype=w).element_size()
 
     def count(self, send_splits: list[int], row_bytes: int) -> None:
         self.counters.collectives += 1
@@ -91,14 +102,20 @@ class Link:
         """Launch the exchange asynchronously: (work to wait on, or None when done; output buffer)."""
         if len(send_splits) != self.size or len(recv_splits) != self.size:
             raise RuntimeError(f"splits {send_splits}/{recv_splits} do not match group size {self.size}")  # invariant
-        self.count(send_splits, math.prod(x_ND.shape[1:]) * x_ND.element_size())
+        compress = self._compress(x_ND)
+        send_ND = x_ND.to(self.wire_dtype) if compress and self.size > 1 else x_ND
+        self.count(send_splits, math.prod(x_ND.shape[1:]) * send_ND.element_size())
         out_MD = x_ND.new_empty((sum(recv_splits), *x_ND.shape[1:]))
         if self.size == 1:
             out_MD.copy_(x_ND)
             return None, out_MD
-        x_ND = x_ND.contiguous()
-        work = dist.all_to_all_single(out_MD, x_ND, recv_splits, send_splits, group=self.group, async_op=True)
-        return _Pending(work, x_ND), out_MD
+        send_ND = send_ND.contiguous()
+        if not compress:
+            work = dist.all_to_all_single(out_MD, send_ND, recv_splits, send_splits, group=self.group, async_op=True)
+            return _Pending(work, send_ND), out_MD
+        recv_MD = send_ND.new_empty(out_MD.shape)
+        work = dist.all_to_all_single(recv_MD, send_ND, recv_splits, send_splits, group=self.group, async_op=True)
+        return _Pending(work, send_ND, finish=lambda: out_MD.copy_(recv_MD)), out_MD
 
     def exchange(self, x_ND: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
         """Blocking exchange (no autograd)."""

@@ -137,11 +137,13 @@ class HierarchicalEPComm(EPComm):
 
 
 def apply_expert_parallel(model: nn.Module, mesh: DeviceMesh | None, comm: CommKind = "flat",
-                          ranks_per_node: int | None = None, chunks: int = 1) -> nn.Module:
+                          ranks_per_node: int | None = None, chunks: int = 1,
+                          wire_dtype: torch.dtype | None = None) -> nn.Module:
     """Shard the experts of every ``MoELayer`` in ``model`` over the mesh's ``ep`` axis, in place, and
     give the layers one comm (shared, so its ``counters`` add up over layers): ``comm`` "flat" or
     "hierarchical", ``ranks_per_node`` (None: torchrun's LOCAL_WORLD_SIZE, else one node), ``chunks``
-    of the overlapped dispatch (1: none).
+    of the overlapped dispatch (1: none), ``wire_dtype`` (None: rows travel in their own dtype; e.g.
+    ``torch.bfloat16``: float32 rows and their gradients travel compressed, half the bytes, lossy).
 
     Call it on a model whose every rank was built from the same seed (or before loading a
     checkpoint): rank r of the ep group keeps experts [r*L, (r+1)*L). With ``mesh=None`` it is a no-op.
@@ -160,6 +162,9 @@ def apply_expert_parallel(model: nn.Module, mesh: DeviceMesh | None, comm: CommK
         ep_comm: EPComm = HierarchicalEPComm(group, node_group, rail_group, per_node, chunks, rpn)
     else:
         ep_comm = EPComm(group, chunks, rpn)
+    for link in (getattr(ep_comm, name, None) for name in ("link", "rail", "node")):
+        if link is not None:
+            link.wire_dtype = wire_dtype
     for module in model.modules():
         if isinstance(module, MoELayer):
             if module.cfg.num_experts % ep_comm.ep_size:

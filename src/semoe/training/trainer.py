@@ -108,7 +108,7 @@ class Trainer:
         self.model = MoETransformer(run.model)
         pc = run.parallel
         apply_expert_parallel(self.model, self.mesh, comm="hierarchical" if pc.hierarchical_a2a else "flat",
-                              ranks_per_node=pc.ranks_per_node, chunks=pc.a2a_chunks)
+                              ranks_per_node=pc.ranks_per_node, chunks=pc.a2a_chunks, wire_dtype=pc.wire_dtype())
         self.model.to(self.device)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, tc), lr=tc.lr, betas=tc.betas,
                                            fused=False, foreach=True)
