@@ -326,7 +326,7 @@ def try_build_peer(args: argparse.Namespace, d: Dist, full: dict[str, torch.Tens
 
 # ------------------------------------------------------------------------------------------ measurement
 def train_step(c: Contender, x: torch.Tensor) -> torch.Tensor:
-    c.module.zero_grad(set_to_none=True)
+    c.module.zero_grad(set_to_none=False)  # as a trainer does between steps (both contenders alike)
     x.grad = None
     out, aux = c.forward(x)
     loss = out.float().pow(2).mean() + aux

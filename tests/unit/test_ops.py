@@ -95,3 +95,22 @@ def test_expert_ffn_two_forwards_before_backward() -> None:
     torch.testing.assert_close(xb.grad, ref[1], atol=1e-5, rtol=1e-5)
     del ya, yb
     assert not ws.busy()
+
+
+def test_expert_ffn_never_overwrites_a_kept_weight_gradient() -> None:
+    from semoe.ops import FFNWorkspace, expert_ffn
+
+    torch.manual_seed(0)
+    counts = [3, 5]
+    w1, w2 = torch.randn(2, 4, 8, requires_grad=True), torch.randn(2, 8, 4, requires_grad=True)
+    ws = FFNWorkspace()
+    x = torch.randn(8, 4)
+    g1 = torch.autograd.grad(expert_ffn(x, w1, w2, None, counts, ws).sum(), [w1])[0]
+    kept = g1.clone()
+    g2 = torch.autograd.grad((2 * expert_ffn(x, w1, w2, None, counts, ws)).sum(), [w1])[0]
+    assert torch.equal(g1, kept) and torch.allclose(g2, 2 * kept)
+    # in-place accumulation into p.grad reuses the buffer and stays exact
+    w1.grad = torch.zeros_like(w1)
+    for _ in range(3):
+        expert_ffn(x, w1, w2, None, counts, ws).sum().backward()
+    torch.testing.assert_close(w1.grad, 3 * kept)

@@ -7,13 +7,16 @@ fresh zero-filled pages, so each ``[N, F]`` activation of a step (64 MiB at 8192
 ~16k page faults. This op writes the activations and their gradients into buffers that live in a
 :class:`FFNWorkspace` and are reused step after step (``torch.mm(out=...)`` per expert, out-variants
 of the activation functions), and saves only what the backward needs (x, the pre-activations and the
-activation output). A workspace is lent to one forward at a time: while a graph that saved its
+activation output). Weight gradients go into reused buffers too when nothing else holds the previous
+one (so with ``zero_grad(set_to_none=False)`` autograd adds them into ``p.grad`` without a fresh
+allocation); a gradient someone kept is never overwritten. A workspace is lent to one forward at a time: while a graph that saved its
 buffers is alive (its backward has not run), another forward uses fresh tensors instead, so
 gradient accumulation, chunked pipelines or several forwards before a backward stay correct.
 """
 
 from __future__ import annotations
 
+import sys
 import weakref
 
 import torch
@@ -42,6 +45,18 @@ class FFNWorkspace:
     def release(self) -> None:
         self._owner = None
 
+    def grad_like(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """A buffer shaped like a weight for its gradient, reused when nobody else holds the last one
+        (after autograd added it into ``p.grad`` in place); a fresh tensor while someone does (e.g. the
+        caller kept the result of ``torch.autograd.grad``, or ``p.grad`` took it over)."""
+        held = name in self._bufs and (sys.getrefcount(self._bufs[name]) > 2  # a Python reference elsewhere
+                                        or self._bufs[name]._use_count() != 1)  # or a C++ one (p.grad)
+        buf = self._bufs.get(name)
+        if buf is None or held or buf.shape != like.shape or buf.dtype != like.dtype:
+            buf = torch.empty_like(like)
+            self._bufs[name] = buf
+        return buf
+
     def get(self, name: str, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
         need = rows * cols
         buf = self._bufs.get(name)
@@ -62,8 +77,7 @@ def _mm_groups(a_NK: torch.Tensor, w_GKM: torch.Tensor, out_NM: torch.Tensor, co
     return out_NM
 
 
-def _weight_grads(a_NK: torch.Tensor, g_NM: torch.Tensor, counts: list[int], like: torch.Tensor) -> torch.Tensor:
-    grad = torch.empty_like(like)
+def _weight_grads(a_NK: torch.Tensor, g_NM: torch.Tensor, counts: list[int], grad: torch.Tensor) -> torch.Tensor:
     start = 0
     for g, n in enumerate(counts):
         if n:
@@ -111,11 +125,14 @@ class _ExpertFFN(torch.autograd.Function):
         def buf(name: str) -> torch.Tensor:
             return ws.get(name, N, F, x_ND) if ctx.use_ws else x_ND.new_empty((N, F))
 
+        def wgrad(name: str, w: torch.Tensor) -> torch.Tensor:
+            return ws.grad_like(name, w) if ws is not None else torch.empty_like(w)
+
         g_act = _mm_groups(g_ND, w2, buf("g_act"), counts, transpose_w=True)
-        g_w2 = _weight_grads(act, g_ND, counts, w2)
+        g_w2 = _weight_grads(act, g_ND, counts, wgrad("g_w2", w2))
         if not ctx.swiglu:
             g_h1 = torch.ops.aten.gelu_backward.grad_input(g_act, h1, grad_input=act)  # act is free now
-            g_w1 = _weight_grads(x_ND, g_h1, counts, w1)
+            g_w1 = _weight_grads(x_ND, g_h1, counts, wgrad("g_w1", w1))
             g_x = _mm_groups(g_h1, w1, x_ND.new_empty(x_ND.shape), counts, transpose_w=True)
             g_w3 = None
         else:
@@ -123,8 +140,8 @@ class _ExpertFFN(torch.autograd.Function):
             g_h1 = torch.ops.aten.silu_backward.grad_input(act, h1, grad_input=h3)  # h3 is free after the line above
             torch.ops.aten.silu.out(h1, out=act)
             g_h3 = g_act.mul_(act)
-            g_w1 = _weight_grads(x_ND, g_h1, counts, w1)
-            g_w3 = _weight_grads(x_ND, g_h3, counts, w3)
+            g_w1 = _weight_grads(x_ND, g_h1, counts, wgrad("g_w1", w1))
+            g_w3 = _weight_grads(x_ND, g_h3, counts, wgrad("g_w3", w3))
             g_x = _mm_groups(g_h1, w1, x_ND.new_empty(x_ND.shape), counts, transpose_w=True)
             start = 0
             for g, n in enumerate(counts):  # g_x += g_h3 @ w3^T
