@@ -9,9 +9,10 @@ fresh zero-filled pages, so each ``[N, F]`` activation of a step (64 MiB at 8192
 of the activation functions), and saves only what the backward needs (x, the pre-activations and the
 activation output). Weight gradients go into reused buffers too when nothing else holds the previous
 one (so with ``zero_grad(set_to_none=False)`` autograd adds them into ``p.grad`` without a fresh
-allocation); a gradient someone kept is never overwritten. A workspace is lent to one forward at a time: while a graph that saved its
-buffers is alive (its backward has not run), another forward uses fresh tensors instead, so
-gradient accumulation, chunked pipelines or several forwards before a backward stay correct.
+allocation); a gradient someone kept is never overwritten. A workspace is lent to one forward at a
+time: while a graph that saved its buffers is alive (its backward has not run), another forward
+uses fresh tensors instead, so gradient accumulation, chunked pipelines or several forwards before a
+backward stay correct.
 """
 
 from __future__ import annotations
