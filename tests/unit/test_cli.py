@@ -91,7 +91,7 @@ def test_generate_rejects_truncated_checkpoint(tmp_path, corpus_file, cache_dir,
     assert main(["generate", "--checkpoint", str(tmp_path / "nowhere"), "--prompt", "hi"]) == 2
     assert "does not exist" in _err(capsys)
     assert main(["generate", "--checkpoint", str(corpus_file.parent), "--prompt", "hi"]) == 2
-    assert "no semoe checkpoint" in _err(capsys)
+    assert "nor a semoe checkpoint" in _err(capsys)
 
 
 def test_corrupt_manifest(tmp_path) -> None:

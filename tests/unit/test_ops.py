@@ -114,3 +114,15 @@ def test_expert_ffn_never_overwrites_a_kept_weight_gradient() -> None:
     for _ in range(3):
         expert_ffn(x, w1, w2, None, counts, ws).sum().backward()
     torch.testing.assert_close(w1.grad, 3 * kept)
+
+
+def test_expert_ffn_inference_mode_then_training() -> None:
+    from semoe.ops import FFNWorkspace, expert_ffn
+
+    w1, w2 = torch.randn(2, 4, 8, requires_grad=True), torch.randn(2, 8, 4, requires_grad=True)
+    ws = FFNWorkspace()
+    with torch.inference_mode():
+        a = expert_ffn(torch.randn(6, 4), w1, w2, None, [2, 4], ws)
+    x = torch.randn(6, 4)
+    expert_ffn(x, w1, w2, None, [2, 4], ws).sum().backward()  # buffers still usable outside inference mode
+    assert a.shape == (6, 4) and w1.grad is not None

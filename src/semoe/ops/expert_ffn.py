@@ -94,7 +94,8 @@ class _ExpertFFN(torch.autograd.Function):
     def forward(ctx, x_ND, w1, w2, w3, counts, ws):  # type: ignore[override]
         N, F = x_ND.shape[0], w1.shape[-1]
         needs_grad = any(ctx.needs_input_grad[:4])
-        use_ws = ws is not None and not ws.busy()
+        # inference-mode tensors cannot be written outside inference mode later: no workspace there
+        use_ws = ws is not None and not ws.busy() and not torch.is_inference_mode_enabled()
 
         def buf(name: str) -> torch.Tensor:
             return ws.get(name, N, F, x_ND) if use_ws else x_ND.new_empty((N, F))
@@ -127,7 +128,7 @@ class _ExpertFFN(torch.autograd.Function):
             return ws.get(name, N, F, x_ND) if ctx.use_ws else x_ND.new_empty((N, F))
 
         def wgrad(name: str, w: torch.Tensor) -> torch.Tensor:
-            return ws.grad_like(name, w) if ws is not None else torch.empty_like(w)
+            return ws.grad_like(name, w) if ctx.use_ws else torch.empty_like(w)
 
         g_act = _mm_groups(g_ND, w2, buf("g_act"), counts, transpose_w=True)
         g_w2 = _weight_grads(act, g_ND, counts, wgrad("g_w2", w2))
