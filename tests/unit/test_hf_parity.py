@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.hf_helpers import randomize_hf
+
 transformers = pytest.importorskip("transformers")
 
 from safetensors.torch import save_file  # noqa: E402
@@ -99,14 +101,7 @@ def build_hf(model_type: str):
     """A tiny random HF model in eval mode, float32, with non-trivial norms and routers."""
     cfg_cls, model_cls, extra = hf_models()[model_type]
     torch.manual_seed(0)
-    hf = model_cls(cfg_cls(**COMMON, **extra, attn_implementation="sdpa"))
-    with torch.no_grad():
-        for name, p in hf.named_parameters():  # break symmetry: routers start at zero in some families
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            elif "gate" in name and "proj" not in name:
-                p.normal_(std=0.3)
-    return hf.eval()
+    return randomize_hf(model_cls(cfg_cls(**COMMON, **extra, attn_implementation="sdpa")))
 
 
 @pytest.fixture(scope="module", params=["mixtral", "qwen2_moe", "olmoe"])

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from semoe.cli.main import main
 from semoe.inference.ring import MiB, RingEngine, parse_size, ring_generate
 from semoe.inference.sections import open_model, plan_sections
+from tests.hf_helpers import randomize_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -53,14 +54,7 @@ def build_hf(family: str, seed: int = 0, **overrides):
     cfg_name, model_name, extra = FAMILIES[family]
     torch.manual_seed(seed)
     cfg = getattr(transformers, cfg_name)(**{**COMMON, **extra, **overrides}, attn_implementation="sdpa")
-    hf = getattr(transformers, model_name)(cfg)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():  # break symmetry: routers start at zero in some families
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            elif "gate" in name and "proj" not in name:
-                p.normal_(std=0.3)
-    return hf.eval()
+    return randomize_hf(getattr(transformers, model_name)(cfg))
 
 
 def write_word_tokenizer(folder: Path, vocab: int = VOCAB) -> None:

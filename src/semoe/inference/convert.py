@@ -24,15 +24,11 @@ from pathlib import Path
 import torch
 
 from semoe.config import RunConfig, to_dict
-from semoe.inference.sections import build_meta_model
+from semoe.inference.sections import build_meta_model, inspect_hf_folder
 from semoe.models.hf import (
-    SUPPORTED_MODEL_TYPES,
-    checkpoint_files,
     convert_tensor,
     converted_shapes,
     hf_key_to_semoe,
-    model_config_from_hf,
-    read_hf_config,
     semoe_param_slot,
 )
 from semoe.storage import checkpoint as ckpt
@@ -64,16 +60,8 @@ def convert_hf_checkpoint(src: str | Path, out: str | Path, dtype: str | torch.d
         raise FileNotFoundError(f"HF checkpoint folder {src} does not exist")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out {out} already exists and is not empty; choose a new folder")
-    hf = read_hf_config(src)
-    mt = hf.get("model_type")
-    if mt not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"HF model_type {mt!r} is not supported; supported: {list(SUPPORTED_MODEL_TYPES)}")
-    cfg = model_config_from_hf(hf)
-    tied = bool(hf.get("tie_word_embeddings", False))
-    single = src / "model.safetensors"
-    if single.is_file() and not (src / "model.safetensors.index.json").is_file():
-        read_header(single)  # a clear error for a corrupt file
-    files = checkpoint_files(src)
+    hf, cfg, tied, files = inspect_hf_folder(src)
+    mt = hf["model_type"]
 
     # 1. every output tensor's dtype and shape, from the headers alone
     plan = []

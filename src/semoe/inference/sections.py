@@ -276,17 +276,23 @@ def _eos_from(obj: dict) -> list[int]:
     return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
 
 
-def _open_hf(path: Path) -> ModelSource:
+def inspect_hf_folder(path: Path) -> tuple[dict, ModelConfig, bool, list[Path]]:
+    """(config.json, semoe ModelConfig, tied embeddings, safetensors files) of an HF folder, checked:
+    an unsupported architecture or a corrupt single-file checkpoint is an error naming it."""
     hf = read_hf_config(path)
     mt = hf.get("model_type")
     if mt not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"{path}: HF model_type {mt!r} is not supported; supported: {list(SUPPORTED_MODEL_TYPES)}")
     cfg = model_config_from_hf(hf)
-    tied = bool(hf.get("tie_word_embeddings", False))
     single = path / "model.safetensors"
     if single.is_file() and not (path / "model.safetensors.index.json").is_file():
         read_header(single)  # a clear error for a corrupt file before anything else opens it
-    files = checkpoint_files(path)
+    return hf, cfg, bool(hf.get("tie_word_embeddings", False)), checkpoint_files(path)
+
+
+def _open_hf(path: Path) -> ModelSource:
+    hf, cfg, tied, files = inspect_hf_folder(path)
+    mt = hf["model_type"]
     regions: dict[str, _RegionSpec] = {}
     views: dict[str, ParamView] = {}
     num_experts = _stacked_experts(cfg)
