@@ -154,3 +154,26 @@ def test_clip_counts_each_expert_once(tmp_path) -> None:
     for r in results:
         assert r["before"] == pytest.approx(ref["norm"], rel=1e-5)
         assert r["after"] == pytest.approx(0.01, rel=1e-3)
+
+
+def _bias_fn(rank: int, world: int) -> list[float]:
+    from semoe.parallel.grads import sync_router_bias
+
+    cfg = make_cfg("aux_free_bias")
+    layer = make_layer(cfg).train()
+    mesh = build_mesh(2)  # 2 replicas x ep 2
+    apply_expert_parallel(layer, mesh)
+    x, _ = make_batch(40)
+    layer(x[rank * 10:(rank + 1) * 10])  # each replica sees other tokens, so its bias moves differently
+    before = layer.router.expert_bias.clone()
+    sync_router_bias(layer, mesh)
+    return [before.tolist(), layer.router.expert_bias.tolist()]
+
+
+def test_aux_free_bias_is_synchronised_over_replicas(tmp_path) -> None:
+    res = run_ranks(_bias_fn, 4, tmp_path)
+    befores, afters = [r[0] for r in res], [r[1] for r in res]
+    assert befores[0] == befores[1] and befores[2] == befores[3]  # equal inside an ep group
+    assert befores[0] != befores[2]  # replicas drifted apart
+    for a in afters:
+        assert a == pytest.approx([(p + q) / 2 for p, q in zip(befores[0], befores[2])], abs=1e-7)

@@ -85,3 +85,26 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, mesh: DeviceMesh | None) 
                 if p.grad is not None:
                     p.grad.mul_(coef)
     return total
+
+
+@torch.no_grad()
+def sync_router_bias(model: nn.Module, mesh: DeviceMesh | None) -> None:
+    """Average the auxiliary-loss-free expert biases over the expert replicas (``dp`` axis).
+
+    Each expert-parallel group moves its routers' biases from its own tokens' load, so without this
+    the replicas' biases (and their routing) drift apart. Inside an ep group they are already equal.
+    """
+    from semoe.layers.router import Router
+
+    if mesh is None or mesh.size(0) == 1:
+        return
+    biases = [m.expert_bias for m in model.modules() if isinstance(m, Router) and m.cfg.bias_update_rate > 0]
+    if not biases:
+        return
+    flat = torch.cat([b.reshape(-1) for b in biases])
+    dist.all_reduce(flat, group=dp_group(mesh))
+    flat /= mesh.size(0)
+    off = 0
+    for b in biases:
+        b.copy_(flat[off:off + b.numel()].view_as(b))
+        off += b.numel()

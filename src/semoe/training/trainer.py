@@ -25,6 +25,7 @@ from semoe.config import RunConfig, TrainConfig, from_dict, replace, to_dict
 from semoe.models.transformer import MoETransformer
 from semoe.parallel import apply_expert_parallel, build_mesh, clip_grad_norm_, init_distributed, sync_gradients
 from semoe.parallel.fusion import GradFusion
+from semoe.parallel.grads import sync_router_bias
 from semoe.parallel.mesh import default_device
 from semoe.storage import checkpoint as ckpt
 from semoe.training.data import Corpus, GlobalBatchLoader, prepare_corpus, split_windows
@@ -216,6 +217,7 @@ class Trainer:
                 f"{self.last_checkpoint or 'none (no checkpoint was written yet)'}. Lower train.lr, raise "
                 "train.warmup_steps or set train.grad_clip, then resume from it.")
         self.optimizer.step()
+        sync_router_bias(self.model, self.mesh)
         self.optimizer.zero_grad(set_to_none=self.fusion is None)  # fusion: grads are views into its buckets
         if loads is not None:
             self.expert_load.append(loads / np.maximum(loads.sum(-1, keepdims=True), 1))
