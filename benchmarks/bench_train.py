@@ -139,16 +139,7 @@ def _ds_swap_moe(model, args, world: int) -> None:
     from torch import nn
 
     from semoe.layers.moe import MoEOutput, MoEStats
-
-    class SwiGLU(nn.Module):
-        def __init__(self, d: int, f: int) -> None:
-            super().__init__()
-            self.w1 = nn.Linear(d, f, bias=False)
-            self.w3 = nn.Linear(d, f, bias=False)
-            self.w2 = nn.Linear(f, d, bias=False)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
+    from semoe.models.transformer import MLP as SwiGLU  # the model's dense SwiGLU FFN, as DeepSpeed's expert
 
     class DSMoE(nn.Module):
         def __init__(self) -> None:
