@@ -21,9 +21,11 @@ gradient clipping 1.0, aux coefficient 0.01. The batch is random tokens, the sam
 Features of semoe (``--features``, comma separated; each is ``ParallelConfig`` switches):
     plain     no fusion, flat all-to-all, no chunking (one synchronous all-reduce per class)
     fusion    gradient buckets reduced asynchronously during backward
+    hgrad     + fusion buckets reduced hierarchically (in the node, across nodes per rail, in the node)
     hier      + hierarchical all-to-all with node-level de-duplication
     overlap   + dispatch in 2 chunks, all-to-all overlapped with expert compute
-    all       fusion + hier + overlap
+    overlap+hgrad  fusion + overlap + hgrad
+    all       fusion + hgrad + hier + overlap
     bf16wire  fusion + tokens and their gradients cross the all-to-all in bfloat16 (lossy; DeepSpeed sends float32)
     hier+bf16wire  fusion + hier + bf16 wire
 
@@ -53,9 +55,11 @@ HERE = Path(__file__).resolve().parent
 FEATURES = {
     "plain": {"grad_fusion": False, "hierarchical_a2a": False, "a2a_chunks": 1},
     "fusion": {"grad_fusion": True, "hierarchical_a2a": False, "a2a_chunks": 1},
+    "hgrad": {"grad_fusion": True, "hierarchical_grads": True, "a2a_chunks": 1},
     "hier": {"grad_fusion": True, "hierarchical_a2a": True, "a2a_chunks": 1},
     "overlap": {"grad_fusion": True, "hierarchical_a2a": False, "a2a_chunks": 2},
-    "all": {"grad_fusion": True, "hierarchical_a2a": True, "a2a_chunks": 2},
+    "overlap+hgrad": {"grad_fusion": True, "hierarchical_grads": True, "a2a_chunks": 2},
+    "all": {"grad_fusion": True, "hierarchical_grads": True, "hierarchical_a2a": True, "a2a_chunks": 2},
     "bf16wire": {"grad_fusion": True, "hierarchical_a2a": False, "a2a_chunks": 1, "a2a_wire_dtype": "bfloat16"},
     "hier+bf16wire": {"grad_fusion": True, "hierarchical_a2a": True, "a2a_chunks": 1, "a2a_wire_dtype": "bfloat16"},
 }
@@ -70,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--feature", default="fusion", help=argparse.SUPPRESS)
     ap.add_argument("--features", default="plain,fusion,overlap", help="semoe feature sets to run (see above)")
     ap.add_argument("--peers", default="auto", choices=["auto", "deepspeed", "none"])
+    ap.add_argument("--bucket-mb", type=float, default=25.0, help="semoe fusion bucket size in MiB")
     ap.add_argument("--zero", type=int, default=0, choices=[0, 1, 2], help="DeepSpeed ZeRO stage")
     ap.add_argument("--nproc", type=int, default=2, help="ranks on loopback (topology two-node: 4)")
     ap.add_argument("--topology", default="loopback", choices=["loopback", "two-node"])
@@ -213,7 +218,7 @@ def worker(args: argparse.Namespace) -> None:
     else:
         feats = FEATURES[args.feature]
         pc = ParallelConfig(ep_size=world, ranks_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
-                            bucket_mb=25.0, **feats)
+                            bucket_mb=args.bucket_mb, **feats)
         mesh = build_mesh(pc.ep_size)
         apply_expert_parallel(model, mesh, comm="hierarchical" if pc.hierarchical_a2a else "flat",
                               ranks_per_node=pc.ranks_per_node, chunks=pc.a2a_chunks, wire_dtype=pc.wire_dtype())
@@ -222,7 +227,7 @@ def worker(args: argparse.Namespace) -> None:
         if pc.grad_fusion:
             from semoe.parallel.fusion import GradFusion
 
-            fusion = GradFusion(model, mesh, pc.bucket_mb)
+            fusion = GradFusion(model, mesh, pc.bucket_mb, pc.ranks_per_node if pc.hierarchical_grads else None)
 
         def step(tokens: torch.Tensor) -> float:
             out = model(tokens[:, :-1])
@@ -267,7 +272,7 @@ def _launch(args: argparse.Namespace, impl: str, feature: str) -> dict | None:
     base = [str(HERE / "bench_train.py"), "--worker", "--impl", impl, "--feature", feature,
             *[f"--{k.replace('_', '-')}={getattr(args, k)}" for k in (
                 "layers", "d_model", "d_ff", "experts", "top_k", "capacity_factor", "seq_len", "global_batch",
-                "vocab", "warmup", "steps", "zero")]]
+                "vocab", "warmup", "steps", "zero", "bucket_mb")]]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     if args.topology == "loopback":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", *base]

@@ -159,6 +159,9 @@ class ParallelConfig:
                       (``semoe.parallel.fusion``; the default: equal to the plain path, tested);
                       False: one synchronous reduction per class after backward.
     bucket_mb:        size of a fusion bucket in MiB (> 0).
+    hierarchical_grads: fusion buckets of every class whose group spans nodes are reduced in two levels
+                      (reduce-scatter in the node, all-reduce across nodes per local rank, all-gather in the
+                      node): each gradient crosses the node boundary once. Needs grad_fusion.
     hierarchical_a2a: two-hop all-to-all (inside the node, then across nodes on rails) with node-level
                       de-duplication of the dispatch; results bit-equal to the flat one.
     a2a_chunks:       split the dispatch in this many chunks and overlap each chunk's all-to-all with the
@@ -171,6 +174,7 @@ class ParallelConfig:
     ranks_per_node: int | None = None
     grad_fusion: bool = True
     bucket_mb: float = 25.0
+    hierarchical_grads: bool = False
     hierarchical_a2a: bool = False
     a2a_chunks: int = 1
     a2a_wire_dtype: Literal["same", "bfloat16"] = "same"
@@ -188,6 +192,9 @@ class ParallelConfig:
         if isinstance(self.bucket_mb, bool) or not isinstance(self.bucket_mb, (int, float)) or not self.bucket_mb > 0:
             raise ValueError(f"parallel.bucket_mb must be > 0 (MiB per gradient bucket, e.g. 25), "
                              f"got {self.bucket_mb!r}")
+        if self.hierarchical_grads and not self.grad_fusion:
+            raise ValueError("parallel.hierarchical_grads reduces the fusion buckets: set parallel.grad_fusion=true "
+                             "(or parallel.hierarchical_grads=false)")
         _check_choice("parallel.a2a_wire_dtype", self.a2a_wire_dtype, ("same", "bfloat16"))
         if not is_int(self.a2a_chunks) or self.a2a_chunks < 1:
             raise ValueError(f"parallel.a2a_chunks must be an integer >= 1 (1 = no overlap), got {self.a2a_chunks!r}")

@@ -33,12 +33,13 @@ def small_model() -> MoETransformer:
     return model
 
 
-def _train_fn(rank: int, world: int, ep_size: int, fused: bool, bucket_mb: float) -> dict:
+def _train_fn(rank: int, world: int, ep_size: int, fused: bool, bucket_mb: float,
+              ranks_per_node: int | None = None) -> dict:
     model = small_model()
     mesh = build_mesh(ep_size)
     apply_expert_parallel(model, mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    fusion = GradFusion(model, mesh, bucket_mb) if fused else None
+    fusion = GradFusion(model, mesh, bucket_mb, ranks_per_node) if fused else None
     g = torch.Generator().manual_seed(100 + rank)
     losses, hooked = [], 0
     for step in range(STEPS):
@@ -57,10 +58,12 @@ def _train_fn(rank: int, world: int, ep_size: int, fused: bool, bucket_mb: float
         clip_grad_norm_(model, 0.5, mesh)
         opt.step()
         opt.zero_grad(set_to_none=fusion is None or step % 2 == 1)  # fusion re-attaches its views either way
+    hier = {}
     if fusion is not None:
-        hooked = fusion.launched_by_hook
+        hooked, hier = fusion.launched_by_hook, fusion.hierarchical
+        fusion.remove()
     return {"losses": losses, "params": {k: p.detach().clone() for k, p in model.named_parameters()},
-            "hooked": hooked, "buckets": fusion.num_buckets if fusion else {}}
+            "hooked": hooked, "buckets": fusion.num_buckets if fusion else {}, "hier": hier}
 
 
 @pytest.mark.parametrize("world,ep_size", [(2, 2), (4, 2)])
@@ -73,6 +76,44 @@ def test_fusion_equals_plain_reduction(tmp_path, world: int, ep_size: int) -> No
             torch.testing.assert_close(b["params"][name], p, atol=1e-6, rtol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
         assert all(n >= 1 for n in b["buckets"].values()) and b["buckets"]["dense"] > 1
         assert b["hooked"] > 0, "no bucket was reduced during backward"
+
+
+@pytest.mark.parametrize("ep_size,expect", [
+    (4, {"dense": True, "router": True, "expert": False}),   # experts have one replica: nothing to reduce
+    (2, {"dense": True, "router": True, "expert": False}),   # expert replicas {0,2}, {1,3}: one rank per node
+    (1, {"dense": True, "router": True, "expert": True}),    # pure data parallel: experts replicated on all 4
+])
+def test_hierarchical_fusion_equals_plain(tmp_path, ep_size: int, expect: dict) -> None:
+    """4 ranks as 2 nodes x 2: reduce-scatter in the node, all-reduce on the rail, all-gather in the node
+    gives the plain reduction's training run (the sum order differs: float32 tolerance), replicas stay
+    bit-identical across ranks."""
+    plain = run_ranks(_train_fn, 4, tmp_path, ep_size, False, 1.0)
+    fused = run_ranks(_train_fn, 4, tmp_path, ep_size, True, 0.003, 2)  # odd-sized buckets: padded shards
+    for a, b in zip(plain, fused):
+        assert b["hier"] == expect
+        assert b["losses"] == pytest.approx(a["losses"], abs=1e-6, rel=1e-6)
+        for name, p in a["params"].items():
+            torch.testing.assert_close(b["params"][name], p, atol=1e-6, rtol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        assert b["hooked"] > 0 and b["buckets"]["dense"] > 2
+    for name, p in fused[0]["params"].items():
+        if param_class(name) != "expert" or ep_size == 1:
+            for other in fused[1:]:
+                assert torch.equal(other["params"][name], p), f"{name} differs between replicas"
+
+
+def _bad_rpn(rank: int, world: int) -> str:
+    try:
+        GradFusion(small_model(), build_mesh(world), 1.0, ranks_per_node=3)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_hierarchical_fusion_bad_ranks_per_node(tmp_path) -> None:
+    for msg in run_ranks(_bad_rpn, 4, tmp_path):
+        assert "ranks_per_node=3 does not divide the world size 4" in msg
+    with pytest.raises(ValueError, match="hierarchical_grads reduces the fusion buckets"):
+        apply_overrides(tiny_run(Path("x")), ["parallel.grad_fusion=false", "parallel.hierarchical_grads=true"])
 
 
 def test_param_classes() -> None:
@@ -105,11 +146,13 @@ def _trainer_fn(rank: int, world: int, run, out: str, cache: str) -> dict:
 
 
 def test_trainer_switches_match_defaults(tmp_path, corpus_file, cache_dir) -> None:
-    """4 ranks as 2 nodes x 2, grad_accum 2: fusion + hierarchical all-to-all + 2 chunks == none of them."""
+    """4 ranks as 2 nodes x 2, grad_accum 2: fusion + hierarchical all-to-all + 2 chunks + hierarchical
+    gradient reduction == none of them."""
     base = apply_overrides(tiny_run(corpus_file, steps=3, ckpt_every=100),
                            ["train.grad_accum=2", "parallel.grad_fusion=false"])
     on = apply_overrides(base, ["parallel.grad_fusion=true", "parallel.bucket_mb=0.05",
-                                "parallel.hierarchical_a2a=true", "parallel.ranks_per_node=2", "parallel.a2a_chunks=2"])
+                                "parallel.hierarchical_a2a=true", "parallel.ranks_per_node=2", "parallel.a2a_chunks=2",
+                                "parallel.hierarchical_grads=true"])
     ref = run_ranks(_trainer_fn, 4, tmp_path, base, str(tmp_path / "a"), str(cache_dir))
     got = run_ranks(_trainer_fn, 4, tmp_path, on, str(tmp_path / "b"), str(cache_dir))
     for a, b in zip(ref, got):

@@ -157,3 +157,30 @@ def fusion_groups(mesh: DeviceMesh | None, num_world_groups: int) -> tuple[list[
             g = dist.new_group(col)
             replica = g if me in col else replica
     return world_groups, replica
+
+
+def hierarchical_reduce_groups(partition: list[list[int]], rpn: int
+                               ) -> tuple[dist.ProcessGroup, dist.ProcessGroup, int, int] | None:
+    """Two-level reduction groups for the member of ``partition`` (disjoint rank lists covering the
+    world, e.g. ``[world]`` or the expert replica groups) that holds this rank: ``(node part, rail part,
+    index inside the node part, size of the node part)``. A member qualifies when it spans at least two
+    nodes with the same number (>= 2) of its ranks on each; None for this rank's member otherwise (a
+    flat all-reduce moves no more inter-node bytes then). Every rank creates every group, in the same
+    order (``dist.new_group`` is collective)."""
+    me = dist.get_rank()
+    mine = None
+    for ranks in partition:
+        by_node: dict[int, list[int]] = {}
+        for r in sorted(ranks):
+            by_node.setdefault(r // rpn, []).append(r)
+        sizes = {len(v) for v in by_node.values()}
+        if len(by_node) < 2 or len(sizes) != 1 or sizes.pop() < 2:
+            continue
+        parts = list(by_node.values())
+        node_groups = [(p, dist.new_group(p)) for p in parts]
+        rail_groups = [(rail, dist.new_group(rail)) for rail in (list(r) for r in zip(*parts))]
+        if me in ranks:
+            node_ranks, node_g = next((p, g) for p, g in node_groups if me in p)
+            rail_g = next(g for rail, g in rail_groups if me in rail)
+            mine = (node_g, rail_g, node_ranks.index(me), len(node_ranks))
+    return mine

@@ -26,7 +26,7 @@ from semoe.models.transformer import MoETransformer
 from semoe.parallel import apply_expert_parallel, build_mesh, clip_grad_norm_, init_distributed, sync_gradients
 from semoe.parallel.fusion import GradFusion
 from semoe.parallel.grads import sync_router_bias
-from semoe.parallel.mesh import default_device
+from semoe.parallel.mesh import default_device, resolve_ranks_per_node
 from semoe.storage import checkpoint as ckpt
 from semoe.training.data import Corpus, GlobalBatchLoader, prepare_corpus, split_windows
 from semoe.training.metrics import MetricsWriter, plot_expert_load, plot_loss
@@ -114,7 +114,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(param_groups(self.model, tc), lr=tc.lr, betas=tc.betas,
                                            fused=False, foreach=True)
         use_fusion = pc.grad_fusion and self.mesh is not None
-        self.fusion = GradFusion(self.model, self.mesh, pc.bucket_mb) if use_fusion else None
+        rpn = resolve_ranks_per_node(pc.ranks_per_node) if pc.hierarchical_grads else None
+        self.fusion = GradFusion(self.model, self.mesh, pc.bucket_mb, rpn) if use_fusion else None
         train_starts, val_starts = split_windows(len(self.corpus.tokens), tc.seq_len, tc.val_fraction)
         self.loader = GlobalBatchLoader(self.corpus.tokens, train_starts, tc.seq_len, tc.batch_size, tc.seed,
                                         dp_rank=self.rank, dp_size=self.world, grad_accum=tc.grad_accum)
