@@ -4,7 +4,8 @@ Run from the repository root:
 
     python benchmarks/bench_train.py                       # 2 ranks on loopback, semoe features vs DeepSpeed
     python benchmarks/bench_train.py --zero 1              # DeepSpeed with ZeRO stage 1
-    sudo python benchmarks/bench_train.py --topology two-node --link-mbit 400   # 4 ranks, 2 emulated nodes
+    sudo python benchmarks/bench_train.py --topology two-node --link-mbit 200 --bucket-mb 2 \
+        --features plain,fusion,hgrad,overlap,overlap+hgrad   # 4 ranks, 2 emulated nodes
     python benchmarks/bench_train.py --smoke               # tiny, seconds, semoe only (CI)
 
 Each contender runs in its own ``torchrun`` job (so peak RSS is its own), jobs alternate
