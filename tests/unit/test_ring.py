@@ -157,6 +157,36 @@ def test_sections_slots_waves_and_kv_staging(tmp_path) -> None:
         assert result.tokens == refs and result.stats.waves == 1
 
 
+def test_drop_page_cache_drops_every_read(tmp_path, monkeypatch) -> None:
+    """With drop_page_cache the drops are deferred off the loader's path (done by whichever thread would
+    wait), but every range read is dropped exactly once, before its section is read again, and none is
+    left pending at close; the tokens do not change."""
+    from semoe.storage.safetensors_io import SafetensorsReader
+
+    hf = build_hf("mixtral", seed=2)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    refs = [hf_greedy(hf, p, NEW)[0] for p in PROMPTS]
+    dropped: list[tuple[int, int]] = []
+    real = SafetensorsReader.drop_cache
+    monkeypatch.setattr(SafetensorsReader, "drop_cache",
+                        lambda self, offset=0, nbytes=0: (dropped.append((offset, nbytes)), real(self, offset, nbytes)))
+    engine = RingEngine(tmp_path, max_memory=model_bytes(tmp_path) // 4, batch_size=2, drop_page_cache=True)
+    ring = engine._ring
+    reads: list[tuple[int, int]] = []
+    real_load = type(ring)._load
+
+    def load(self, ticket: int, section: int) -> None:
+        assert not any(d[3] == section for d in self._drops), "a section is read before its last read is dropped"
+        real_load(self, ticket, section)
+        reads.extend((op[2], op[4] if op[0] == "direct" else op[3])
+                     for op in self._programs[(section, ticket % self.K)])
+
+    monkeypatch.setattr(type(ring), "_load", load)
+    assert engine.generate(PROMPTS, NEW).tokens == refs
+    engine.close()
+    assert not ring._drops and sorted(dropped) == sorted(reads) and len(reads) > len(engine.plan.sections)
+
+
 def test_sharded_fused_and_bf16_checkpoints(tmp_path) -> None:
     hf = build_hf("mixtral", seed=2)
     refs = [hf_greedy(hf, p, NEW)[0] for p in PROMPTS]

@@ -14,6 +14,7 @@ from semoe.storage.safetensors_io import (
     SafetensorsFormatError,
     SafetensorsReader,
     SafetensorsWriter,
+    byte_view,
     evict_file_cache,
     load_file,
     read_header,
@@ -68,6 +69,14 @@ def test_scatter_read_into_views(tmp_path) -> None:
     assert torch.equal(dst1.view(torch.float32), ts[first.name])
     assert torch.equal(dst2.view(torch.float32), ts[second.name])
     assert int(flat[:8].sum()) == 0 and int(flat[8 + first.nbytes:600].sum()) == 0  # nothing else touched
+
+    # the same with byte views built once (the ring's loader: no torch call per read)
+    flat.zero_()
+    views = [byte_view(dst1), byte_view(dst2)]
+    with SafetensorsReader(path) as r:
+        assert r.readv(first.offset, views) == first.nbytes + second.nbytes
+    assert torch.equal(dst1.view(torch.float32), ts[first.name])
+    assert torch.equal(dst2.view(torch.float32), ts[second.name])
     assert torch.equal(read_tensor(path, "b"), ts["b"])
     evict_file_cache([path])  # no error, file intact
     assert torch.equal(read_tensor(path, "a"), ts["a"])

@@ -62,7 +62,7 @@ from semoe.inference.sections import (
     plan_sections,
 )
 from semoe.models.transformer import MoETransformer, rope_cos_sin
-from semoe.storage.safetensors_io import SafetensorsReader
+from semoe.storage.safetensors_io import SafetensorsReader, byte_view
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +205,9 @@ class _SlotRing:
             self.pin_next = 0
         self.readers = {f: SafetensorsReader(f) for f in plan.source.files}
         self._programs: dict[tuple[int, int], list[tuple[Any, ...]]] = {}
+        # page-cache drops not yet done (reader, offset, nbytes, section): done by whichever thread would
+        # otherwise wait (deque append/popleft are atomic), at the latest before the section is read again
+        self._drops: deque[tuple[SafetensorsReader, int, int, int]] = deque()
         self.cv = threading.Condition()
         self.requests: deque[tuple[int, int]] = deque()
         self.done: set[int] = set()
@@ -227,6 +230,10 @@ class _SlotRing:
     def acquire(self, ticket: int) -> int:
         """Block until ``ticket`` is loaded; returns its slot. Re-raises a loader error."""
         t0 = time.perf_counter()
+        # the compute thread would only wait: it does pending page-cache drops meanwhile, one at a time
+        # (each ~1 ms), so that they are off the loader's path (when the loader is the bottleneck)
+        while self._drops and ticket not in self.done and self.error is None:
+            self._drop_one()
         with self.cv:
             while ticket not in self.done and self.error is None:
                 self.cv.wait()
@@ -253,6 +260,8 @@ class _SlotRing:
             self.stopping = True
             self.cv.notify_all()
         self.thread.join()
+        while self._drop_one():
+            pass
         for r in self.readers.values():
             r.close()
         self.readers.clear()
@@ -263,11 +272,15 @@ class _SlotRing:
             torch.cuda.set_device(self.device)
         while True:
             with self.cv:
-                while not self.stopping and not (self.requests and self.requests[0][0] - self.K <= self.released):
+                while not self.stopping and not self._ready() and not self._drops:
                     self.cv.wait()
                 if self.stopping:
                     return
-                ticket, section = self.requests.popleft()
+                job = self.requests.popleft() if self._ready() else None
+            if job is None:  # idle, with page-cache drops pending: do one, then look again
+                self._drop_one()
+                continue
+            ticket, section = job
             try:
                 self._load(ticket, section)
             except BaseException as e:  # handed to the compute thread, which raises it
@@ -279,14 +292,19 @@ class _SlotRing:
             with self.cv:
                 self.done.add(ticket)
                 self.cv.notify_all()
-                idle = not (self.requests and self.requests[0][0] - self.K <= self.released)
+                idle = not self._ready()
             if idle and self.readahead and self.K < len(self.plan.sections):
                 self._hint((section + 1) % len(self.plan.sections))
 
+    def _ready(self) -> bool:
+        """Whether the next requested ticket's slot is free (call with ``cv`` held)."""
+        return bool(self.requests) and self.requests[0][0] - self.K <= self.released
+
     def _program(self, section: Section, slot: int, target: torch.Tensor) -> list[tuple[Any, ...]]:
         """The reads of ``section`` into ``target`` as runs of consecutive file bytes: ("direct", reader,
-        offset, [byte views]) read in one ``preadv``, or ("cast", reader, offset, nbytes, src dtype, typed
-        destination) through the staging area."""
+        offset, [byte views], nbytes) read in one ``preadv``, or ("cast", reader, offset, nbytes, src dtype,
+        typed destination, staging view) through the staging area. The byte views are built here, once per
+        (section, slot): the loader's steady state then runs one system call per run and no torch code."""
         key = (section.index, slot)
         if key in self._programs:
             return self._programs[key]
@@ -297,7 +315,7 @@ class _SlotRing:
             reg = regions[rd.region]
             start = reg.byte_offset + rd.elem_offset * dtype.itemsize
             if rd.src_dtype == dtype:
-                dst = target[start:start + rd.nbytes]
+                dst = byte_view(target[start:start + rd.nbytes])
                 last = prog[-1] if prog else None
                 if last is not None and last[0] == "direct" and last[1] is self.readers[rd.path] \
                         and last[2] + last[4] == rd.offset:
@@ -306,8 +324,11 @@ class _SlotRing:
                 else:
                     prog.append(("direct", self.readers[rd.path], rd.offset, [dst], rd.nbytes))
             else:
+                assert self.staging is not None
                 typed = target[start:start + rd.numel * dtype.itemsize].view(dtype)
-                prog.append(("cast", self.readers[rd.path], rd.offset, rd.nbytes, rd.src_dtype, typed))
+                raw = self.staging[:rd.nbytes]
+                prog.append(("cast", self.readers[rd.path], rd.offset, rd.nbytes, rd.src_dtype, typed,
+                             (raw, byte_view(raw))))
         self._programs[key] = prog
         return prog
 
@@ -318,14 +339,28 @@ class _SlotRing:
                 _, reader, offset, dsts, nbytes = op
                 n += reader.readv(offset, dsts)
             else:
-                _, reader, offset, nbytes, src_dtype, typed = op
-                assert self.staging is not None
-                raw = self.staging[:nbytes]
-                n += reader.readv(offset, [raw])
+                _, reader, offset, nbytes, src_dtype, typed, (raw, raw_view) = op
+                n += reader.readv(offset, [raw_view])
                 typed.copy_(raw.view(src_dtype))
             if self.drop_page_cache:
-                reader.drop_cache(offset, nbytes)
+                self._drops.append((reader, offset, nbytes, section.index))
         return n
+
+    def _drop_one(self) -> bool:
+        """Drop the page-cache pages of the oldest read still pending; False when none is."""
+        try:
+            reader, offset, nbytes, _ = self._drops.popleft()
+        except IndexError:
+            return False
+        if reader.fd >= 0:
+            reader.drop_cache(offset, nbytes)
+        return True
+
+    def _drop_pending(self, section_idx: int) -> None:
+        """Before ``section_idx`` is read again: its pages of the last read must be gone (each read from
+        disk, the cache kept cold), and at most K sections' drops stay pending."""
+        while len(self._drops) > self.K or any(d[3] == section_idx for d in list(self._drops)):
+            self._drop_one()
 
     def _load(self, ticket: int, section_idx: int) -> None:
         slot = ticket % self.K
@@ -333,6 +368,7 @@ class _SlotRing:
             return
         t0 = time.perf_counter()
         section = self.plan.sections[section_idx]
+        self._drop_pending(section_idx)
         self.content[slot] = -1
         if not self.cuda:
             n = self._read_section(section, slot, self.slots[slot])
@@ -353,11 +389,15 @@ class _SlotRing:
 
     def _hint(self, section_idx: int) -> None:
         """Start the kernel's read-ahead of a section that will be loaded next (fills the page cache only)."""
-        runs: dict[Path, list[int]] = {}
-        for rd in self.plan.sections[section_idx].reads:
-            lo_hi = runs.setdefault(rd.path, [rd.offset, rd.offset + rd.nbytes])
-            lo_hi[0], lo_hi[1] = min(lo_hi[0], rd.offset), max(lo_hi[1], rd.offset + rd.nbytes)
-        for path, (lo, hi) in runs.items():
+        runs: list[list[Any]] = []  # [path, start, end] of each run of consecutive bytes (a section's
+        # tensors may lie far apart, e.g. lm_head first and the final norm last in an HF file: one range
+        # from the lowest to the highest offset would hint the whole file)
+        for rd in sorted(self.plan.sections[section_idx].reads, key=lambda r: (str(r.path), r.offset)):
+            if runs and runs[-1][0] == rd.path and runs[-1][2] == rd.offset:
+                runs[-1][2] += rd.nbytes
+            else:
+                runs.append([rd.path, rd.offset, rd.offset + rd.nbytes])
+        for path, lo, hi in runs:
             self.readers[path].will_need(lo, hi - lo)
 
     def views(self, section: Section, slot: int) -> dict[str, torch.Tensor]:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 __all__ = ["DTYPES", "SafetensorsFormatError", "SafetensorsHeader", "SafetensorsReader", "SafetensorsWriter",
-           "TensorInfo", "dtype_name", "evict_file_cache", "load_file", "read_header", "read_tensor"]
+           "TensorInfo", "byte_view", "dtype_name", "evict_file_cache", "load_file", "read_header", "read_tensor"]
 
 #: safetensors dtype names -> torch dtypes (the ones torch has).
 DTYPES: dict[str, torch.dtype] = {
@@ -147,11 +147,14 @@ def read_header(path: str | Path) -> SafetensorsHeader:
     return SafetensorsHeader(path, ordered, dict(meta), data_start, size)
 
 
-def _byte_buffer(t: torch.Tensor) -> memoryview:
-    """A writable buffer over a contiguous CPU tensor's bytes (no copy)."""
+def byte_view(t: torch.Tensor) -> memoryview:
+    """A writable buffer over a contiguous CPU tensor's bytes (no copy). Building one takes a few torch
+    calls; a caller that reads into the same buffers again and again (the ring) builds them once and
+    passes the views to :meth:`SafetensorsReader.readv`."""
     if t.device.type != "cpu" or not t.is_contiguous():
         raise ValueError("read buffers must be contiguous CPU tensors")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
 
 
 class SafetensorsReader:
@@ -174,10 +177,16 @@ class SafetensorsReader:
             os.close(self.fd)
             self.fd = -1
 
-    def readv(self, offset: int, buffers: Sequence[torch.Tensor]) -> int:
-        """Fill ``buffers`` (contiguous CPU tensors, any dtype) with the consecutive file bytes starting at
-        ``offset`` (absolute), in one or a few ``preadv`` calls. Returns the number of bytes read."""
-        views = [_byte_buffer(b) for b in buffers if b.numel()]
+    def readv(self, offset: int, buffers: Sequence[torch.Tensor | memoryview]) -> int:
+        """Fill ``buffers`` (contiguous CPU tensors of any dtype, or writable byte views from
+        :func:`byte_view`) with the consecutive file bytes starting at ``offset`` (absolute), in one or a
+        few ``preadv`` calls. Returns the number of bytes read.
+
+        With views the call runs no torch code: a loader thread then needs the interpreter lock only
+        around the system call, not for the several torch calls per buffer that building views takes
+        (with a compute thread holding the lock most of the time, each of those waits for a hand-off)."""
+        views = [b if isinstance(b, memoryview) else byte_view(b) for b in buffers]
+        views = [v for v in views if v.nbytes]
         total = sum(v.nbytes for v in views)
         done = 0
         while views:
@@ -301,7 +310,7 @@ class SafetensorsWriter:
         pos, n, dtype, shape = self.slots[name]
         if t.dtype != dtype or tuple(t.shape) != shape:
             raise ValueError(f"{name!r}: got {t.dtype} {tuple(t.shape)}, declared {dtype} {shape}")
-        buf = _byte_buffer(t.detach().cpu().contiguous())
+        buf = byte_view(t.detach().cpu().contiguous())
         done = 0
         while done < n:
             done += os.pwrite(self.fd, buf[done:], self.data_start + pos + done)
