@@ -128,25 +128,29 @@ class TopKRouter(Router):
         weight_TK = scores_TE.gather(1, expert_TK)
         if cfg.normalize_topk:
             weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True).clamp_min(1e-9)
-        keep_TK = torch.ones_like(expert_TK, dtype=torch.bool)
+        keep = None  # every (token, choice) is kept unless GShard's random second expert drops some
         if self.training and cfg.second_expert == "random":
+            keep_TK = torch.ones_like(expert_TK, dtype=torch.bool)
             g12 = weight_TK.detach()
             p2 = (2.0 * g12[:, 1] / g12.sum(-1).clamp_min(1e-9)).clamp(max=1.0)
             u = self._global_rand("uniform", (), comm, T, g, x_TD.device)
             keep_TK[:, 1] = u < p2
+            keep = keep_TK.t().reshape(-1)
         # priority order: choice-major (all first choices, then all second choices)
-        token_KT = torch.arange(T, device=x_TD.device).expand(K, T)
-        choice_KT = torch.arange(K, device=x_TD.device).unsqueeze(1).expand(K, T)
-        keep = keep_TK.t().reshape(-1)
+        token_A = torch.arange(T, device=x_TD.device).repeat(K)
+        choice_A = torch.arange(K, device=x_TD.device).repeat_interleave(T)
+        expert_A = expert_TK.t().reshape(-1)
+        weight_A = weight_TK.t().reshape(-1)
         prob_sum_E, lse_sq = _aux_sums(logits_TE, scores_TE, cfg.score_func)
         self.finish_call()
-        weight_A = weight_TK.t().reshape(-1)
+        if keep is not None:  # boolean indexing (and its backward's index_put) only when something is dropped
+            token_A, expert_A, choice_A, weight_A = token_A[keep], expert_A[keep], choice_A[keep], weight_A[keep]
         return Routing(
-            token_A=token_KT.reshape(-1)[keep],
-            expert_A=expert_TK.t().reshape(-1)[keep],
-            choice_A=choice_KT.reshape(-1)[keep],
-            weight_A=weight_A[keep],
-            score_A=weight_A.detach()[keep],
+            token_A=token_A,
+            expert_A=expert_A,
+            choice_A=choice_A,
+            weight_A=weight_A,
+            score_A=weight_A.detach(),
             num_choices=K,
             prob_sum_E=prob_sum_E,
             lse_sq_sum=lse_sq,

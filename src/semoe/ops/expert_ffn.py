@@ -7,9 +7,12 @@ fresh zero-filled pages, so each ``[N, F]`` activation of a step (64 MiB at 8192
 ~16k page faults. This op writes the activations and their gradients into buffers that live in a
 :class:`FFNWorkspace` and are reused step after step (``torch.mm(out=...)`` per expert, out-variants
 of the activation functions), and saves only what the backward needs (x, the pre-activations and the
-activation output). Weight gradients go into reused buffers too when nothing else holds the previous
-one (so with ``zero_grad(set_to_none=False)`` autograd adds them into ``p.grad`` without a fresh
-allocation); a gradient someone kept is never overwritten. A workspace is lent to one forward at a
+activation output). It runs one expert at a time, forward and backward, so that an expert's
+``[n, F]`` block is consumed while it is still in the last-level cache, and the backward's ``[n, F]``
+temporaries need only expert-sized buffers. Weight gradients and the input gradient go into reused
+buffers too when nothing else holds the previous one (so with ``zero_grad(set_to_none=False)``
+autograd adds them into ``p.grad`` without a fresh allocation); a gradient someone kept is never
+overwritten. A workspace is lent to one forward at a
 time: while a graph that saved its buffers is alive (its backward has not run), another forward
 uses fresh tensors instead, so gradient accumulation, chunked pipelines or several forwards before a
 backward stay correct.
@@ -47,7 +50,7 @@ class FFNWorkspace:
         self._owner = None
 
     def grad_like(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        """A buffer shaped like a weight for its gradient, reused when nobody else holds the last one
+        """A buffer shaped like a weight (or input) for its gradient, reused when nobody else holds the last one
         (after autograd added it into ``p.grad`` in place); a fresh tensor while someone does (e.g. the
         caller kept the result of ``torch.autograd.grad``, or ``p.grad`` took it over)."""
         held = name in self._bufs and (sys.getrefcount(self._bufs[name]) > 2  # a Python reference elsewhere
@@ -67,89 +70,116 @@ class FFNWorkspace:
         return buf[:need].view(rows, cols)
 
 
-def _mm_groups(a_NK: torch.Tensor, w_GKM: torch.Tensor, out_NM: torch.Tensor, counts: list[int],
-               transpose_w: bool = False) -> torch.Tensor:
-    start = 0
+def _spans(counts: list[int]) -> list[tuple[int, int, int]]:
+    """(group, first row, rows) of every non-empty group."""
+    out, start = [], 0
     for g, n in enumerate(counts):
         if n:
-            w = w_GKM[g].t() if transpose_w else w_GKM[g]
-            torch.mm(a_NK[start:start + n], w, out=out_NM[start:start + n])
+            out.append((g, start, n))
         start += n
-    return out_NM
-
-
-def _weight_grads(a_NK: torch.Tensor, g_NM: torch.Tensor, counts: list[int], grad: torch.Tensor) -> torch.Tensor:
-    start = 0
-    for g, n in enumerate(counts):
-        if n:
-            torch.mm(a_NK[start:start + n].t(), g_NM[start:start + n], out=grad[g])
-        else:
-            grad[g].zero_()
-        start += n
-    return grad
+    return out
 
 
 class _ExpertFFN(torch.autograd.Function):
+    """One expert at a time, forward and backward: each expert's ``[n, F]`` intermediates are produced and
+    consumed while they are still in the last-level cache (an expert's block is ~8 MiB at the benchmark's
+    sizes, the whole ``[N, F]`` is 64 MiB), and the backward's ``[n, F]`` temporaries live in a few
+    expert-sized chunk buffers instead of ``[N, F]`` ones. The saved activations are never written to,
+    so a graph kept with ``retain_graph=True`` can run backward again."""
+
     @staticmethod
     def forward(ctx, x_ND, w1, w2, w3, counts, ws):  # type: ignore[override]
         N, F = x_ND.shape[0], w1.shape[-1]
+        spans = _spans(counts)
+        chunk = max((n for _, _, n in spans), default=0)
         needs_grad = any(ctx.needs_input_grad[:4])
         # inference-mode tensors cannot be written outside inference mode later: no workspace there
         use_ws = ws is not None and not ws.busy() and not torch.is_inference_mode_enabled()
 
-        def buf(name: str) -> torch.Tensor:
-            return ws.get(name, N, F, x_ND) if use_ws else x_ND.new_empty((N, F))
+        def buf(name: str, rows: int) -> torch.Tensor:
+            return ws.get(name, rows, F, x_ND) if use_ws else x_ND.new_empty((rows, F))
 
         if use_ws and needs_grad:
             ctx.token = ws.lend()
-        h1 = _mm_groups(x_ND, w1, buf("h1"), counts)
-        act = buf("act")
-        if w3 is None:
-            torch.ops.aten.gelu.out(h1, out=act)
-            h3 = None
-        else:
-            h3 = _mm_groups(x_ND, w3, buf("h3"), counts)
-            torch.ops.aten.silu.out(h1, out=act)
-            act.mul_(h3)
-        y_ND = _mm_groups(act, w2, x_ND.new_empty((N, w2.shape[-1])), counts)
-        ctx.counts, ctx.ws, ctx.use_ws, ctx.swiglu = counts, ws, use_ws, w3 is not None
-        ctx.save_for_backward(x_ND, w1, w2, w3, h1, h3, act)
+        y_ND = x_ND.new_empty((N, w2.shape[-1]))
+        swiglu = w3 is not None
+        if needs_grad:  # keep every expert's pre-activations and activation output for the backward
+            h1_NF, act_NF = buf("h1", N), buf("act", N)
+            h3_NF = buf("h3", N) if swiglu else None
+        else:  # nothing is kept: one expert-sized chunk (two for SwiGLU), activations in place
+            h1_NF = act_NF = buf("h1", chunk)
+            h3_NF = buf("h3", chunk) if swiglu else None
+        for g, s, n in spans:
+            x_n = x_ND[s:s + n]
+            r = slice(s, s + n) if needs_grad else slice(0, n)
+            h1, act = h1_NF[r], act_NF[r]
+            torch.mm(x_n, w1[g], out=h1)
+            if not swiglu:
+                torch.ops.aten.gelu.out(h1, out=act)  # same storage as h1 without grad: in place
+            else:
+                h3 = h3_NF[r]
+                torch.mm(x_n, w3[g], out=h3)
+                torch.ops.aten.silu.out(h1, out=act)
+                act.mul_(h3)
+            torch.mm(act, w2[g], out=y_ND[s:s + n])
+        ctx.counts, ctx.ws, ctx.use_ws, ctx.swiglu = counts, ws, use_ws, swiglu
+        if needs_grad:
+            ctx.save_for_backward(x_ND, w1, w2, w3, h1_NF, h3_NF, act_NF)
         return y_ND
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_ND):  # type: ignore[override]
-        x_ND, w1, w2, w3, h1, h3, act = ctx.saved_tensors
-        counts, ws = ctx.counts, ctx.ws
+        x_ND, w1, w2, w3, h1_NF, h3_NF, act_NF = ctx.saved_tensors
+        ws, swiglu = ctx.ws, ctx.swiglu
+        need_x, need_w1, need_w2 = ctx.needs_input_grad[:3]
+        need_w3 = swiglu and ctx.needs_input_grad[3]
         g_ND = g_ND.contiguous()
-        N, F = h1.shape
+        spans = _spans(ctx.counts)
+        chunk, F = max((n for _, _, n in spans), default=0), h1_NF.shape[1]
 
         def buf(name: str) -> torch.Tensor:
-            return ws.get(name, N, F, x_ND) if ctx.use_ws else x_ND.new_empty((N, F))
+            return ws.get(name, chunk, F, x_ND) if ctx.use_ws else x_ND.new_empty((chunk, F))
 
-        def wgrad(name: str, w: torch.Tensor) -> torch.Tensor:
+        def wgrad(name: str, w: torch.Tensor, needed: bool) -> torch.Tensor | None:
+            if not needed:
+                return None
             return ws.grad_like(name, w) if ctx.use_ws else torch.empty_like(w)
 
-        g_act = _mm_groups(g_ND, w2, buf("g_act"), counts, transpose_w=True)
-        g_w2 = _weight_grads(act, g_ND, counts, wgrad("g_w2", w2))
-        if not ctx.swiglu:
-            g_h1 = torch.ops.aten.gelu_backward.grad_input(g_act, h1, grad_input=act)  # act is free now
-            g_w1 = _weight_grads(x_ND, g_h1, counts, wgrad("g_w1", w1))
-            g_x = _mm_groups(g_h1, w1, x_ND.new_empty(x_ND.shape), counts, transpose_w=True)
-            g_w3 = None
-        else:
-            torch.mul(g_act, h3, out=act)  # d act / d silu(h1)
-            g_h1 = torch.ops.aten.silu_backward.grad_input(act, h1, grad_input=h3)  # h3 is free after the line above
-            torch.ops.aten.silu.out(h1, out=act)
-            g_h3 = g_act.mul_(act)
-            g_w1 = _weight_grads(x_ND, g_h1, counts, wgrad("g_w1", w1))
-            g_w3 = _weight_grads(x_ND, g_h3, counts, wgrad("g_w3", w3))
-            g_x = _mm_groups(g_h1, w1, x_ND.new_empty(x_ND.shape), counts, transpose_w=True)
-            start = 0
-            for g, n in enumerate(counts):  # g_x += g_h3 @ w3^T
-                if n:
-                    g_x[start:start + n].addmm_(g_h3[start:start + n], w3[g].t())
-                start += n
+        g_x = (ws.grad_like("g_x", x_ND) if ctx.use_ws else x_ND.new_empty(x_ND.shape)) if need_x else None
+        g_w1, g_w2 = wgrad("g_w1", w1, need_w1), wgrad("g_w2", w2, need_w2)
+        g_w3 = wgrad("g_w3", w3, need_w3) if swiglu else None
+        busy = {g for g, _, _ in spans}
+        for g_w in (g_w1, g_w2, g_w3):  # experts without rows get a zero gradient
+            for g in range(0 if g_w is None else g_w.shape[0]):
+                if g not in busy:
+                    g_w[g].zero_()
+        g_act_c = buf("g_act")
+        if swiglu:
+            g_sw_c, silu_c = buf("g_silu"), buf("silu")
+        for g, s, n in spans:
+            x_n, g_n = x_ND[s:s + n], g_ND[s:s + n]
+            h1, act = h1_NF[s:s + n], act_NF[s:s + n]
+            g_act = g_act_c[:n]
+            torch.mm(g_n, w2[g].t(), out=g_act)
+            if g_w2 is not None:
+                torch.mm(act.t(), g_n, out=g_w2[g])
+            if not swiglu:
+                g_h1 = torch.ops.aten.gelu_backward.grad_input(g_act, h1, grad_input=g_act)  # in place
+                g_h3 = None
+            else:
+                h3 = h3_NF[s:s + n]
+                g_h1 = torch.mul(g_act, h3, out=g_sw_c[:n])  # d loss / d silu(h1)
+                torch.ops.aten.silu_backward.grad_input(g_h1, h1, grad_input=g_h1)
+                g_h3 = g_act.mul_(torch.ops.aten.silu.out(h1, out=silu_c[:n]))
+            if g_w1 is not None:
+                torch.mm(x_n.t(), g_h1, out=g_w1[g])
+            if g_w3 is not None:
+                torch.mm(x_n.t(), g_h3, out=g_w3[g])
+            if g_x is not None:
+                g_x_n = torch.mm(g_h1, w1[g].t(), out=g_x[s:s + n])
+                if g_h3 is not None:
+                    g_x_n.addmm_(g_h3, w3[g].t())
         if ctx.use_ws and hasattr(ctx, "token"):
             ws.release()
         return g_x, g_w1, g_w2, g_w3, None, None
