@@ -41,7 +41,10 @@ Output (stdout, JSON lines; human text goes to stderr): one line per (impl, work
   over_budget_mb      peak_rss_mb - base_rss_mb - budget_mb
   bound_tokens_per_s  tokens / (passes x max(bytes streamed per pass / measured read bandwidth, compute time
                       per pass with everything resident)); read bandwidth: ``preadv`` of the model files, warm
-                      or after eviction; resident compute: semoe with no budget (every section loaded once)
+                      or after eviction, measured again right before each (workload, cache) row's runs (median
+                      of ``--reps``; the rate of a shared VM disk drifts over minutes); resident compute: semoe
+                      with no budget (every section loaded once)
+  read_gb_per_s       that row's measured read bandwidth
   x_of_bound          bound_tokens_per_s / tokens_per_s (1.0 = at the bound)
   plus budget_mb, model_mb, passes, wall_s, tokens, and semoe's load_s / wait_s / compute_s
 then one summary line: read bandwidths, resident compute per pass, semoe / accelerate ratios, whether the
@@ -334,13 +337,18 @@ def main(argv: list[str] | None = None) -> int:
         log(f"resident {name}: {r['wall_s']:.3f} s for {r['passes']} passes")
 
     rows: list[dict[str, Any]] = []
+    bw_rows: dict[str, float] = {}
     tokens_out: dict[tuple[str, str, str], Any] = {}
     flip = False
     for name, w in loads.items():
         for cache in ("warm", "cold"):
             order = impls[::-1] if flip else impls
             flip = not flip
-            bound_s = w["passes"] * max(bytes_per_pass / bw[cache], compute_pass[name])
+            # the read rate drifts over minutes on a shared VM disk (1.3-1.9 GB/s cold between runs of one
+            # day): measure it again right before this row's runs, under the same conditions
+            bw_row = read_bandwidth(files, cache == "cold", reps)
+            bw_rows[f"{name}/{cache}"] = bw_row
+            bound_s = w["passes"] * max(bytes_per_pass / bw_row, compute_pass[name])
             for impl in order:
                 spec = {**common_spec, **w, "impl": impl, "workload": name, "cache": cache, "budget": budget}
                 r = run_worker(spec, isolated)
@@ -350,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
                        "peak_file_mb": r["peak_file_mb"], "bound_tokens_per_s": w["tokens"] / bound_s,
                        "x_of_bound": w["tokens"] / bound_s / tps, "base_rss_mb": r["base_rss_mb"],
                        "over_budget_mb": r["peak_rss_mb"] - r["base_rss_mb"] - budget / MiB,
+                       "read_gb_per_s": bw_row / 1e9,
                        "budget_mb": budget / MiB, "model_mb": weights / MiB, "passes": r["passes"],
                        "wall_s": r["wall_s"], "tokens": w["tokens"]}
                 for k in ("load_s", "wait_s", "compute_s", "slots", "placement"):
@@ -387,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     emit_json({"summary": True, "smoke": args.smoke, "model_mb": weights / MiB, "budget_mb": budget / MiB,
                "bytes_per_pass_mb": bytes_per_pass / MiB, "read_gb_per_s": {k: v / 1e9 for k, v in bw.items()},
+               "read_gb_per_s_per_row": {k: v / 1e9 for k, v in bw_rows.items()},
                "resident_compute_s_per_pass": compute_pass, "ratio_semoe_vs_accelerate": ratio,
                "greedy_tokens_agree": agree, "targets": targets, "threads": args.threads or torch.get_num_threads(),
                "reps": reps, "fixed_overhead_mib": OVERHEAD_MIB,

@@ -21,9 +21,10 @@ decodes one token per sequence, a whole group per call. A sequence stops at an E
 a group leaves the passes when all its sequences have stopped.
 
 The math is the model's own: the :class:`~semoe.models.transformer.MoETransformer` is built once on the
-meta device and each section runs its modules with ``torch.func.functional_call``, the section's
-parameters being views of the slot (no copy). Nothing is allocated by the ring in the steady state:
-slots, the staging area and the pinned buffers are allocated once; KV caches once per wave.
+meta device, and before a section runs, its parameters and buffers are pointed at views of the slot
+(plain stores into the modules' parameter dicts, no copy; the meta tensors are put back after a wave).
+Nothing is allocated by the ring in the steady state: slots, the staging area and the pinned buffers are
+allocated once; KV caches once per wave.
 
 Memory budget (``max_memory``): K slots of the largest section + the staging area (only for a dtype
 cast) + the resident set of a wave (KV caches, hidden states, the activation estimate of
@@ -50,7 +51,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from semoe.inference.generate import sample_next
 from semoe.inference.sections import (
@@ -419,18 +419,6 @@ def _share_workspaces(model: nn.Module) -> None:
             m.workspace = shared
 
 
-class _Runner(nn.Module):
-    """Holds the meta model so that ``functional_call`` can swap a section's parameters in; ``fn`` gets
-    the model with those parameters and runs the section."""
-
-    def __init__(self, model: MoETransformer) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, fn: Callable[[MoETransformer], None]) -> None:
-        fn(self.model)
-
-
 # ------------------------------------------------------------------------------------------ engine
 
 
@@ -503,7 +491,6 @@ class RingEngine:
         self.ring_bytes = sum(sizes) + self.plan.staging_bytes
         self.model = build_meta_model(self.cfg, dtype)
         _share_workspaces(self.model)
-        self._runner = _Runner(self.model)
         self._buffers = {f"model.{n}": b.to(device=self.device, dtype=dtype if b.is_floating_point() else b.dtype)
                          for n, b in self.source.buffers.items()}
         self.stats = RingStats()
@@ -513,7 +500,8 @@ class RingEngine:
         self._next_section = 0
         self._allowed = 0  # sections the current generate() call may still compute
         self._kv_scratch: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self._views: dict[tuple[int, int], list[tuple[dict, str, torch.Tensor]]] = {}
+        self._meta: dict[str, tuple[dict, str, torch.Tensor]] = {}
         log.info("ring engine: %s (%s), %d sections, %s, slot %.1f MiB, budget %s", self.source.path,
                  self.source.fmt, S, "resident" if self.resident else f"K={len(sizes)} slots",
                  self.plan.slot_bytes / MiB, "none" if self.budget is None else f"{self.budget / MiB:.1f} MiB")
@@ -740,29 +728,31 @@ class RingEngine:
             shape = (bmax, cfg.kv_heads, lmax, cfg.dim_per_head)
             self._kv_scratch = (torch.empty(shape, dtype=self.dtype, device=self.device),
                                 torch.empty(shape, dtype=self.dtype, device=self.device))
-        while True:
-            active = [g for g in groups if not g.finished]
-            if not active:
-                break
-            for g in active:
-                pos = torch.arange(g.start, g.start + g.tokens.shape[1], device=self.device)
-                g.cos, g.sin = rope_cos_sin(pos, self.cfg.dim_per_head, self.cfg.rope_theta)
-            for section in self.plan.sections:
-                ticket, slot = self._acquire(section.index)
-                t0 = time.perf_counter()
-                try:
-                    params = self._section_params(section, slot)
-                    functional_call(self._runner, params,
-                                    (functools.partial(self._compute, section, active, sample),))
-                finally:
-                    self._ring.release(ticket)
-                self.stats.compute_s += time.perf_counter() - t0
-                if self.device.type == "cpu":
-                    mem = process_memory()
-                    self.stats.peak_anon_mb = max(self.stats.peak_anon_mb, mem.get("anon", 0.0))
-                    self.stats.peak_file_mb = max(self.stats.peak_file_mb, mem.get("file", 0.0))
-            self.stats.passes += 1
-        self._kv_scratch = None
+        try:
+            while True:
+                active = [g for g in groups if not g.finished]
+                if not active:
+                    break
+                for g in active:
+                    pos = torch.arange(g.start, g.start + g.tokens.shape[1], device=self.device)
+                    g.cos, g.sin = rope_cos_sin(pos, self.cfg.dim_per_head, self.cfg.rope_theta)
+                for section in self.plan.sections:
+                    ticket, slot = self._acquire(section.index)
+                    t0 = time.perf_counter()
+                    try:
+                        self._bind(self._section_bindings(section, slot))
+                        self._compute(section, active, sample, self.model)
+                    finally:
+                        self._ring.release(ticket)
+                    self.stats.compute_s += time.perf_counter() - t0
+                    if self.device.type == "cpu":
+                        mem = process_memory()
+                        self.stats.peak_anon_mb = max(self.stats.peak_anon_mb, mem.get("anon", 0.0))
+                        self.stats.peak_file_mb = max(self.stats.peak_file_mb, mem.get("file", 0.0))
+                self.stats.passes += 1
+        finally:
+            self._kv_scratch = None
+            self._unbind()
 
     def _acquire(self, section: int) -> tuple[int, int]:
         """Request tickets up to K ahead (never more sections than this call may still compute) and wait
@@ -776,14 +766,40 @@ class RingEngine:
         self._allowed -= 1
         return ticket, ring.acquire(ticket)
 
-    def _section_params(self, section: Section, slot: int) -> dict[str, torch.Tensor]:
+    def _section_bindings(self, section: Section, slot: int) -> list[tuple[dict, str, torch.Tensor]]:
+        """(owning module's ``_parameters`` or ``_buffers`` dict, attribute, view of the slot) for every
+        parameter and buffer of ``section``, built once per (section, slot)."""
         key = (section.index, slot)
         if key not in self._views:
             views = self._ring.views(section, slot)
             layers = {u.split(".")[1] for u in section.units if u.startswith("layer.")}
             views.update({n: b for n, b in self._buffers.items() if n.split(".")[2] in layers})
-            self._views[key] = views
+            self._views[key] = [(*self._owner(name), t) for name, t in views.items()]
         return self._views[key]
+
+    def _owner(self, name: str) -> tuple[dict, str]:
+        """The ``_parameters`` / ``_buffers`` dict of the module that owns ``name`` ("model.a.b.w"), and the
+        attribute; the meta tensor found there is remembered (restored by :meth:`_unbind`)."""
+        path, _, attr = name.removeprefix("model.").rpartition(".")
+        mod = self.model.get_submodule(path)
+        table = mod._parameters if attr in mod._parameters else mod._buffers
+        if attr not in table:
+            raise KeyError(f"{name}: no such parameter or buffer in the model")
+        self._meta.setdefault(name, (table, attr, table[attr]))
+        return table, attr
+
+    @staticmethod
+    def _bind(bindings: list[tuple[dict, str, torch.Tensor]]) -> None:
+        """Point the model's parameters and buffers at the slot's views: plain dict stores, no copy (the
+        model is built on the meta device; ``torch.func.functional_call`` did the same swap but walked the
+        whole module tree twice per call, ~20% of a decode pass)."""
+        for table, attr, t in bindings:
+            table[attr] = t
+
+    def _unbind(self) -> None:
+        """Put the meta tensors back (no slot stays referenced by the model after a wave)."""
+        for table, attr, meta in self._meta.values():
+            table[attr] = meta
 
     def _compute(self, section: Section, active: list[_Group], sample: Callable[[_Group, torch.Tensor], None],
                  model: MoETransformer) -> None:
