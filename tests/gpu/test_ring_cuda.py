@@ -11,7 +11,14 @@ pytestmark = [pytest.mark.gpu,
 
 transformers = pytest.importorskip("transformers")
 
-from tests.unit.test_ring import NEW, PROMPTS, build_hf, hf_greedy, model_bytes  # noqa: E402
+from tests.unit.test_ring import (  # noqa: E402
+    NEW,
+    PROMPTS,
+    build_hf,
+    hf_greedy,
+    model_bytes,
+    save_memory_test_model,
+)
 
 from semoe.inference.ring import MiB, RingEngine  # noqa: E402
 
@@ -41,11 +48,7 @@ def test_cuda_ring_matches_transformers(saved, kv_device) -> None:
 
 def test_cuda_memory_within_budget(tmp_path) -> None:
     """A ~67 MB model with a 16 MiB device budget: the engine's device allocations stay within it."""
-    cfg = transformers.MixtralConfig(vocab_size=512, hidden_size=256, num_hidden_layers=12, num_attention_heads=4,
-                                     num_key_value_heads=4, intermediate_size=192, num_local_experts=8,
-                                     num_experts_per_tok=2, max_position_embeddings=128)
-    torch.manual_seed(0)
-    transformers.MixtralForCausalLM(cfg).save_pretrained(tmp_path, safe_serialization=True)
+    save_memory_test_model(tmp_path)
     budget = 16 * MiB
     assert model_bytes(tmp_path) >= 4 * budget
     x = torch.randn(64, 64, device="cuda")  # cuBLAS / SDPA workspaces exist before the measurement

@@ -252,12 +252,17 @@ MEMORY_SCRIPT = textwrap.dedent("""
 OVERHEAD_MIB = 24
 
 
-def test_peak_rss_within_budget_plus_overhead(tmp_path) -> None:
+def save_memory_test_model(path: Path) -> None:
+    """The ~67 MB random Mixtral of the memory tests (CPU and CUDA), saved as an HF folder."""
     cfg = transformers.MixtralConfig(vocab_size=512, hidden_size=256, num_hidden_layers=12, num_attention_heads=4,
                                      num_key_value_heads=4, intermediate_size=192, num_local_experts=8,
                                      num_experts_per_tok=2, max_position_embeddings=128)
     torch.manual_seed(0)
-    transformers.MixtralForCausalLM(cfg).save_pretrained(tmp_path, safe_serialization=True)
+    transformers.MixtralForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+
+
+def test_peak_rss_within_budget_plus_overhead(tmp_path) -> None:
+    save_memory_test_model(tmp_path)
     disk = model_bytes(tmp_path)
     budget = 16 * MiB
     assert disk >= 4 * budget  # ~67 MB on disk

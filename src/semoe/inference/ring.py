@@ -500,7 +500,7 @@ class RingEngine:
         self._next_section = 0
         self._allowed = 0  # sections the current generate() call may still compute
         self._kv_scratch: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._views: dict[tuple[int, int], list[tuple[dict, str, torch.Tensor]]] = {}
+        self._bindings: dict[tuple[int, int], list[tuple[dict, str, torch.Tensor]]] = {}
         self._meta: dict[str, tuple[dict, str, torch.Tensor]] = {}
         log.info("ring engine: %s (%s), %d sections, %s, slot %.1f MiB, budget %s", self.source.path,
                  self.source.fmt, S, "resident" if self.resident else f"K={len(sizes)} slots",
@@ -770,12 +770,12 @@ class RingEngine:
         """(owning module's ``_parameters`` or ``_buffers`` dict, attribute, view of the slot) for every
         parameter and buffer of ``section``, built once per (section, slot)."""
         key = (section.index, slot)
-        if key not in self._views:
+        if key not in self._bindings:
             views = self._ring.views(section, slot)
             layers = {u.split(".")[1] for u in section.units if u.startswith("layer.")}
             views.update({n: b for n, b in self._buffers.items() if n.split(".")[2] in layers})
-            self._views[key] = [(*self._owner(name), t) for name, t in views.items()]
-        return self._views[key]
+            self._bindings[key] = [(*self._owner(name), t) for name, t in views.items()]
+        return self._bindings[key]
 
     def _owner(self, name: str) -> tuple[dict, str]:
         """The ``_parameters`` / ``_buffers`` dict of the module that owns ``name`` ("model.a.b.w"), and the

@@ -156,7 +156,7 @@ class GradFusion:
             for cname, partition in (("dense", world_ranks), ("router", world_ranks), ("expert", replicas)):
                 groups = hierarchical_reduce_groups(partition, ranks_per_node) if partition else None
                 if groups is not None:
-                    node, rail, _, size = groups
+                    node, rail, size = groups
                     self.classes[cname].hier = _HierReducer(node, rail, size)
         by_class: dict[str, list[nn.Parameter]] = {c: [] for c in CLASSES}
         for name, p in model.named_parameters():

@@ -125,20 +125,27 @@ def node_of_ranks(group: dist.ProcessGroup, rpn: int) -> list[int]:
     return [g // rpn for g in dist.get_process_group_ranks(group)]
 
 
+def _node_and_rail_groups(parts: list[list[int]]) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
+    """A group per part (the ranks of one group on one node) and per rail (the i-th rank of every part);
+    this rank's two (None where it is in none). Collective: every rank calls it with the same parts."""
+    me = dist.get_rank()
+    node_group = rail_group = None
+    for part in parts:
+        g = dist.new_group(part)
+        node_group = g if me in part else node_group
+    for rail in (list(r) for r in zip(*parts)):
+        g = dist.new_group(rail)
+        rail_group = g if me in rail else rail_group
+    return node_group, rail_group
+
+
 def hierarchical_groups(mesh: DeviceMesh, per_node: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
     """(node group, rail group) of this rank: the ranks of its ep group on its node, and the ranks of its
     ep group with its local index on every node. Every rank creates every group, in the same order."""
-    me = dist.get_rank()
     node_group = rail_group = None
     for row in mesh.mesh.reshape(-1, mesh.size(1)).tolist():  # one expert-parallel group per row
-        for n in range(len(row) // per_node):
-            ranks = row[n * per_node:(n + 1) * per_node]
-            g = dist.new_group(ranks)
-            node_group = g if me in ranks else node_group
-        for p in range(per_node):
-            ranks = row[p::per_node]
-            g = dist.new_group(ranks)
-            rail_group = g if me in ranks else rail_group
+        node, rail = _node_and_rail_groups([row[n:n + per_node] for n in range(0, len(row), per_node)])
+        node_group, rail_group = node or node_group, rail or rail_group
     assert node_group is not None and rail_group is not None
     return node_group, rail_group
 
@@ -160,27 +167,24 @@ def fusion_groups(mesh: DeviceMesh | None, num_world_groups: int) -> tuple[list[
 
 
 def hierarchical_reduce_groups(partition: list[list[int]], rpn: int
-                               ) -> tuple[dist.ProcessGroup, dist.ProcessGroup, int, int] | None:
+                               ) -> tuple[dist.ProcessGroup, dist.ProcessGroup, int] | None:
     """Two-level reduction groups for the member of ``partition`` (disjoint rank lists covering the
     world, e.g. ``[world]`` or the expert replica groups) that holds this rank: ``(node part, rail part,
-    index inside the node part, size of the node part)``. A member qualifies when it spans at least two
-    nodes with the same number (>= 2) of its ranks on each; None for this rank's member otherwise (a
-    flat all-reduce moves no more inter-node bytes then). Every rank creates every group, in the same
-    order (``dist.new_group`` is collective)."""
+    size of the node part)``. A member qualifies when it spans at least two nodes with the same number
+    (>= 2) of its ranks on each; None for this rank's member otherwise (a flat all-reduce moves no more
+    inter-node bytes then). Every rank creates every group, in the same order (``dist.new_group`` is
+    collective)."""
     me = dist.get_rank()
     mine = None
     for ranks in partition:
         by_node: dict[int, list[int]] = {}
         for r in sorted(ranks):
             by_node.setdefault(r // rpn, []).append(r)
-        sizes = {len(v) for v in by_node.values()}
-        if len(by_node) < 2 or len(sizes) != 1 or sizes.pop() < 2:
-            continue
         parts = list(by_node.values())
-        node_groups = [(p, dist.new_group(p)) for p in parts]
-        rail_groups = [(rail, dist.new_group(rail)) for rail in (list(r) for r in zip(*parts))]
+        if len(parts) < 2 or len({len(p) for p in parts}) != 1 or len(parts[0]) < 2:
+            continue
+        node, rail = _node_and_rail_groups(parts)
         if me in ranks:
-            node_ranks, node_g = next((p, g) for p, g in node_groups if me in p)
-            rail_g = next(g for rail, g in rail_groups if me in rail)
-            mine = (node_g, rail_g, node_ranks.index(me), len(node_ranks))
+            assert node is not None and rail is not None
+            mine = (node, rail, len(parts[0]))
     return mine
