@@ -43,12 +43,13 @@ Output (stdout, JSON lines; human text goes to stderr): one line per (impl, work
                       per pass with everything resident)); read bandwidth: ``preadv`` of the model files, warm
                       or after eviction, measured right before each (workload, cache) row's runs (median of
                       ``--reps``; the rate of a shared VM disk drifts over minutes); resident compute: semoe
-                      with no budget (every section loaded once)
+                      with no budget (every section loaded once), also measured right before each row
   read_gb_per_s       that row's measured read bandwidth
+  resident_compute_s_per_pass   that row's measured resident compute per pass
   x_of_bound          bound_tokens_per_s / tokens_per_s (1.0 = at the bound)
   plus budget_mb, model_mb, passes, wall_s, tokens, and semoe's load_s / wait_s / compute_s
 then one summary line: read bandwidths (median over the rows of each cache state), resident compute per
-pass, semoe / accelerate ratios, whether the greedy tokens of both contenders agree, and the targets
+pass of each row, semoe / accelerate ratios, whether the greedy tokens of both contenders agree, and the targets
 (every semoe row within 1.3x of its bound; prefill cold >= 1.5x accelerate; semoe peak RSS <= base +
 1.1 x budget + 24 MiB, the documented overhead).
 """
@@ -290,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "semoe-bench-offload")
     ap.add_argument("--budget-frac", type=float, default=0.25, help="budget as a fraction of the weights' bytes")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per contender (default 3; smoke 1)")
-    ap.add_argument("--batch-size", type=int, default=4, help="semoe micro-batch (sequences)")
+    ap.add_argument("--batch-size", type=int, default=8, help="semoe micro-batch: sequences per prefill call (default "
+                    "8, the engine's and `semoe generate`'s default; accelerate runs the whole batch in one call)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1: on a 2-core "
                     "machine one core computes and one reads; 0: torch's default)")
     ap.add_argument("--prefill", default="8x64", help="prefill-heavy batch: BxP (B prompts of P tokens, 1 new)")
@@ -327,14 +329,14 @@ def main(argv: list[str] | None = None) -> int:
     common_spec = dict(model=str(model), reps=reps, batch_size=args.batch_size, threads=args.threads,
                        offload_dir=str(args.workdir / "offload"))
 
-    # resident compute per pass (the compute side of the bound)
-    compute_pass = {}
-    for name, w in loads.items():
+    def resident_compute(name: str, w: dict[str, Any]) -> float:
+        """Seconds per pass with every section resident (the compute side of the bound)."""
         r = run_worker({**common_spec, **w, "impl": "semoe", "workload": name, "cache": "warm", "budget": None,
                         "tokens": w["tokens"]}, isolated)
-        compute_pass[name] = r["wall_s"] / r["passes"]
         log(f"resident {name}: {r['wall_s']:.3f} s for {r['passes']} passes")
+        return r["wall_s"] / r["passes"]
 
+    compute_pass: dict[str, float] = {}
     rows: list[dict[str, Any]] = []
     bw_rows: dict[str, float] = {}
     tokens_out: dict[tuple[str, str, str], Any] = {}
@@ -344,10 +346,12 @@ def main(argv: list[str] | None = None) -> int:
             order = impls[::-1] if flip else impls
             flip = not flip
             # the read rate drifts over minutes on a shared VM disk (1.3-1.9 GB/s cold between runs of one
-            # day): measure it right before this row's runs, under the same conditions
+            # day), the compute rate of a shared VM by +-10%: measure both right before this row's runs
             bw_row = read_bandwidth(files, cache == "cold", reps)
             bw_rows[f"{name}/{cache}"] = bw_row
-            bound_s = w["passes"] * max(bytes_per_pass / bw_row, compute_pass[name])
+            compute_row = resident_compute(name, w)
+            compute_pass[f"{name}/{cache}"] = compute_row
+            bound_s = w["passes"] * max(bytes_per_pass / bw_row, compute_row)
             for impl in order:
                 spec = {**common_spec, **w, "impl": impl, "workload": name, "cache": cache, "budget": budget}
                 r = run_worker(spec, isolated)
@@ -357,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
                        "peak_file_mb": r["peak_file_mb"], "bound_tokens_per_s": w["tokens"] / bound_s,
                        "x_of_bound": w["tokens"] / bound_s / tps, "base_rss_mb": r["base_rss_mb"],
                        "over_budget_mb": r["peak_rss_mb"] - r["base_rss_mb"] - budget / MiB,
-                       "read_gb_per_s": bw_row / 1e9,
+                       "read_gb_per_s": bw_row / 1e9, "resident_compute_s_per_pass": compute_row,
                        "budget_mb": budget / MiB, "model_mb": weights / MiB, "passes": r["passes"],
                        "wall_s": r["wall_s"], "tokens": w["tokens"]}
                 for k in ("load_s", "wait_s", "compute_s", "slots", "placement"):
