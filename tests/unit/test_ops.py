@@ -20,6 +20,22 @@ def test_permute_unpermute_match_autograd_reference() -> None:
     assert torch.autograd.gradcheck(lambda a, b: unpermute(permute(a, idx), idx, b, 6), (x, w))
 
 
+def test_permute_with_inverse_matches_scatter_backward() -> None:
+    """A permutation's backward through its inverse (a gather) equals the scatter-add backward."""
+    torch.manual_seed(0)
+    perm = torch.randperm(9)
+    x = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(9, 4, dtype=torch.float64)
+    (ref,) = torch.autograd.grad(permute(x, perm), x, g)
+    out = permute(x, perm, torch.argsort(perm))
+    assert torch.equal(out, x[perm])
+    (got,) = torch.autograd.grad(out, x, g)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    assert torch.autograd.gradcheck(lambda a: permute(a, perm, torch.argsort(perm)), (x,))
+    with pytest.raises(ValueError, match="permutation of all 9 rows"):
+        permute(x, perm[:5], torch.argsort(perm))
+
+
 def test_pad_rows_gradcheck() -> None:
     x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     slots = torch.tensor([7, 0, 2, 5])

@@ -192,7 +192,8 @@ class MoELayer(nn.Module):
         ``keep_sm``: the score-priority keep mask of the whole receive buffer, ``rows_M`` these rows'
         positions in it (None: all of it). Returns the outputs in the input's row order."""
         regroup = regroup_index(counts_SL).to(x_MD.device) if counts_SL.shape[0] > 1 else None
-        x_recv = permute(x_MD, regroup) if regroup is not None else x_MD  # expert-major
+        back = torch.argsort(regroup) if regroup is not None else None  # its inverse: the way back
+        x_recv = permute(x_MD, regroup, back) if regroup is not None else x_MD  # expert-major
         counts_L = counts_SL.sum(0)
         if keep_sm is not None:
             keep = keep_sm if rows_M is None else keep_sm[rows_M]
@@ -204,7 +205,7 @@ class MoELayer(nn.Module):
             y_recv = pad_rows(y_kept, keep_idx, x_recv.shape[0])
         else:
             y_recv = self.experts(x_recv, counts_L.tolist(), capacity)
-        return permute(y_recv, torch.argsort(regroup)) if regroup is not None else y_recv
+        return permute(y_recv, back, regroup) if regroup is not None else y_recv
 
 
 def _keep_top_scores(score_N: torch.Tensor, counts_L: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
