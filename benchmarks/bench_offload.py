@@ -4,6 +4,7 @@ Run (from the repository root):
 
     python benchmarks/bench_offload.py            # the full run (a few minutes on 2 CPU cores)
     python benchmarks/bench_offload.py --smoke    # tiny model, one repetition, in one process (CI, seconds)
+    python benchmarks/bench_offload.py --device cuda   # ring in GPU memory, model in host memory (warm rows)
 
 Both contenders serve the same HF Mixtral checkpoint (random weights, float32, made once under --workdir)
 within the same budget (--budget-frac of the weights, 1/4 by default):
@@ -47,7 +48,10 @@ Output (stdout, JSON lines; human text goes to stderr): one line per (impl, work
   read_gb_per_s       that row's measured read bandwidth
   resident_compute_s_per_pass   that row's measured resident compute per pass
   x_of_bound          bound_tokens_per_s / tokens_per_s (1.0 = at the bound)
-  plus budget_mb, model_mb, passes, wall_s, tokens, and semoe's load_s / wait_s / compute_s
+  plus budget_mb, model_mb, passes, wall_s, tokens, and semoe's load_s / wait_s / compute_s; with
+  --device cuda also peak_device_mb (torch's peak allocation) and semoe's h2d_gb_per_s, copy_s, stall_s
+  and copy_hidden_share (events on the copy and compute streams), and the bound's read bandwidth is the
+  slower of the page-cache read and a pinned 64 MiB host-to-device copy
 then one summary line: read bandwidths (median over the rows of each cache state), resident compute per
 pass of each row, semoe / accelerate ratios, whether the greedy tokens of both contenders agree, and the targets
 (every semoe row within 1.3x of its bound; prefill cold >= 1.5x accelerate; semoe peak RSS <= base +
@@ -178,6 +182,23 @@ def read_bandwidth(files: list[Path], cold: bool, reps: int) -> float:
     return median(rates)
 
 
+def h2d_bandwidth(reps: int) -> float:
+    """Bytes/s of a 64 MiB pinned host -> device copy (median of ``reps``)."""
+    import torch
+
+    src = torch.empty(64 * MiB, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(64 * MiB, dtype=torch.uint8, device="cuda")
+    dst.copy_(src)
+    rates = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        rates.append(src.numel() / (time.perf_counter() - t0))
+    return median(rates)
+
+
 def workloads(smoke: bool, vocab: int, prefill: str, decode: str) -> dict[str, dict[str, Any]]:
     """{name: prompts, max_new, tokens counted, passes}; ``prefill`` "BxP", ``decode`` "BxPxN"."""
     import torch
@@ -202,7 +223,7 @@ def run_semoe(spec: dict[str, Any]) -> dict[str, Any]:
     from semoe.inference.ring import RingEngine
 
     engine = RingEngine(spec["model"], max_memory=spec["budget"], batch_size=spec["batch_size"],
-                        drop_page_cache=spec["cache"] == "cold")
+                        drop_page_cache=spec["cache"] == "cold", device=spec.get("device", "cpu"))
     files = model_files(Path(spec["model"]))
     runs, stats = [], []
     try:
@@ -220,6 +241,10 @@ def run_semoe(spec: dict[str, Any]) -> dict[str, Any]:
             "load_s": median([s.load_s for s in stats]), "wait_s": median([s.wait_s for s in stats]),
             "compute_s": median([s.compute_s for s in stats]), "passes": stats[-1].passes,
         }
+        if engine.device.type == "cuda":  # host-to-device copies, timed with events on the copy stream
+            extra.update(h2d_gb_per_s=median([s.h2d_gb_per_s for s in stats]),
+                         copy_hidden_share=median([s.copy_hidden_share for s in stats]),
+                         copy_s=median([s.copy_s for s in stats]), stall_s=median([s.stall_s for s in stats]))
     finally:
         engine.close()
     return {"times": runs, "tokens_out": result.tokens, **extra}
@@ -231,21 +256,26 @@ def run_accelerate(spec: dict[str, Any]) -> dict[str, Any]:
 
     offload = Path(spec["offload_dir"])
     shutil.rmtree(offload, ignore_errors=True)
+    cuda = spec.get("device", "cpu") == "cuda"
+    # CUDA: the budget is GPU memory and the rest of the model stays in host memory (accelerate's cpu offload)
+    max_memory = {0: spec["budget"], "cpu": 2**40} if cuda else {"cpu": spec["budget"]}
     with stdout_to_stderr():
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            spec["model"], device_map="auto", max_memory={"cpu": spec["budget"]}, offload_folder=str(offload),
+            spec["model"], device_map="auto", max_memory=max_memory, offload_folder=str(offload),
             dtype=torch.float32)
     model.eval()
     files = model_files(Path(spec["model"])) + sorted(p for p in offload.rglob("*") if p.is_file())
     if spec["cache"] == "cold":  # drop the files' pages before every pass over the model
         model.register_forward_pre_hook(lambda *_: evict(files))
-    x = torch.tensor(spec["prompts"])
+    x = torch.tensor(spec["prompts"], device="cuda" if cuda else "cpu")
     runs = []
     with torch.no_grad():
         for rep in range(spec["reps"] + 1):
             t0 = time.perf_counter()
             out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=spec["max_new"],
                                  min_new_tokens=spec["max_new"], eos_token_id=None, pad_token_id=0)
+            if cuda:
+                torch.cuda.synchronize()
             if rep:
                 runs.append(time.perf_counter() - t0)
     placement: dict[str, int] = {}
@@ -271,6 +301,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         res = run_accelerate(spec) if spec["impl"] == "accelerate" else run_semoe(spec)
     res.update(base_rss_mb=base, peak_rss_mb=_status()["VmHWM"], peak_anon_mb=mem.anon, peak_file_mb=mem.file,
                wall_s=median(res["times"]))
+    if spec.get("device", "cpu") == "cuda":
+        res["peak_device_mb"] = torch.cuda.max_memory_allocated() / MiB
     return res
 
 
@@ -299,12 +331,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode", default="16x8x16", help="decode batch: BxPxN (B prompts of P tokens, N new)")
     ap.add_argument("--impls", default=None, help="comma list of semoe,accelerate (default: both when accelerate "
                     "is installed)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: the budget is GPU memory, semoe's ring lives there and the model in host memory "
+                    "(page cache; warm rows only), accelerate offloads what does not fit to host memory")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker is not None:
         print(json.dumps(worker(json.loads(args.worker))), flush=True)
         return 0
 
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available on this machine; run with --device cpu")
     cfg = SMOKE if args.smoke else FULL
     reps = args.reps or (1 if args.smoke else 3)
     have_acc = importlib.util.find_spec("accelerate") is not None
@@ -318,8 +357,6 @@ def main(argv: list[str] | None = None) -> int:
     from semoe.inference.sections import open_model, plan_sections
 
     source = open_model(model)
-    import torch
-
     weights = source.param_bytes(torch.float32)
     budget = int(args.budget_frac * weights)
     bytes_per_pass = plan_sections(source).total_bytes
@@ -327,7 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     isolated = not args.smoke
     loads = workloads(args.smoke, cfg["vocab_size"], args.prefill, args.decode)
     common_spec = dict(model=str(model), reps=reps, batch_size=args.batch_size, threads=args.threads,
-                       offload_dir=str(args.workdir / "offload"))
+                       offload_dir=str(args.workdir / "offload"), device=args.device)
+    caches = ("warm",) if args.device == "cuda" else ("warm", "cold")
+    h2d = h2d_bandwidth(reps) if args.device == "cuda" else None
 
     def resident_compute(name: str, w: dict[str, Any]) -> float:
         """Seconds per pass with every section resident (the compute side of the bound)."""
@@ -342,12 +381,14 @@ def main(argv: list[str] | None = None) -> int:
     tokens_out: dict[tuple[str, str, str], Any] = {}
     flip = False
     for name, w in loads.items():
-        for cache in ("warm", "cold"):
+        for cache in caches:
             order = impls[::-1] if flip else impls
             flip = not flip
             # the read rate drifts over minutes on a shared VM disk (1.3-1.9 GB/s cold between runs of one
             # day), the compute rate of a shared VM by +-10%: measure both right before this row's runs
             bw_row = read_bandwidth(files, cache == "cold", reps)
+            if h2d is not None:  # CUDA: host memory -> pinned buffer -> device, the slower of the two
+                bw_row = min(bw_row, h2d)
             bw_rows[f"{name}/{cache}"] = bw_row
             compute_row = resident_compute(name, w)
             compute_pass[f"{name}/{cache}"] = compute_row
@@ -364,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
                        "read_gb_per_s": bw_row / 1e9, "resident_compute_s_per_pass": compute_row,
                        "budget_mb": budget / MiB, "model_mb": weights / MiB, "passes": r["passes"],
                        "wall_s": r["wall_s"], "tokens": w["tokens"]}
-                for k in ("load_s", "wait_s", "compute_s", "slots", "placement"):
+                for k in ("load_s", "wait_s", "compute_s", "slots", "placement", "peak_device_mb", "h2d_gb_per_s",
+                          "copy_hidden_share", "copy_s", "stall_s"):
                     if k in r:
                         row[k] = r[k]
                 rows.append(row)
@@ -382,24 +424,29 @@ def main(argv: list[str] | None = None) -> int:
 
     ratio = {}
     for name in loads:
-        for cache in ("warm", "cold"):
+        for cache in caches:
             a, s = tps("accelerate", name, cache), tps("semoe", name, cache)
             ratio[f"{name}/{cache}"] = s / a if a and s else None
     agree = None
     if "accelerate" in impls:
         agree = all(tokens_out[("semoe", n, c)] == tokens_out[("accelerate", n, c)] for n in loads
-                    for c in ("warm", "cold"))
+                    for c in caches)
     semoe_rows = [r for r in rows if r["impl"] == "semoe"]
     targets = {
         "within_1.3x_of_bound": all(r["x_of_bound"] <= 1.3 for r in semoe_rows),
-        "prefill_cold_vs_accelerate_ge_1.5": (ratio.get("prefill/cold") or 0) >= 1.5 if "accelerate" in impls
-        else None,
-        "peak_rss_le_base_plus_1.1_budget_plus_overhead": all(
-            r["peak_rss_mb"] <= r["base_rss_mb"] + 1.1 * r["budget_mb"] + OVERHEAD_MIB for r in semoe_rows),
+        "prefill_cold_vs_accelerate_ge_1.5": (ratio.get("prefill/cold") or 0) >= 1.5
+        if "accelerate" in impls and "cold" in caches else None,
     }
+    if args.device == "cuda":  # the budget is device memory
+        targets["peak_device_le_1.1_budget_plus_overhead"] = all(
+            r["peak_device_mb"] <= 1.1 * r["budget_mb"] + OVERHEAD_MIB for r in semoe_rows)
+    else:
+        targets["peak_rss_le_base_plus_1.1_budget_plus_overhead"] = all(
+            r["peak_rss_mb"] <= r["base_rss_mb"] + 1.1 * r["budget_mb"] + OVERHEAD_MIB for r in semoe_rows)
     emit_json({"summary": True, "smoke": args.smoke, "model_mb": weights / MiB, "budget_mb": budget / MiB,
                "bytes_per_pass_mb": bytes_per_pass / MiB, "read_gb_per_s": {
-                   c: median([v for k, v in bw_rows.items() if k.endswith("/" + c)]) / 1e9 for c in ("warm", "cold")},
+                   c: median([v for k, v in bw_rows.items() if k.endswith("/" + c)]) / 1e9 for c in caches},
+               "device": args.device, "h2d_gb_per_s": h2d / 1e9 if h2d else None,
                "read_gb_per_s_per_row": {k: v / 1e9 for k, v in bw_rows.items()},
                "resident_compute_s_per_pass": compute_pass, "ratio_semoe_vs_accelerate": ratio,
                "greedy_tokens_agree": agree, "targets": targets, "threads": args.threads or torch.get_num_threads(),

@@ -43,7 +43,12 @@ def test_cuda_ring_matches_transformers(saved, kv_device) -> None:
     assert result.tokens == refs == on_cpu.tokens
     for a, b in zip(result.logits, on_cpu.logits):
         torch.testing.assert_close(a, b, atol=1e-3, rtol=0)  # TF32 may be on for CUDA matmuls
-    assert result.stats.loads == NEW * len(engine.plan.sections)
+    st = result.stats
+    assert st.loads == NEW * len(engine.plan.sections)
+    # every load is one host-to-device copy of its section, timed by events on the copy stream
+    assert st.copy_bytes == NEW * sum(s.nbytes for s in engine.plan.sections) and st.copy_s > 0
+    assert 0 <= st.stall_s <= st.wall_s and 0.0 <= st.copy_hidden_share <= 1.0 and st.h2d_gb_per_s > 0
+    assert on_cpu.stats.copy_s == 0 and on_cpu.stats.copy_hidden_share == 0.0
 
 
 def test_cuda_memory_within_budget(tmp_path) -> None:

@@ -107,4 +107,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if st.peak_device_mb:
         line += f"; device {st.peak_device_mb:.1f} MiB"
     print(line)
+    if st.copy_s > 0:
+        print(f"host-to-device: {st.h2d_gb_per_s:.1f} GB/s ({st.copy_bytes / MiB:.1f} MiB in {st.copy_s:.3f} s), "
+              f"{100 * st.copy_hidden_share:.0f}% of the copy time hidden under compute")
     return 0

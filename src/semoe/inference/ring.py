@@ -135,7 +135,9 @@ class RingStats:
     ``load_s``: time the loader spent reading (and issuing copies); ``wait_s``: time the compute
     waited for the loader; ``compute_s``: time in section compute (host time; on CUDA kernels run
     asynchronously, so there only ``wall_s`` is exact). ``peak_*_mb`` are MiB of this process: peak RSS
-    (VmHWM) and the largest RssAnon / RssFile seen at section boundaries."""
+    (VmHWM) and the largest RssAnon / RssFile seen at section boundaries. CUDA only, from events:
+    ``copy_s`` / ``copy_bytes``, the host-to-device copies' device time and bytes; ``stall_s``, the time
+    the compute stream stood waiting for a copy (the part of ``copy_s`` not hidden under compute)."""
 
     passes: int = 0
     loads: int = 0
@@ -151,17 +153,30 @@ class RingStats:
     peak_anon_mb: float = 0.0
     peak_file_mb: float = 0.0
     peak_device_mb: float = 0.0
+    copy_s: float = 0.0
+    copy_bytes: int = 0
+    stall_s: float = 0.0
 
     @property
     def tokens_per_s(self) -> float:
         """Generated tokens per second of wall time."""
         return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
 
+    @property
+    def h2d_gb_per_s(self) -> float:
+        """Host-to-device copy rate (CUDA; 0 elsewhere)."""
+        return self.copy_bytes / self.copy_s / 1e9 if self.copy_s > 0 else 0.0
+
+    @property
+    def copy_hidden_share(self) -> float:
+        """Share of the copies' time hidden under compute (CUDA; 0 elsewhere)."""
+        return max(0.0, 1.0 - self.stall_s / self.copy_s) if self.copy_s > 0 else 0.0
+
     def minus(self, before: RingStats) -> RingStats:
         """The counters accumulated since ``before`` (peaks are kept as they are)."""
         out = RingStats(**vars(self))
         for name in ("passes", "loads", "bytes_read", "load_s", "wait_s", "compute_s", "wall_s", "waves",
-                     "prompt_tokens", "new_tokens"):
+                     "prompt_tokens", "new_tokens", "copy_s", "copy_bytes", "stall_s"):
             setattr(out, name, getattr(self, name) - getattr(before, name))
         return out
 
@@ -203,6 +218,10 @@ class _SlotRing:
             self.ev_free = [torch.cuda.Event() for _ in range(self.K)]
             self.ev_pinned = [torch.cuda.Event() for _ in range(2)]
             self.pin_next = 0
+        # timing events (CUDA): (start, end, bytes) of each copy on the copy stream, and (before, after) the
+        # compute stream's wait for a slot; read by collect_device_times() once the work is done
+        self._copy_events: list[tuple[Any, Any, int]] = []
+        self._stall_events: list[tuple[Any, Any]] = []
         self.readers = {f: SafetensorsReader(f) for f in plan.source.files}
         self._programs: dict[tuple[int, int], list[tuple[Any, ...]]] = {}
         # page-cache drops not yet done (reader, offset, nbytes, section): done by whichever thread would
@@ -242,8 +261,28 @@ class _SlotRing:
         self.stats.wait_s += time.perf_counter() - t0
         slot = ticket % self.K
         if self.cuda:
-            torch.cuda.current_stream(self.device).wait_event(self.ev_loaded[slot])
+            stream = torch.cuda.current_stream(self.device)
+            before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            before.record(stream)  # done when the compute before this section is done
+            stream.wait_event(self.ev_loaded[slot])
+            after.record(stream)  # done when, in addition, the section's copy is done
+            self._stall_events.append((before, after))
         return slot
+
+    def collect_device_times(self) -> None:
+        """Add the device time of the copies and of the compute's waits so far to the stats (CUDA; waits
+        for the device). Call when no load is in flight (after a generate call)."""
+        if not self.cuda:
+            return
+        torch.cuda.synchronize(self.device)
+        with self.cv:
+            copies, self._copy_events = self._copy_events, []
+        stalls, self._stall_events = self._stall_events, []
+        for start, end, nbytes in copies:
+            self.stats.copy_s += start.elapsed_time(end) / 1e3
+            self.stats.copy_bytes += nbytes
+        for before, after in stalls:
+            self.stats.stall_s += before.elapsed_time(after) / 1e3
 
     def release(self, ticket: int) -> None:
         slot = ticket % self.K
@@ -377,11 +416,16 @@ class _SlotRing:
             self.pin_next ^= 1
             self.ev_pinned[p].synchronize()  # the previous copy out of this pinned buffer is done
             n = self._read_section(section, -1 - p, self.pinned[p])
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             with torch.cuda.stream(self.copy_stream):
                 self.copy_stream.wait_event(self.ev_free[slot])  # the slot's previous section is computed
+                start.record(self.copy_stream)
                 self.slots[slot][:section.nbytes].copy_(self.pinned[p][:section.nbytes], non_blocking=True)
+                end.record(self.copy_stream)
                 self.ev_loaded[slot].record(self.copy_stream)
                 self.ev_pinned[p].record(self.copy_stream)
+            with self.cv:
+                self._copy_events.append((start, end, section.nbytes))
         self.content[slot] = section_idx
         self.stats.loads += 1
         self.stats.bytes_read += n
@@ -684,6 +728,7 @@ class RingEngine:
         for wave in waves:
             self._run_wave(prompts, limits, wave, sample)
             self.stats.waves += 1
+        self._ring.collect_device_times()  # (CUDA) synchronises: wall_s includes the device's work
         self.stats.wall_s += time.perf_counter() - t0
         self.stats.prompt_tokens += sum(len(p) for p, n in zip(prompts, limits) if n > 0)
         self.stats.new_tokens += sum(len(r) for r in results)
