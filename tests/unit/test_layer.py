@@ -76,6 +76,22 @@ def test_stats_and_losses_balanced_value() -> None:
     assert int(o.stats.routed_per_expert.sum()) == 64
 
 
+@pytest.mark.parametrize("kind", ["topk", "expert_choice"])
+def test_losses_switched_off_leave_the_output(kind: str) -> None:
+    """``compute_losses = False`` (what the inference engine sets): same output and stats, zero losses."""
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(d_model=8, d_ff=8, num_experts=4,
+                               router=RouterConfig(kind=kind, top_k=2, z_loss_coef=1e-3)))
+    x = torch.randn(32, 8)
+    with torch.inference_mode():
+        on = layer(x)
+        layer.compute_losses = False
+        off = layer(x)
+    assert not layer.router.compute_losses
+    assert torch.equal(on.out, off.out) and on.stats.tokens_per_expert.tolist() == off.stats.tokens_per_expert.tolist()
+    assert float(on.z_loss) > 0 and float(off.z_loss) == float(off.aux_loss) == float(off.router_loss) == 0.0
+
+
 def test_aux_free_bias_moves_towards_balance() -> None:
     torch.manual_seed(0)
     cfg = MoEConfig(d_model=8, d_ff=8, num_experts=4,

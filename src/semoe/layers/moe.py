@@ -98,6 +98,16 @@ class MoELayer(nn.Module):
                                     cfg.init_std) if cfg.num_shared_experts > 0 else None)
         self.comm: LocalComm = LocalComm()
 
+    @property
+    def compute_losses(self) -> bool:
+        """Whether forward computes the router losses (default True). Inference engines switch it off:
+        ``aux_loss``, ``z_loss`` and ``router_loss`` are then zeros, not the losses."""
+        return self.router.compute_losses
+
+    @compute_losses.setter
+    def compute_losses(self, value: bool) -> None:
+        self.router.compute_losses = bool(value)
+
     def _check_input(self, x: torch.Tensor) -> None:
         if not torch.is_floating_point(x):
             raise ValueError(f"MoELayer input must be a floating-point tensor, got {x.dtype}; "
@@ -135,12 +145,15 @@ class MoELayer(nn.Module):
         num_assign = int(routed_E.sum().item())
 
         total = max(group_tokens, 1)
-        if cfg.router.kind == "topk":
+        if not self.compute_losses:
+            aux = z = routing.prob_sum_E.new_zeros(())
+        elif cfg.router.kind == "topk":
             frac_E = routed_E.to(torch.float64) / max(num_assign, 1)
             aux = load_balancing_loss(routing.prob_sum_E, stats_RN[:, n_counts:n_counts + E].sum(0), frac_E, total, R)
         else:  # expert choice is balanced by construction
             aux = routing.prob_sum_E.sum() * 0.0
-        z = router_z_loss(routing.lse_sq_sum, stats_RN[:, n_counts + E].sum(), total, R)
+        if self.compute_losses:
+            z = router_z_loss(routing.lse_sq_sum, stats_RN[:, n_counts + E].sum(), total, R)
         self.router.update_bias(routed_E)
 
         # capacity

@@ -59,6 +59,7 @@ class Router(nn.Module):
         # expert bias for auxiliary-loss-free balancing (selection only), and the noise call counter
         self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=True)
         self.register_buffer("calls", torch.zeros((), dtype=torch.long), persistent=True)
+        self.compute_losses = True  # False: skip the loss sums (inference; set through MoELayer)
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -111,7 +112,10 @@ class Router(nn.Module):
             self.expert_bias += self.cfg.bias_update_rate * torch.sign(load.mean() - load)
 
 
-def _aux_sums(logits_TE: torch.Tensor, scores_TE: torch.Tensor, score_func: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _aux_sums(logits_TE: torch.Tensor, scores_TE: torch.Tensor, score_func: str,
+              wanted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    if not wanted:  # zeros of the same shapes: the losses are not computed
+        return scores_TE.new_zeros(scores_TE.shape[1]), scores_TE.new_zeros(())
     probs = scores_TE if score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-9)
     return probs.sum(0), torch.logsumexp(logits_TE, dim=-1).square().sum()
 
@@ -141,7 +145,7 @@ class TopKRouter(Router):
         choice_A = torch.arange(K, device=x_TD.device).repeat_interleave(T)
         expert_A = expert_TK.t().reshape(-1)
         weight_A = weight_TK.t().reshape(-1)
-        prob_sum_E, lse_sq = _aux_sums(logits_TE, scores_TE, cfg.score_func)
+        prob_sum_E, lse_sq = _aux_sums(logits_TE, scores_TE, cfg.score_func, self.compute_losses)
         self.finish_call()
         if keep is not None:  # boolean indexing (and its backward's index_put) only when something is dropped
             token_A, expert_A, choice_A, weight_A = token_A[keep], expert_A[keep], choice_A[keep], weight_A[keep]
@@ -185,7 +189,7 @@ class ExpertChoiceRouter(Router):
         order = torch.argsort(tok * self.num_experts + exp, stable=True)
         tok, exp = tok[order], exp[order]
         weight_A = scores_TE[tok, exp]
-        prob_sum_E, lse_sq = _aux_sums(logits_TE, scores_TE, self.cfg.score_func)
+        prob_sum_E, lse_sq = _aux_sums(logits_TE, scores_TE, self.cfg.score_func, self.compute_losses)
         self.finish_call()
         return Routing(
             token_A=tok, expert_A=exp, choice_A=torch.zeros_like(tok), weight_A=weight_A,
