@@ -7,6 +7,7 @@ Run from the repository root:
     sudo python benchmarks/bench_train.py --topology two-node --link-mbit 200 --bucket-mb 2 \
         --features plain,fusion,hgrad,overlap,overlap+hgrad   # 4 ranks, 2 emulated nodes
     python benchmarks/bench_train.py --smoke               # tiny, seconds, semoe only (CI)
+    python benchmarks/bench_train.py --device cuda --nproc 1 --features fusion   # one GPU (NCCL), vs DeepSpeed
 
 Each contender runs in its own ``torchrun`` job (so peak RSS is its own), jobs alternate
 (A B A B ...), every job warms up and then times steps; a step lasts as long as the slowest rank.
@@ -79,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--zero", type=int, default=0, choices=[0, 1, 2], help="DeepSpeed ZeRO stage")
     ap.add_argument("--nproc", type=int, default=2, help="ranks on loopback (topology two-node: 4)")
     ap.add_argument("--topology", default="loopback", choices=["loopback", "two-node"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: one GPU per rank, NCCL, peak device memory reported (default cpu: gloo, CUDA hidden)")
     ap.add_argument("--link-mbit", type=float, default=1000.0, help="inter-node link rate for two-node")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--d-model", type=int, default=256)
@@ -183,15 +186,17 @@ def worker(args: argparse.Namespace) -> None:
     from semoe.models.transformer import MoETransformer
     from semoe.parallel import apply_expert_parallel, build_mesh, clip_grad_norm_, init_distributed, sync_gradients
 
-    init_distributed()
+    init_distributed()  # NCCL when CUDA is visible (the driver hides it for --device cpu)
     rank, world = dist.get_rank(), dist.get_world_size()
+    cuda = args.device == "cuda"
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     timer = _A2ATimer()
     cfg = model_config(args)
     torch.manual_seed(0)
     model = MoETransformer(cfg)
     local = args.global_batch // world
     g = torch.Generator().manual_seed(1234 + rank)
-    batches = [torch.randint(0, args.vocab, (local, args.seq_len + 1), generator=g) for _ in range(4)]
+    batches = [torch.randint(0, args.vocab, (local, args.seq_len + 1), generator=g).to(dev) for _ in range(4)]
 
     if args.impl == "deepspeed":
         import logging
@@ -201,7 +206,7 @@ def worker(args: argparse.Namespace) -> None:
         from deepspeed.utils import logger as ds_logger
 
         ds_logger.setLevel(logging.ERROR)
-        deepspeed.init_distributed(dist_backend="gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
         _ds_swap_moe(model, args, world)
         groups = split_params_into_different_moe_groups_for_optimizer(
             {"params": list(model.parameters()), "name": "params"})
@@ -217,6 +222,7 @@ def worker(args: argparse.Namespace) -> None:
             engine.step()
             return float(loss)
     else:
+        model.to(dev)
         feats = FEATURES[args.feature]
         pc = ParallelConfig(ep_size=world, ranks_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
                             bucket_mb=args.bucket_mb, **feats)
@@ -252,17 +258,21 @@ def worker(args: argparse.Namespace) -> None:
         timer.seconds = 0.0
         t0 = time.perf_counter()
         step(batches[i % len(batches)])
-        dt = torch.tensor([time.perf_counter() - t0])
+        if cuda:
+            torch.cuda.synchronize(dev)
+        dt = torch.tensor([time.perf_counter() - t0], device=dev)
         dist.all_reduce(dt, op=dist.ReduceOp.MAX)
         times.append(float(dt))
         a2a.append(timer.seconds)
-    rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])
+    rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+                        torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else 0.0], device=dev)
     dist.all_reduce(rss, op=dist.ReduceOp.MAX)
     if rank == 0:
         med = statistics.median(times)
         # semoe's all-to-alls are asynchronous (launch, then wait), so only DeepSpeed's share is meaningful
         share = statistics.median(a / t for a, t in zip(a2a, times)) if args.impl == "deepspeed" else None
-        print("RESULT " + json.dumps({"step_s": med, "peak_rss_mb": float(rss), "a2a_share": share}), flush=True)
+        print("RESULT " + json.dumps({"step_s": med, "peak_rss_mb": float(rss[0]), "a2a_share": share,
+                                      "peak_device_mb": float(rss[1]) if cuda else None}), flush=True)
     dist.barrier()
     dist.destroy_process_group()
     os._exit(0)  # DeepSpeed can abort at interpreter exit (see shared notes)
@@ -273,8 +283,10 @@ def _launch(args: argparse.Namespace, impl: str, feature: str) -> dict | None:
     base = [str(HERE / "bench_train.py"), "--worker", "--impl", impl, "--feature", feature,
             *[f"--{k.replace('_', '-')}={getattr(args, k)}" for k in (
                 "layers", "d_model", "d_ff", "experts", "top_k", "capacity_factor", "seq_len", "global_batch",
-                "vocab", "warmup", "steps", "zero", "bucket_mb")]]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+                "vocab", "warmup", "steps", "zero", "bucket_mb", "device")]]
+    env = {**os.environ, "DS_ACCELERATOR": args.device, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if args.device == "cpu":  # gloo and CPU tensors even on a machine with GPUs
+        env["CUDA_VISIBLE_DEVICES"] = ""
     if args.topology == "loopback":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", *base]
         procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
@@ -318,6 +330,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [f for f in feats if f not in FEATURES]
     if unknown:
         raise SystemExit(f"unknown --features {unknown}; choose from {sorted(FEATURES)}")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: CUDA is not available on this machine; run with --device cpu")
+        if args.topology != "loopback" or args.nproc > torch.cuda.device_count():
+            raise SystemExit(f"--device cuda runs on this machine's {torch.cuda.device_count()} GPU(s): "
+                             "--topology loopback and --nproc <= that")
     if args.global_batch % args.nproc or args.experts % args.nproc:
         raise SystemExit(f"--global-batch and --experts must be divisible by the {args.nproc} ranks")
     want_ds = args.peers == "deepspeed" or (args.peers == "auto" and importlib.util.find_spec("deepspeed"))
@@ -348,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
                "link_mbit": args.link_mbit if args.topology == "two-node" else None,
                "tokens_per_s": tokens / step_s, "step_ms": 1e3 * step_s,
                "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs),
+               "peak_device_mb": statistics.median(r["peak_device_mb"] for r in rs) if args.device == "cuda" else None,
+               "device": args.device,
                "a2a_share": None if impl == "semoe" else statistics.median(r["a2a_share"] for r in rs),
                "jobs": len(rs)}
         summary[f"{impl}/{feat}"] = rec
