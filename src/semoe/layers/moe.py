@@ -147,12 +147,13 @@ class MoELayer(nn.Module):
         total = max(group_tokens, 1)
         if not self.compute_losses:
             aux = z = routing.prob_sum_E.new_zeros(())
-        elif cfg.router.kind == "topk":
-            frac_E = routed_E.to(torch.float64) / max(num_assign, 1)
-            aux = load_balancing_loss(routing.prob_sum_E, stats_RN[:, n_counts:n_counts + E].sum(0), frac_E, total, R)
-        else:  # expert choice is balanced by construction
-            aux = routing.prob_sum_E.sum() * 0.0
-        if self.compute_losses:
+        else:
+            if cfg.router.kind == "topk":
+                frac_E = routed_E.to(torch.float64) / max(num_assign, 1)
+                aux = load_balancing_loss(routing.prob_sum_E, stats_RN[:, n_counts:n_counts + E].sum(0), frac_E,
+                                          total, R)
+            else:  # expert choice is balanced by construction
+                aux = routing.prob_sum_E.sum() * 0.0
             z = router_z_loss(routing.lse_sq_sum, stats_RN[:, n_counts + E].sum(), total, R)
         self.router.update_bias(routed_E)
 
