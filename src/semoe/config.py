@@ -262,7 +262,14 @@ class TrainConfig:
     """Optimisation and bookkeeping. ``batch_size`` is the *global* batch in sequences per optimizer
     step; each of the W data-parallel ranks runs ``grad_accum`` micro-batches of
     batch_size / (W * grad_accum) sequences. Keeping the global batch fixed is what lets a run resume
-    on a different number of ranks with the same next-step loss."""
+    on a different number of ranks with the same next-step loss.
+
+    ``dtype`` is the compute precision. "bfloat16": mixed precision, the standard recipe: parameters,
+    gradients and AdamW state stay float32 (the master weights), matmuls run in bfloat16 under autocast,
+    the router, norms, softmax and the loss in float32. "float32": everything float32. "auto" (default):
+    bfloat16 on CUDA and on CPUs whose bfloat16 matmul is fast (AMX / AVX-512 BF16, measured once, see
+    ``semoe.precision``), float32 elsewhere. "float64": the whole model in float64, a reference precision
+    for verifying that two layouts compute the same thing (slow; not for real training)."""
 
     steps: int = 300
     batch_size: int = 16
@@ -282,8 +289,10 @@ class TrainConfig:
     log_every: int = 1
     seed: int = 1234
     val_fraction: float = 0.05
+    dtype: Literal["auto", "float32", "bfloat16", "float64"] = "auto"
 
     def __post_init__(self) -> None:
+        _check_choice("train.dtype", self.dtype, ("auto", "float32", "bfloat16", "float64"))
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "ckpt_every",
                      "keep_last", "log_every"):
             v = getattr(self, name)

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from semoe.cli.main import main
 from semoe.inference.ring import MiB, RingEngine, parse_size, ring_generate
 from semoe.inference.sections import open_model, plan_sections
-from tests.hf_helpers import randomize_hf
+from tests.hf_helpers import assert_clear_margins, randomize_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -73,7 +73,9 @@ def hf_greedy(hf, prompt: list[int], new: int, eos: int | None = None) -> tuple[
         out = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=new,
                           min_new_tokens=0 if eos is not None else new, eos_token_id=eos, pad_token_id=0,
                           output_logits=True, return_dict_in_generate=True)
-    return out.sequences[0, len(prompt):].tolist(), torch.stack(out.logits)[:, 0].float()
+    logits = torch.stack(out.logits)[:, 0].float()
+    assert_clear_margins(logits)
+    return out.sequences[0, len(prompt):].tolist(), logits
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))

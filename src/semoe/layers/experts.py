@@ -13,6 +13,7 @@ from torch import nn
 
 from semoe.ops import grouped_mm, grouped_mm_loop, pad_rows, permute
 from semoe.ops.expert_ffn import FFNWorkspace, expert_ffn
+from semoe.precision import autocast_dtype
 
 
 def _act(name: str, h1: torch.Tensor, h3: torch.Tensor | None) -> torch.Tensor:
@@ -61,27 +62,42 @@ class Experts(nn.Module):
             if w is not None:
                 setattr(self, name, nn.Parameter(w.detach()[ep_rank * L:(ep_rank + 1) * L].clone()))
 
+    def _compute_operands(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                              torch.Tensor]:
+        """x, w1, w3, w2 in the compute dtype: autocast's dtype when it is on (the casts are recorded, so
+        the weight gradients arrive in the parameters' own dtype), else as they are. Done here for every
+        impl, so that the fused CPU op and ``torch._grouped_mm``, which autocast does not handle, run
+        in bfloat16 too."""
+        dt = autocast_dtype(x_ND.device.type)
+        ws = (self.w1, self.w3, self.w2)
+        if dt is None:
+            return x_ND, *ws
+        return x_ND.to(dt), *(w.to(dt) if w is not None else None for w in ws)
+
     def forward(self, x_ND: torch.Tensor, counts_L: list[int], capacity: int | None = None) -> torch.Tensor:
-        """Rows of ``x_ND`` sorted by local expert, ``counts_L[l]`` rows for expert l."""
+        """Rows of ``x_ND`` sorted by local expert, ``counts_L[l]`` rows for expert l. Under autocast the
+        experts compute in its dtype and return it."""
+        x_ND, w1, w3, w2 = self._compute_operands(x_ND)
         if self.impl == "padded":
             if capacity is None:
                 raise ValueError("expert_impl='padded' needs a capacity (set router.capacity_factor)")
-            return self._padded(x_ND, counts_L, capacity)
+            return self._padded(x_ND, w1, w3, w2, counts_L, capacity)
         if self.impl == "grouped_mm" and x_ND.device.type == "cpu":
-            return expert_ffn(x_ND, self.w1, self.w2, self.w3, counts_L, self.workspace)
+            return expert_ffn(x_ND, w1, w2, w3, counts_L, self.workspace)
         mm = grouped_mm_loop if self.impl == "loop" else grouped_mm
         offs = None
         if self.impl == "grouped_mm" and x_ND.shape[0] > 0:
             offs = torch.tensor(counts_L, device=x_ND.device).cumsum(0).to(torch.int32)
         if self.impl == "grouped_mm":
-            h1 = grouped_mm(x_ND, self.w1, counts_L, offs)
-            h3 = grouped_mm(x_ND, self.w3, counts_L, offs) if self.w3 is not None else None
-            return grouped_mm(_act(self.activation, h1, h3), self.w2, counts_L, offs)
-        h1 = mm(x_ND, self.w1, counts_L)
-        h3 = mm(x_ND, self.w3, counts_L) if self.w3 is not None else None
-        return mm(_act(self.activation, h1, h3), self.w2, counts_L)
+            h1 = grouped_mm(x_ND, w1, counts_L, offs)
+            h3 = grouped_mm(x_ND, w3, counts_L, offs) if w3 is not None else None
+            return grouped_mm(_act(self.activation, h1, h3), w2, counts_L, offs)
+        h1 = mm(x_ND, w1, counts_L)
+        h3 = mm(x_ND, w3, counts_L) if w3 is not None else None
+        return mm(_act(self.activation, h1, h3), w2, counts_L)
 
-    def _padded(self, x_ND: torch.Tensor, counts_L: list[int], capacity: int) -> torch.Tensor:
+    def _padded(self, x_ND: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor | None, w2: torch.Tensor,
+                counts_L: list[int], capacity: int) -> torch.Tensor:
         L, C = self.num_local_experts, capacity
         if max(counts_L, default=0) > C:
             raise RuntimeError(f"an expert got {max(counts_L)} rows with capacity {C}")  # invariant
@@ -90,9 +106,9 @@ class Experts(nn.Module):
         expert_N = torch.repeat_interleave(torch.arange(L, device=x_ND.device), counts)
         slot_N = expert_N * C + torch.arange(x_ND.shape[0], device=x_ND.device) - starts[expert_N]
         buf = pad_rows(x_ND, slot_N, L * C).view(L, C, -1)
-        h1 = torch.bmm(buf, self.w1)
-        h3 = torch.bmm(buf, self.w3) if self.w3 is not None else None
-        y = torch.bmm(_act(self.activation, h1, h3), self.w2)
+        h1 = torch.bmm(buf, w1)
+        h3 = torch.bmm(buf, w3) if w3 is not None else None
+        y = torch.bmm(_act(self.activation, h1, h3), w2)
         return permute(y.reshape(L * C, -1), slot_N)
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from semoe.config import RouterConfig
+from semoe.precision import upcast
 
 
 class RouterComm(Protocol):
@@ -79,8 +80,9 @@ class Router(nn.Module):
         return full[offset:offset + num_tokens]
 
     def logits(self, x_TD: torch.Tensor, comm: RouterComm) -> tuple[torch.Tensor, torch.Generator | None]:
-        """Router logits [T, E] in float32, with training-time noise when configured, and the
-        generator of this call (None when the call draws no random numbers)."""
+        """Router logits [T, E] in float32 (float64 for a float64 model; never in 16 bits, autocast or
+        not: routing decisions and the losses need the precision), with training-time noise when
+        configured, and the generator of this call (None when the call draws no random numbers)."""
         cfg = self.cfg
         noisy = self.training and cfg.noise != "none"
         g = self._generator(x_TD.device) if noisy or (self.training and cfg.second_expert == "random") else None
@@ -88,9 +90,11 @@ class Router(nn.Module):
         if noisy and cfg.noise == "jitter" and cfg.jitter_eps > 0:
             u = self._global_rand("uniform", (x.shape[1],), comm, x.shape[0], g, x.device)
             x = x * (1.0 - cfg.jitter_eps + 2.0 * cfg.jitter_eps * u).to(x.dtype)
-        logits_TE = F.linear(x.float(), self.weight.float())
+        with torch.autocast(x.device.type, enabled=False):
+            logits_TE = F.linear(upcast(x), upcast(self.weight))
+            if noisy and cfg.noise == "gaussian":
+                scale = F.softplus(F.linear(upcast(x), upcast(self.noise_weight)))
         if noisy and cfg.noise == "gaussian":
-            scale = F.softplus(F.linear(x.float(), self.noise_weight.float()))
             eps = self._global_rand("normal", (self.num_experts,), comm, x.shape[0], g, x.device)
             logits_TE = logits_TE + eps * scale
         return logits_TE, g

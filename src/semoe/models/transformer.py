@@ -26,10 +26,11 @@ from torch import nn
 
 from semoe.config import ModelConfig
 from semoe.layers import MoELayer, MoEOutput, MoEStats
+from semoe.precision import upcast
 
 
 class RMSNorm(nn.Module):
-    """``weight * x / rms(x)``, computed in float32, returned in the input dtype."""
+    """``weight * x / rms(x)``, computed in at least float32, returned in the input dtype."""
 
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -37,7 +38,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = upcast(x)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
@@ -52,8 +53,8 @@ def rope_cos_sin(positions_S: torch.Tensor, head_dim: int, theta: float) -> tupl
 
 
 def apply_rope(x_BHSK: torch.Tensor, cos_SK: torch.Tensor, sin_SK: torch.Tensor) -> torch.Tensor:
-    """``x * cos + rotate_half(x) * sin`` in float32, back in the input dtype."""
-    xf = x_BHSK.float()
+    """``x * cos + rotate_half(x) * sin`` in at least float32, back in the input dtype."""
+    xf = upcast(x_BHSK)
     x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return (xf * cos_SK + rotated * sin_SK).to(x_BHSK.dtype)
@@ -83,8 +84,8 @@ class KVCache:
 
 @dataclass
 class ModelOutput:
-    """``logits`` [B, S, V] float32; ``router_loss``: sum over MoE layers of their weighted router
-    losses (add it to the LM loss); ``aux_loss`` / ``z_loss``: unweighted sums, for logging;
+    """``logits`` [B, S, V] float32 (float64 for a float64 model); ``router_loss``: sum over MoE layers of
+    their weighted router losses (add it to the LM loss); ``aux_loss`` / ``z_loss``: unweighted sums, for logging;
     ``moe_stats``: one entry per MoE layer, in layer order."""
 
     logits: torch.Tensor
@@ -281,7 +282,7 @@ class MoETransformer(nn.Module):
 
         zero = torch.zeros((), device=tokens.device, dtype=torch.float32)
         return ModelOutput(
-            logits=logits_BSV.float(),
+            logits=upcast(logits_BSV),
             router_loss=sum((m.router_loss for m in moe_outs), zero),
             aux_loss=sum((m.aux_loss for m in moe_outs), zero),
             z_loss=sum((m.z_loss for m in moe_outs), zero),

@@ -25,10 +25,11 @@ class _Unpermute(torch.autograd.Function):
     def forward(ctx, y_ND: torch.Tensor, index_N: torch.Tensor, weight_N: torch.Tensor,
                 num_rows: int) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(y_ND, index_N, weight_N)
-        out_TD = y_ND.new_zeros((num_rows, y_ND.shape[1]))
+        dtype = torch.promote_types(y_ND.dtype, weight_N.dtype)  # bf16 expert rows combine in float32
+        out_TD = y_ND.new_zeros((num_rows, y_ND.shape[1]), dtype=dtype)
         N, B = y_ND.shape[0], _block_rows(y_ND)
-        w_N1 = weight_N.to(y_ND.dtype).unsqueeze(1)
-        tmp_BD = y_ND.new_empty((min(B, N), y_ND.shape[1]))
+        w_N1 = weight_N.to(dtype).unsqueeze(1)
+        tmp_BD = out_TD.new_empty((min(B, N), y_ND.shape[1]))
         for s in range(0, N, B):
             e = min(s + B, N)
             out_TD.index_add_(0, index_N[s:e], torch.mul(y_ND[s:e], w_N1[s:e], out=tmp_BD[:e - s]))
@@ -62,5 +63,6 @@ class _Unpermute(torch.autograd.Function):
 
 
 def unpermute(y_ND: torch.Tensor, index_N: torch.Tensor, weight_N: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """Sum ``weight_N[n] * y_ND[n]`` into row ``index_N[n]`` of a ``[num_rows, D]`` zero tensor."""
+    """Sum ``weight_N[n] * y_ND[n]`` into row ``index_N[n]`` of a ``[num_rows, D]`` zero tensor, in the
+    promoted dtype of the two (bfloat16 expert outputs with float32 router weights sum in float32)."""
     return _Unpermute.apply(y_ND, index_N, weight_N, num_rows)

@@ -64,15 +64,21 @@ def sync_gradients(model: nn.Module, mesh: DeviceMesh | None) -> None:
 def grad_norm(model: nn.Module, mesh: DeviceMesh | None) -> torch.Tensor:
     """Global L2 norm of the (synchronised) gradients, each expert shard counted exactly once:
     dense gradients are identical on every rank and counted once; expert norms are summed over the ep
-    group (each rank holds different experts; dp replicas are identical)."""
+    group (each rank holds different experts; dp replicas are identical).
+
+    Squares are summed in float64 (each parameter's in one call), so the norm, and the clipping
+    coefficient derived from it, do not depend on the order or the layout the sums were taken in beyond
+    float64 rounding."""
     dense, expert = split_params(model)
+
     def sq(ps: list[nn.Parameter]) -> torch.Tensor:
-        vals = [p.grad.detach().float().pow(2).sum() for p in ps if p.grad is not None]
-        return torch.stack(vals).sum() if vals else torch.zeros(())
-    dense_sq, expert_sq = sq(dense), sq(expert).to(torch.float64)
+        vals = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64).square() for p in ps
+                if p.grad is not None]
+        return torch.stack(vals).sum() if vals else torch.zeros((), dtype=torch.float64)
+    dense_sq, expert_sq = sq(dense), sq(expert)
     if mesh is not None and mesh.size(1) > 1:
         dist.all_reduce(expert_sq, group=mesh.get_group("ep"))
-    return (dense_sq.double() + expert_sq).sqrt().float()
+    return (dense_sq + expert_sq).sqrt()
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float, mesh: DeviceMesh | None) -> torch.Tensor:

@@ -27,6 +27,7 @@ from semoe.parallel import apply_expert_parallel, build_mesh, clip_grad_norm_, i
 from semoe.parallel.fusion import GradFusion
 from semoe.parallel.grads import sync_router_bias
 from semoe.parallel.mesh import default_device, resolve_ranks_per_node
+from semoe.precision import autocast, dtype_name, resolve_dtype
 from semoe.storage import checkpoint as ckpt
 from semoe.training.data import Corpus, GlobalBatchLoader, prepare_corpus, split_windows
 from semoe.training.metrics import MetricsWriter, plot_expert_load, plot_loss
@@ -110,7 +111,13 @@ class Trainer:
         pc = run.parallel
         apply_expert_parallel(self.model, self.mesh, comm="hierarchical" if pc.hierarchical_a2a else "flat",
                               ranks_per_node=pc.ranks_per_node, chunks=pc.a2a_chunks, wire_dtype=pc.wire_dtype())
-        self.model.to(self.device)
+        # compute precision: bf16 autocast over float32 master weights, or everything in float32 / float64
+        self.compute_dtype = resolve_dtype(tc.dtype, self.device)
+        param_dtype = torch.float64 if self.compute_dtype == torch.float64 else torch.float32
+        self.model.to(self.device, param_dtype)
+        if self.rank == 0:
+            log.info("compute dtype %s (train.dtype=%s), parameters and optimizer state %s",
+                     dtype_name(self.compute_dtype), tc.dtype, dtype_name(param_dtype))
         self.optimizer = torch.optim.AdamW(param_groups(self.model, tc), lr=tc.lr, betas=tc.betas,
                                            fused=False, foreach=True)
         use_fusion = pc.grad_fusion and self.mesh is not None
@@ -181,9 +188,9 @@ class Trainer:
         return float(t) / self.world
 
     def _forward_loss(self, x: torch.Tensor, y: torch.Tensor):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with autocast(self.device, self.compute_dtype):
             out = self.model(x.to(self.device))
-        loss = F.cross_entropy(out.logits.float().flatten(0, 1), y.to(self.device).flatten())
+        loss = F.cross_entropy(out.logits.flatten(0, 1), y.to(self.device).flatten())  # logits: >= float32
         return loss, out
 
     def train_step(self, step: int) -> dict[str, float]:
