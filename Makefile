@@ -20,8 +20,12 @@ demo: install
 lint: install
 	$(BIN)/ruff check src tests benchmarks
 
+# The whole suite, then the numerical comparisons (marked `numerics`) again under a second set of CPU kernels
+# (AVX2 on an AVX-512 CPU, no SIMD on an AVX2 one; tests/other_kernels.py): a tolerance that holds with only
+# one instruction set's kernels fails here rather than on someone else's machine.
 test: install lint
 	$(BIN)/pytest
+	$(BIN)/python -m tests.other_kernels -m numerics
 
 clean:
 	rm -rf runs .pytest_cache

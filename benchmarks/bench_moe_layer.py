@@ -9,12 +9,13 @@ Run (from the repository root):
     torchrun --standalone --nproc_per_node=2 benchmarks/bench_moe_layer.py --smoke
 
 Both layers: d_model 512, d_ff 2048, GELU experts (two matrices), 8 experts, top-2, capacity factor 1.25,
-4096 tokens per step in total (each of W ranks gets 4096/W), float32, experts sharded over all ranks
+4096 tokens per step in total (each of W ranks gets 4096/W), float32 (``--dtype bfloat16``: both under
+``torch.autocast("cpu", bfloat16)`` over float32 weights), experts sharded over all ranks
 (expert parallelism = world size). Each step: grads cleared, forward, loss = mean(out^2) + aux term
 (semoe: ``router_loss`` with aux_loss_coef 0.01 and z_loss_coef 0; DeepSpeed: 0.01 * l_aux), backward
 with an input that requires grad. A step lasts as long as its slowest rank (all_reduce MAX). The
 contenders alternate: warm-up of each, then rounds of a few steps each (the order flips every round);
-the report is the median step. A float32 matmul probe runs in every round too.
+the report is the median step. A matmul probe (in the compute dtype) runs in every round too.
 
 Same routing: DeepSpeed's gate and experts get copies of semoe's initial router and expert weights
 (biases zero), no noisy gate, ``top2_2nd_expert_sampling=False`` (no Gumbel noise on the 2nd expert),
@@ -110,6 +111,7 @@ from semoe.config import MoEConfig, RouterConfig
 from semoe.layers import MoELayer
 from semoe.layers.experts import expert_flops
 from semoe.parallel import apply_expert_parallel, build_mesh, init_distributed
+from semoe.precision import autocast, dtype_name, resolve_dtype
 
 # environment that changes the speed of both contenders: threads, and how big CPU tensors get their memory
 RECORDED_ENV = ("THP_MEM_ALLOC_ENABLE", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
@@ -133,6 +135,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--expert-impl", default="grouped_mm", choices=["grouped_mm", "loop", "padded"],
                     help="semoe expert kernel (default grouped_mm)")
     ap.add_argument("--aux-coef", type=float, default=0.01, help="load-balancing loss weight for both (default 0.01)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"],
+                    help="compute dtype of both contenders: bfloat16 = autocast over float32 weights (mixed "
+                         "precision, as train.dtype=bfloat16 trains); auto = semoe.precision's choice for this CPU; "
+                         "the GEMM bound uses the matmul rate measured in that dtype (default float32)")
     ap.add_argument("--peers", default="auto", choices=["auto", "deepspeed", "none"],
                     help="peer to compare with: auto = deepspeed when importable (none with --smoke)")
     ap.add_argument("--warmup", type=int, default=2, help="warm-up steps per contender (default 2)")
@@ -325,10 +331,14 @@ def try_build_peer(args: argparse.Namespace, d: Dist, full: dict[str, torch.Tens
 
 
 # ------------------------------------------------------------------------------------------ measurement
+COMPUTE_DTYPE = torch.float32  # set by main() from --dtype; both contenders step under the same autocast
+
+
 def train_step(c: Contender, x: torch.Tensor) -> torch.Tensor:
     c.module.zero_grad(set_to_none=False)  # as a trainer does between steps (both contenders alike)
     x.grad = None
-    out, aux = c.forward(x)
+    with autocast("cpu", COMPUTE_DTYPE):
+        out, aux = c.forward(x)
     loss = out.float().pow(2).mean() + aux
     loss.backward()
     return loss.detach()
@@ -356,7 +366,7 @@ def measure_memory(c: Contender, x: torch.Tensor, d: Dist) -> None:
     x.grad = None
     d.barrier()
     with RssPeakSampler() as rss:
-        with saved_tensor_bytes(exclude=[*params, x]) as saved:
+        with saved_tensor_bytes(exclude=[*params, x]) as saved, autocast("cpu", COMPUTE_DTYPE):
             out, aux = c.forward(x)
         (out.float().pow(2).mean() + aux).backward()
     param_mb = sum(p.numel() * p.element_size() for p in params) / 2**20
@@ -366,20 +376,23 @@ def measure_memory(c: Contender, x: torch.Tensor, d: Dist) -> None:
 
 def routing_check(sem: Contender, peer: Contender, x: torch.Tensor, d: Dist) -> None:
     """Stderr only: on how many tokens the two layers' outputs agree (same weights, same routing)."""
-    with torch.no_grad():
+    with torch.no_grad(), autocast("cpu", COMPUTE_DTYPE):
         a, _ = sem.forward(x)
         b, _ = peer.forward(x)
-    diff = (a - b).abs().amax(-1).reshape(-1)
-    scale = b.abs().amax().clamp_min(1e-12)
-    agree = (diff <= 1e-4 * scale).double().mean().item()
+    diff = (a.float() - b.float()).abs().amax(-1).reshape(-1)
+    scale = b.float().abs().amax().clamp_min(1e-12)
+    tol = 1e-4 if COMPUTE_DTYPE == torch.float32 else 2e-2  # bf16: a few roundings of 2^-8
+    agree = (diff <= tol * scale).double().mean().item()
     agree_min, = d.reduce([agree], "min")
-    log(f"[bench_moe_layer] outputs agree (|diff| <= 1e-4 x max|out|) on {100 * agree_min:.1f}% of tokens "
+    log(f"[bench_moe_layer] outputs agree (|diff| <= {tol:g} x max|out|) on {100 * agree_min:.1f}% of tokens "
         "(tokens with a dropped route differ: DeepSpeed renormalises after dropping; at W > 1 DeepSpeed's "
         "capacity is per rank)", enabled=d.rank == 0)
 
 
 def main(argv: list[str] | None = None) -> int:
+    global COMPUTE_DTYPE
     args = parse_args(argv)
+    COMPUTE_DTYPE = resolve_dtype(args.dtype, "cpu")
     if args.malloc == "heap" and not keep_big_blocks_in_heap():
         log("[bench_moe_layer] --malloc heap: mallopt not available (not glibc?); using the default allocator")
         args.malloc = "default"
@@ -409,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     log(f"[bench_moe_layer] world={W} threads/rank={threads} d_model={args.d_model} d_ff={args.d_ff} "
         f"experts={args.experts} top_k={args.top_k} cf={args.capacity_factor} dropless={args.dropless} "
+        f"dtype={dtype_name(COMPUTE_DTYPE)} "
         f"tokens={args.tokens} contenders={[c.impl for c in contenders]}", enabled=say)
 
     gx = torch.Generator().manual_seed(args.seed * 1000 + 1 + d.rank)
@@ -423,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     if peer is not None:
         routing_check(sem, peer, x, d)
     probe = MatmulProbe(linear_gemm_shapes(local, args.d_model, args.d_ff)
-                        + linear_gemm_shapes(local, args.d_ff, args.d_model))
+                        + linear_gemm_shapes(local, args.d_ff, args.d_model), dtype=COMPUTE_DTYPE)
     probe.run()
     probe_times: list[float] = []
 
@@ -467,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
                "gemm_fraction": tps / bound(critical_rows(c.info)),
                "tokens": args.tokens, "d_model": args.d_model, "d_ff": args.d_ff, "experts": args.experts,
                "top_k": args.top_k, "capacity_factor": None if c.mode == "dropless" else args.capacity_factor,
-               "dtype": "float32"}
+               "dtype": dtype_name(COMPUTE_DTYPE)}
         if "capacity_per_expert_per_rank" in c.info:
             rec["capacity_per_expert_per_rank"] = c.info["capacity_per_expert_per_rank"]
         if c.impl == "semoe":
@@ -493,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
                "gemm_bound_tokens_per_s": bound(critical_rows(s)),
                "gemm_bound_balanced_tokens_per_s": bound(s["rows"]), "matmul_gflops": matmul_flops_per_s / 1e9,
                "step_gflops": step_flops(s["rows"]) / 1e9, "threads_per_rank": threads, "malloc": args.malloc,
+               "dtype": dtype_name(COMPUTE_DTYPE),
                "targets": targets, "peers": [c.impl for c in contenders if c.impl != "semoe"],
                "env": {k: os.environ[k] for k in RECORDED_ENV if k in os.environ}}, enabled=say)
 

@@ -18,7 +18,8 @@ for DeepSpeed each MoE layer is replaced by ``deepspeed.moe.layer.MoE`` with Swi
 size, same top-2, same capacity factor (DeepSpeed per rank, semoe over the expert-parallel group: the
 same number of slots in total), no noise, ``top2_2nd_expert_sampling=False``, ``use_rts=False``; both
 train with AdamW (DeepSpeed through ``deepspeed.initialize`` with the ZeRO stage of ``--zero``),
-gradient clipping 1.0, aux coefficient 0.01. The batch is random tokens, the same on both.
+gradient clipping 1.0, aux coefficient 0.01. The batch is random tokens, the same on both. ``--dtype
+bfloat16``: both forwards run under ``torch.autocast`` over float32 weights and AdamW state.
 
 Features of semoe (``--features``, comma separated; each is ``ParallelConfig`` switches):
     plain     no fusion, flat all-to-all, no chunking (one synchronous all-reduce per class)
@@ -97,6 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--jobs", type=int, default=2, help="jobs per contender (alternating)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, semoe only, seconds")
     ap.add_argument("--json", type=Path, default=None, help="also append the JSON lines to this file")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"],
+                    help="compute dtype of both contenders: bfloat16 = torch.autocast over float32 weights and "
+                         "AdamW state (train.dtype=bfloat16); auto = semoe.precision's choice (default float32)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.layers, args.d_model, args.d_ff, args.experts, args.seq_len = 2, 64, 128, 4, 32
@@ -185,11 +189,13 @@ def worker(args: argparse.Namespace) -> None:
     from semoe.config import ParallelConfig
     from semoe.models.transformer import MoETransformer
     from semoe.parallel import apply_expert_parallel, build_mesh, clip_grad_norm_, init_distributed, sync_gradients
+    from semoe.precision import autocast, dtype_name, resolve_dtype
 
     init_distributed()  # NCCL when CUDA is visible (the driver hides it for --device cpu)
     rank, world = dist.get_rank(), dist.get_world_size()
     cuda = args.device == "cuda"
     dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    compute_dtype = resolve_dtype(args.dtype, dev)
     timer = _A2ATimer()
     cfg = model_config(args)
     torch.manual_seed(0)
@@ -216,8 +222,9 @@ def worker(args: argparse.Namespace) -> None:
             "zero_optimization": {"stage": args.zero}, "steps_per_print": 10**9})
 
         def step(tokens: torch.Tensor) -> float:
-            out = engine(tokens[:, :-1])
-            loss = F.cross_entropy(out.logits.flatten(0, 1), tokens[:, 1:].flatten())
+            with autocast(dev, compute_dtype):
+                out = engine(tokens[:, :-1])
+            loss = F.cross_entropy(out.logits.float().flatten(0, 1), tokens[:, 1:].flatten())
             engine.backward(loss + out.router_loss)
             engine.step()
             return float(loss)
@@ -237,7 +244,8 @@ def worker(args: argparse.Namespace) -> None:
             fusion = GradFusion(model, mesh, pc.bucket_mb, pc.ranks_per_node if pc.hierarchical_grads else None)
 
         def step(tokens: torch.Tensor) -> float:
-            out = model(tokens[:, :-1])
+            with autocast(dev, compute_dtype):
+                out = model(tokens[:, :-1])
             loss = F.cross_entropy(out.logits.flatten(0, 1), tokens[:, 1:].flatten())
             (loss + out.router_loss).backward()
             if fusion is not None:
@@ -272,6 +280,7 @@ def worker(args: argparse.Namespace) -> None:
         # semoe's all-to-alls are asynchronous (launch, then wait), so only DeepSpeed's share is meaningful
         share = statistics.median(a / t for a, t in zip(a2a, times)) if args.impl == "deepspeed" else None
         print("RESULT " + json.dumps({"step_s": med, "peak_rss_mb": float(rss[0]), "a2a_share": share,
+                                      "dtype": dtype_name(compute_dtype),
                                       "peak_device_mb": float(rss[1]) if cuda else None}), flush=True)
     dist.barrier()
     dist.destroy_process_group()
@@ -283,7 +292,7 @@ def _launch(args: argparse.Namespace, impl: str, feature: str) -> dict | None:
     base = [str(HERE / "bench_train.py"), "--worker", "--impl", impl, "--feature", feature,
             *[f"--{k.replace('_', '-')}={getattr(args, k)}" for k in (
                 "layers", "d_model", "d_ff", "experts", "top_k", "capacity_factor", "seq_len", "global_batch",
-                "vocab", "warmup", "steps", "zero", "bucket_mb", "device")]]
+                "vocab", "warmup", "steps", "zero", "bucket_mb", "device", "dtype")]]
     env = {**os.environ, "DS_ACCELERATOR": args.device, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     if args.device == "cpu":  # gloo and CPU tensors even on a machine with GPUs
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -369,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
                "tokens_per_s": tokens / step_s, "step_ms": 1e3 * step_s,
                "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs),
                "peak_device_mb": statistics.median(r["peak_device_mb"] for r in rs) if args.device == "cuda" else None,
-               "device": args.device,
+               "device": args.device, "dtype": rs[0]["dtype"],
                "a2a_share": None if impl == "semoe" else statistics.median(r["a2a_share"] for r in rs),
                "jobs": len(rs)}
         summary[f"{impl}/{feat}"] = rec

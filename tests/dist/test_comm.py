@@ -22,6 +22,8 @@ from semoe.parallel import apply_expert_parallel, build_mesh, expert_comm
 from semoe.parallel.mesh import ep_ranks_per_node
 from tests.dist.launcher import run_ranks
 
+pytestmark = pytest.mark.numerics  # rerun under other CPU kernels by `make test` (tests/other_kernels.py)
+
 D, E = 16, 8
 SPLITS = {2: [13, 6], 4: [9, 0, 5, 7]}  # uneven tokens per rank; rank 1 of 4 has none
 RPN = {2: 1, 4: 2}

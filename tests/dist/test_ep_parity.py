@@ -17,6 +17,8 @@ from semoe.layers import MoELayer
 from semoe.parallel import apply_expert_parallel, build_mesh, clip_grad_norm_, grad_norm, sync_gradients
 from tests.dist.launcher import run_ranks
 
+pytestmark = pytest.mark.numerics  # rerun under other CPU kernels by `make test` (tests/other_kernels.py)
+
 D, E = 16, 8
 TOL = 1e-10  # float64: see the module docstring
 SPLITS = {2: [13, 6], 4: [9, 0, 5, 7]}  # uneven local token counts; rank 1 of 4 has none

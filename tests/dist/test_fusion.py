@@ -28,6 +28,8 @@ from semoe.training.trainer import Trainer
 from tests.dist.launcher import run_ranks
 from tests.unit.test_train import tiny_run
 
+pytestmark = pytest.mark.numerics  # rerun under other CPU kernels by `make test` (tests/other_kernels.py)
+
 STEPS, MICRO = 3, 2
 TOL = {"abs": 1e-10, "rel": 1e-10}  # float64 runs; the module docstring derives it
 

@@ -17,6 +17,8 @@ from semoe.training.trainer import Trainer
 from tests.dist.launcher import run_ranks
 from tests.unit.test_train import tiny_run
 
+pytestmark = pytest.mark.numerics  # rerun under other CPU kernels by `make test` (tests/other_kernels.py)
+
 TOL = 1e-9  # float64 runs: see the module docstring
 
 

@@ -18,6 +18,8 @@ from semoe.parallel.expert_parallel import expert_comm
 from tests.dist.launcher import run_ranks
 from tests.dist.test_ep_parity import make_batch, make_cfg, make_layer
 
+pytestmark = pytest.mark.numerics  # rerun under other CPU kernels by `make test` (tests/other_kernels.py)
+
 
 def _run(rank: int, world: int, wire: str, comm: str) -> dict:
     cfg = make_cfg("top2_dropless_renorm")

@@ -1,5 +1,5 @@
-"""``benchmarks/bench_moe_layer.py --smoke`` runs, exits 0 and prints its JSON lines, in one process and
-under torchrun with two ranks."""
+"""Every benchmark's ``--smoke`` size runs, exits 0 and prints its JSON lines: ``bench_moe_layer.py`` in one
+process (float32 and bfloat16) and under torchrun with two ranks, ``bench_offload.py``, ``bench_train.py``."""
 
 from __future__ import annotations
 
@@ -39,8 +39,11 @@ def _check(lines: list[dict], world: int) -> None:
     assert summary["gemm_bound_tokens_per_s"] > 0
 
 
-def test_smoke_one_process() -> None:
-    _check(_run([sys.executable, str(SCRIPT), "--smoke"], timeout=120), world=1)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_smoke_one_process(dtype: str) -> None:
+    lines = _run([sys.executable, str(SCRIPT), "--smoke", "--dtype", dtype], timeout=120)
+    _check(lines, world=1)
+    assert lines[0]["dtype"] == lines[-1]["dtype"] == dtype  # the layer and the matmul probe in that dtype
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
@@ -74,3 +77,15 @@ def test_offload_smoke(tmp_path) -> None:
     assert summary["summary"] is True and summary["smoke"] is True
     assert summary["greedy_tokens_agree"] is (True if "accelerate" in impls else None)
     assert set(summary["targets"]) >= {"within_1.3x_of_bound", "peak_rss_le_base_plus_1.1_budget_plus_overhead"}
+
+
+def test_train_smoke() -> None:
+    """``bench_train.py --smoke``: two torchrun jobs (semoe with no switch and with every switch), one JSON
+    line each in the requested dtype, and the summary line."""
+    script = ROOT / "benchmarks" / "bench_train.py"
+    lines = _run([sys.executable, str(script), "--smoke", "--dtype", "bfloat16"], timeout=300)
+    rows, summary = lines[:-1], lines[-1]
+    assert [(r["impl"], r["features"]) for r in rows] == [("semoe", "plain"), ("semoe", "all")]
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 0 and r["dtype"] == "bfloat16" and r["world"] == 2
+    assert summary["summary"] is True and summary["ratio_vs_deepspeed"] is None

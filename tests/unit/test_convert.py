@@ -48,6 +48,7 @@ def qwen_sharded(tmp_path_factory):
     return hf, d
 
 
+@pytest.mark.numerics
 def test_convert_equals_mapping_and_model(qwen_sharded, tmp_path) -> None:
     hf, src = qwen_sharded
     out = convert_hf_checkpoint(src, tmp_path / "semoe")

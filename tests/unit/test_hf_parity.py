@@ -37,6 +37,8 @@ from semoe.models.hf import (  # noqa: E402
     model_config_from_hf,
 )
 
+pytestmark = pytest.mark.numerics  # rerun under other CPU kernels by `make test` (tests/other_kernels.py)
+
 H, F_EXPERT, F_SHARED = 48, 40, 56
 COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               intermediate_size=96, num_experts_per_tok=2, max_position_embeddings=64)

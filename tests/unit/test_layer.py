@@ -12,6 +12,8 @@ from semoe.config import MoEConfig, ParallelConfig, RouterConfig
 from semoe.layers import MoELayer
 from semoe.parallel import ParallelDims
 
+pytestmark = pytest.mark.numerics  # rerun under other CPU kernels by `make test` (tests/other_kernels.py)
+
 
 def loop_reference(layer: MoELayer, x_TD: torch.Tensor, capacity: int | None) -> torch.Tensor:
     """Token by token: softmax, top-k, position-priority capacity (choices first, then tokens)."""

@@ -10,6 +10,8 @@ from semoe.inference.generate import generate, sample_next
 from semoe.layers import MoELayer
 from semoe.models import MoETransformer, moe_layers, num_params
 
+pytestmark = pytest.mark.numerics  # rerun under other CPU kernels by `make test` (tests/other_kernels.py)
+
 V, D = 64, 32
 
 

@@ -7,6 +7,8 @@ import torch
 
 from semoe.ops import grouped_mm, grouped_mm_loop, pad_rows, permute, unpermute
 
+pytestmark = pytest.mark.numerics  # rerun under other CPU kernels by `make test` (tests/other_kernels.py)
+
 
 def test_permute_unpermute_match_autograd_reference() -> None:
     torch.manual_seed(0)

@@ -96,6 +96,7 @@ def model_bytes(d: Path) -> int:
 # ------------------------------------------------------------------------------------ correctness
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("ring", ["on", "off"])
 def test_greedy_and_logits_match_transformers(family_ckpt, ring: str) -> None:
     family, _, d, refs = family_ckpt
@@ -119,6 +120,7 @@ def test_greedy_and_logits_match_transformers(family_ckpt, ring: str) -> None:
     assert st.compute_s > 0 and st.wall_s >= st.compute_s
 
 
+@pytest.mark.numerics
 def test_eos_and_per_sequence_limits(family_ckpt) -> None:
     _, hf, d, refs = family_ckpt
     first = refs[0][0]

@@ -30,6 +30,7 @@ def test_loss_falls(tmp_path, corpus_file, cache_dir) -> None:
     assert rows[0].startswith("step") and len(rows) == 1 + 1 + 30  # header, step-0 validation, 30 steps
 
 
+@pytest.mark.numerics
 def test_resume_same_layout_continues_exactly(tmp_path, corpus_file, cache_dir) -> None:
     """Float32, bit for bit: the resumed run executes the same ops in the same order on the same values."""
     run = tiny_run(corpus_file, steps=8, ckpt_every=100, dtype="float32")
