@@ -97,6 +97,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=8, help="timed steps per job")
     ap.add_argument("--jobs", type=int, default=2, help="jobs per contender (alternating)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, semoe only, seconds")
+    ap.add_argument("--interleave", action="store_true",
+                    help="run all semoe feature sets in ONE job per round, a model each, alternating step by step "
+                         "(differences between them are then not hidden by drift between jobs; peak RSS is shared "
+                         "and not reported); the summary's interleaved_speedup is the median step-time ratio of "
+                         "each feature set against the first")
     ap.add_argument("--json", type=Path, default=None, help="also append the JSON lines to this file")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"],
                     help="compute dtype of both contenders: bfloat16 = torch.autocast over float32 weights and "
@@ -228,67 +233,87 @@ def worker(args: argparse.Namespace) -> None:
             engine.backward(loss + out.router_loss)
             engine.step()
             return float(loss)
+
+        steps = {"deepspeed": step}
     else:
-        model.to(dev)
-        feats = FEATURES[args.feature]
-        pc = ParallelConfig(ep_size=world, ranks_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
-                            bucket_mb=args.bucket_mb, **feats)
-        mesh = build_mesh(pc.ep_size)
-        apply_expert_parallel(model, mesh, comm="hierarchical" if pc.hierarchical_a2a else "flat",
-                              ranks_per_node=pc.ranks_per_node, chunks=pc.a2a_chunks, wire_dtype=pc.wire_dtype())
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
-        fusion = None
-        if pc.grad_fusion:
-            from semoe.parallel.fusion import GradFusion
+        def semoe_step(feature: str, model: MoETransformer):
+            model.to(dev)
+            pc = ParallelConfig(ep_size=world, ranks_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
+                                bucket_mb=args.bucket_mb, **FEATURES[feature])
+            mesh = build_mesh(pc.ep_size)
+            apply_expert_parallel(model, mesh, comm="hierarchical" if pc.hierarchical_a2a else "flat",
+                                  ranks_per_node=pc.ranks_per_node, chunks=pc.a2a_chunks, wire_dtype=pc.wire_dtype())
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+            fusion = None
+            if pc.grad_fusion:
+                from semoe.parallel.fusion import GradFusion
 
-            fusion = GradFusion(model, mesh, pc.bucket_mb, pc.ranks_per_node if pc.hierarchical_grads else None)
+                fusion = GradFusion(model, mesh, pc.bucket_mb, pc.ranks_per_node if pc.hierarchical_grads else None)
 
-        def step(tokens: torch.Tensor) -> float:
-            with autocast(dev, compute_dtype):
-                out = model(tokens[:, :-1])
-            loss = F.cross_entropy(out.logits.flatten(0, 1), tokens[:, 1:].flatten())
-            (loss + out.router_loss).backward()
-            if fusion is not None:
-                fusion.finish()
-            else:
-                sync_gradients(model, mesh)
-            clip_grad_norm_(model, 1.0, mesh)
-            opt.step()
-            opt.zero_grad(set_to_none=fusion is None)
-            return float(loss)
+            def step(tokens: torch.Tensor) -> float:
+                with autocast(dev, compute_dtype):
+                    out = model(tokens[:, :-1])
+                loss = F.cross_entropy(out.logits.flatten(0, 1), tokens[:, 1:].flatten())
+                (loss + out.router_loss).backward()
+                if fusion is not None:
+                    fusion.finish()
+                else:
+                    sync_gradients(model, mesh)
+                clip_grad_norm_(model, 1.0, mesh)
+                opt.step()
+                opt.zero_grad(set_to_none=fusion is None)
+                return float(loss)
+
+            model.train()
+            return step
+
+        # one model per feature set (--interleave runs several in this job, alternating step by step)
+        steps = {}
+        for k, feature in enumerate(args.feature.split("|")):
+            if k:
+                torch.manual_seed(0)
+                model = MoETransformer(cfg)
+            steps[feature] = semoe_step(feature, model)
 
     model.train()
     for i in range(args.warmup):
-        step(batches[i % len(batches)])
-    times, a2a = [], []
+        for step in steps.values():
+            step(batches[i % len(batches)])
+    times: dict[str, list[float]] = {f: [] for f in steps}
+    a2a = []
+    names = list(steps)
     for i in range(args.steps):
-        dist.barrier()
-        timer.seconds = 0.0
-        t0 = time.perf_counter()
-        step(batches[i % len(batches)])
-        if cuda:
-            torch.cuda.synchronize(dev)
-        dt = torch.tensor([time.perf_counter() - t0], device=dev)
-        dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-        times.append(float(dt))
-        a2a.append(timer.seconds)
+        for name in (names if i % 2 == 0 else names[::-1]):  # the order flips every step
+            dist.barrier()
+            timer.seconds = 0.0
+            t0 = time.perf_counter()
+            steps[name](batches[i % len(batches)])
+            if cuda:
+                torch.cuda.synchronize(dev)
+            dt = torch.tensor([time.perf_counter() - t0], device=dev)
+            dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+            times[name].append(float(dt))
+            a2a.append(timer.seconds)
     rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
                         torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else 0.0], device=dev)
     dist.all_reduce(rss, op=dist.ReduceOp.MAX)
     if rank == 0:
-        med = statistics.median(times)
         # semoe's all-to-alls are asynchronous (launch, then wait), so only DeepSpeed's share is meaningful
-        share = statistics.median(a / t for a, t in zip(a2a, times)) if args.impl == "deepspeed" else None
-        print("RESULT " + json.dumps({"step_s": med, "peak_rss_mb": float(rss[0]), "a2a_share": share,
-                                      "dtype": dtype_name(compute_dtype),
-                                      "peak_device_mb": float(rss[1]) if cuda else None}), flush=True)
+        share = (statistics.median(a / t for a, t in zip(a2a, times["deepspeed"])) if args.impl == "deepspeed"
+                 else None)
+        for name, ts in times.items():
+            print("RESULT " + json.dumps({
+                "feature": name, "step_s": statistics.median(ts), "steps_s": ts,
+                "peak_rss_mb": float(rss[0]) if len(times) == 1 else None,  # several models share this process
+                "a2a_share": share, "dtype": dtype_name(compute_dtype),
+                "peak_device_mb": float(rss[1]) if cuda and len(times) == 1 else None}), flush=True)
     dist.barrier()
     dist.destroy_process_group()
     os._exit(0)  # DeepSpeed can abort at interpreter exit (see shared notes)
 
 
 # ============================================================================ driver
-def _launch(args: argparse.Namespace, impl: str, feature: str) -> dict | None:
+def _launch(args: argparse.Namespace, impl: str, feature: str) -> list[dict] | None:
     base = [str(HERE / "bench_train.py"), "--worker", "--impl", impl, "--feature", feature,
             *[f"--{k.replace('_', '-')}={getattr(args, k)}" for k in (
                 "layers", "d_model", "d_ff", "experts", "top_k", "capacity_factor", "seq_len", "global_batch",
@@ -308,16 +333,16 @@ def _launch(args: argparse.Namespace, impl: str, feature: str) -> dict | None:
             node_env = {**env, "GLOO_SOCKET_IFNAME": f"semoe_v{node}"}
             procs.append(subprocess.Popen(cmd, env=node_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                           text=True))
-    result = None
+    results = []
     for p in procs:
         out, err = p.communicate(timeout=1800)
         for line in out.splitlines():
             if line.startswith("RESULT "):
-                result = json.loads(line[len("RESULT "):])
+                results.append(json.loads(line[len("RESULT "):]))
         if p.returncode != 0:
             print(f"[bench_train] {impl}/{feature} failed (exit {p.returncode}):\n{err[-3000:]}", file=sys.stderr)
             return None
-    return result
+    return results
 
 
 def _emit(rec: dict, path: Path | None) -> None:
@@ -354,16 +379,17 @@ def main(argv: list[str] | None = None) -> int:
         print("[bench_train] deepspeed not importable: semoe only (pip install -e .[bench])", file=sys.stderr)
     if args.topology == "two-node":
         subprocess.run(["bash", str(HERE / "topology.sh"), "up", str(args.link_mbit)], check=True)
-    contenders = [("semoe", f) for f in feats] + ([("deepspeed", f"zero{args.zero}")] if want_ds else [])
-    runs: dict[tuple[str, str], list[dict]] = {c: [] for c in contenders}
+    jobs = [("semoe", "|".join(feats))] if args.interleave else [("semoe", f) for f in feats]
+    jobs += [("deepspeed", f"zero{args.zero}")] if want_ds else []
+    runs: dict[tuple[str, str], list[dict]] = {("semoe", f): [] for f in feats}
+    runs.update({("deepspeed", f"zero{args.zero}"): []} if want_ds else {})
     try:
         for job in range(args.jobs):
-            order = contenders if job % 2 == 0 else contenders[::-1]
+            order = jobs if job % 2 == 0 else jobs[::-1]
             for impl, feat in order:
                 print(f"[bench_train] job {job + 1}/{args.jobs}: {impl} {feat}", file=sys.stderr)
-                res = _launch(args, impl, feat)
-                if res is not None:
-                    runs[(impl, feat)].append(res)
+                for res in _launch(args, impl, feat) or []:
+                    runs[(impl, feat if impl == "deepspeed" else res["feature"])].append(res)
     finally:
         if args.topology == "two-node":
             subprocess.run(["bash", str(HERE / "topology.sh"), "down"], check=False)
@@ -373,10 +399,12 @@ def main(argv: list[str] | None = None) -> int:
         if not rs:
             continue
         step_s = statistics.median(r["step_s"] for r in rs)
+        rss = [r["peak_rss_mb"] for r in rs if r["peak_rss_mb"] is not None]
         rec = {"impl": impl, "world": args.nproc, "features": feat, "topology": args.topology,
                "link_mbit": args.link_mbit if args.topology == "two-node" else None,
                "tokens_per_s": tokens / step_s, "step_ms": 1e3 * step_s,
-               "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs),
+               "interleaved": args.interleave and impl == "semoe",
+               "peak_rss_mb": statistics.median(rss) if rss else None,
                "peak_device_mb": statistics.median(r["peak_device_mb"] for r in rs) if args.device == "cuda" else None,
                "device": args.device, "dtype": rs[0]["dtype"],
                "a2a_share": None if impl == "semoe" else statistics.median(r["a2a_share"] for r in rs),
@@ -387,9 +415,18 @@ def main(argv: list[str] | None = None) -> int:
     ratios = {k.split("/")[1]: v["tokens_per_s"] / ds["tokens_per_s"] for k, v in summary.items()
               if ds is not None and k.startswith("semoe/")}
     mem = {k.split("/")[1]: v["peak_rss_mb"] / ds["peak_rss_mb"] for k, v in summary.items()
-           if ds is not None and k.startswith("semoe/")}
+           if ds is not None and k.startswith("semoe/") and v["peak_rss_mb"] is not None}
+    paired = None
+    if args.interleave and len(feats) > 1:  # step-by-step ratios inside each job: against the first feature set
+        base = feats[0]
+        paired = {}
+        for f in feats[1:]:
+            ratios_f = [a / b for ra, rb in zip(runs[("semoe", base)], runs[("semoe", f)])
+                        for a, b in zip(ra["steps_s"], rb["steps_s"])]
+            paired[f"{f}/{base}"] = statistics.median(ratios_f) if ratios_f else None
     _emit({"summary": True, "topology": args.topology, "world": args.nproc,
            "ratio_vs_deepspeed": ratios or None, "peak_rss_ratio": mem or None,
+           "interleaved_speedup": paired,
            "target_ratio": TARGETS[args.topology],
            "deepspeed_a2a_share": None if ds is None else ds["a2a_share"]}, args.json)
     return 0 if all(runs.values()) else 1
