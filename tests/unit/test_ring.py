@@ -108,8 +108,8 @@ def test_greedy_and_logits_match_transformers(family_ckpt, ring: str) -> None:
         S = len(engine.plan.sections)
         assert S == COMMON["num_hidden_layers"] + 2
         result = engine.generate(PROMPTS, NEW, return_logits=True)
-    assert result.tokens == [r[0] for r in refs], family
-    for ours, (_, ref) in zip(result.logits, refs):
+    assert result.tokens == [r[0] for r in refs], family  # hf_greedy checked the references' top-2 margins
+    for ours, (_, ref) in zip(result.logits, refs):  # float32 vs float32, other op orders: see test_hf_parity
         torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
     st = result.stats
     assert st.passes == NEW and st.new_tokens == NEW * len(PROMPTS) and st.prompt_tokens == sum(map(len, PROMPTS))
