@@ -66,14 +66,13 @@ def grad_norm(model: nn.Module, mesh: DeviceMesh | None) -> torch.Tensor:
     dense gradients are identical on every rank and counted once; expert norms are summed over the ep
     group (each rank holds different experts; dp replicas are identical).
 
-    Squares are summed in float64 (each parameter's in one call), so the norm, and the clipping
-    coefficient derived from it, do not depend on the order or the layout the sums were taken in beyond
-    float64 rounding."""
+    Each parameter's norm is taken in its gradient's dtype (one call, as torch's clip_grad_norm_ does), and
+    the squares of those norms are summed in float64: a float64 run is float64 throughout, and the sum over
+    parameters and ranks adds no rounding of its own."""
     dense, expert = split_params(model)
 
     def sq(ps: list[nn.Parameter]) -> torch.Tensor:
-        vals = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64).square() for p in ps
-                if p.grad is not None]
+        vals = [torch.linalg.vector_norm(p.grad.detach()).double().square() for p in ps if p.grad is not None]
         return torch.stack(vals).sum() if vals else torch.zeros((), dtype=torch.float64)
     dense_sq, expert_sq = sq(dense), sq(expert)
     if mesh is not None and mesh.size(1) > 1:
