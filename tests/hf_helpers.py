@@ -62,3 +62,38 @@ def write_hf_tokenizer(folder, vocab_size: int = 128, bos: bool = True) -> dict[
         "model_max_length": 64, "clean_up_tokenization_spaces": False}))
     assert tok.get_vocab_size() <= vocab_size
     return {"unk": 0, "bos": 1, "eos": 2}
+
+
+# Tiny HF MoE models for the fine-tuning and export tests: 2 layers, 4 experts top-2, vocab 128.
+TINY = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=96, num_experts_per_tok=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+            pad_token_id=None)
+TINY_FAMILIES = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, router_aux_loss_coef=0.02)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(num_experts=4, moe_intermediate_size=48, shared_expert_intermediate_size=80,
+                       router_aux_loss_coef=0.01)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=4, norm_topk_prob=True, router_aux_loss_coef=0.01)),
+}
+
+
+def build_tiny_hf(family: str, seed: int = 0, **overrides):
+    """A tiny random HF model of ``family`` (float32, eval mode, non-trivial norms and routers)."""
+    import transformers
+
+    cfg_name, model_name, extra = TINY_FAMILIES[family]
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, cfg_name)(**{**TINY, **extra, **overrides}, attn_implementation="sdpa")
+    return randomize_hf(getattr(transformers, model_name)(cfg))
+
+
+def save_tiny_hf(hf, folder, max_shard_size: str | None = None, bos: bool = True):
+    """``save_pretrained`` (sharded with ``max_shard_size``) plus a tokenizer (``write_hf_tokenizer``); returns
+    the folder."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    hf.save_pretrained(folder, safe_serialization=True, **kwargs)
+    write_hf_tokenizer(folder, bos=bos)
+    return folder

@@ -292,7 +292,8 @@ class Trainer:
         if is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         self._barrier()
-        metrics = MetricsWriter(self.out_dir / "metrics.csv", resume_step=self.start_step - 1) if is_main else None
+        # rows are logged as step + 1: the checkpoint of start_step holds the steps of rows 1..start_step
+        metrics = MetricsWriter(self.out_dir / "metrics.csv", resume_step=self.start_step) if is_main else None
         tokens_per_step = tc.batch_size * tc.seq_len
         first_val = last_val = None
         if self.start_step == 0:
