@@ -216,8 +216,8 @@ def convert_to_hf(src: str | Path, out: str | Path, dtype: str | torch.dtype | N
     for f in sorted(step.glob("model-*.safetensors")):
         for name, info in read_header(f).tensors.items():
             where[name] = (f, info)
-    if dtype is None:
-        stored = next(iter(where.values()))[1].dtype if where else torch.float32
+    if dtype is None:  # the source's dtype, else the stored one (of the embedding: buffers are integers)
+        stored = where["tok_emb.weight"][1].dtype if "tok_emb.weight" in where else torch.float32
         dtype = _DTYPES.get(origin.get("dtype", ""), stored)
     hf_cfg = hf_config_from_semoe(cfg, origin.get("model_type"), base, dtype)
     mt = hf_cfg["model_type"]

@@ -417,6 +417,8 @@ def _same_function(a: ModelConfig, b: ModelConfig) -> list[str]:
         return out
 
     fa, fb = flat(dataclasses.asdict(a)), flat(dataclasses.asdict(b))
+    if a.moe_every == b.moe_every == 1:  # no dense layer: its width is unused
+        fa.pop("dense_d_ff"), fb.pop("dense_d_ff")
     return [f"{k}: {fa.get(k)!r} vs {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
 
 
