@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from semoe.config import ModelConfig
-from semoe.inference.sections import ModelSource, Read, build_meta_model, open_model
+from semoe.inference.sections import ModelSource, ParamView, Read, build_meta_model, open_model
 from semoe.layers.experts import Experts
 from semoe.models.hf import HF_SIDE_FILES, hf_source_record, model_config_from_hf, read_hf_config
 from semoe.models.transformer import MoETransformer
@@ -139,7 +139,9 @@ class PretrainedInit:
         """Allocate the (sharded) model once on ``device`` in ``dtype``, zero its buffers, and fill its
         parameters from the checkpoint (skipped with ``load_weights=False``: a resume overwrites them)."""
         model.to(dtype=dtype)
-        model.to_empty(device=device)
+        # Module.to_empty is _apply(empty_like): from a meta tensor that imports sympy (~34 MiB, ~1 s) on first
+        # use; torch.empty of the same shape allocates the same uninitialised storage without it
+        model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
         with torch.no_grad():
             for name, buf in model.named_buffers():
                 buf.copy_(self.source.buffers[name]) if name in self.source.buffers else buf.zero_()
@@ -179,10 +181,13 @@ class PretrainedInit:
                 region = self.source.regions[view.region]
                 if name in stacked:
                     mod = stacked[name]
-                    per = math.prod(region[1:])
+                    # expert e is region[e]; of a fused gate_up_proj only rows [lo, hi) (contiguous) are read
+                    lo, hi = view.lo or 0, view.hi if view.hi is not None else region[1]
+                    per, inner = math.prod(region[1:]), math.prod(region[2:])
+                    kind_only = ParamView(view.param, view.region, view.kind)
                     for e in range(mod.expert_offset, mod.expert_offset + mod.num_local_experts):
-                        slab = self._read(readers, view.region, e * per, per).view(1, *region[1:])
-                        value = view.apply(slab)[0]
+                        slab = self._read(readers, view.region, e * per + lo * inner, (hi - lo) * inner)
+                        value = kind_only.apply(slab.view(1, hi - lo, *region[2:]))[0]
                         _check(name, value, tuple(p.shape[1:]), f"expert {e}")
                         self.experts_read.setdefault(name, []).append(e)
                         if experts is None:
