@@ -18,6 +18,8 @@ from semoe.models.transformer import MoETransformer, document_mask
 
 transformers = pytest.importorskip("transformers")
 
+pytestmark = pytest.mark.numerics  # rerun under other CPU kernels by `make test` (tests/other_kernels.py)
+
 
 def tiny_cfg(scope: str = "layer", **router) -> ModelConfig:
     rc = RouterConfig(top_k=2, capacity_factor=None, eval_capacity_factor=None, normalize_topk=True, z_loss_coef=0.0,
