@@ -27,6 +27,10 @@ round's median. ``peak_rss_mb``: the peak resident set while training (``/proc/s
 after loading), ``load_peak_rss_mb``: the peak while loading. ``loss0``: the first step's cross-entropy (equal
 across contenders up to float32 rounding: same model, same data). A contender that fails records its error.
 
+``--interleave N``: semoe and the transformers contenders also run in one process, one step each in turn (order
+reversed every step), N steps; ``interleaved_speedup_vs_X`` is the median over those steps of X's step time over
+semoe's, the ratio least disturbed by other load on a shared machine.
+
 Output: JSON lines on stdout, one per contender (``impl``, ``tokens_per_s``, ``step_ms``, ``peak_rss_mb``,
 ``load_peak_rss_mb``, ``loss0``, ``error``), then a summary line (ratios against transformers and DeepSpeed, the
 targets of issue #12: >= 1.5x transformers' tokens/s at equal or lower peak memory, ahead of DeepSpeed).
@@ -76,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=0, help="torch threads per contender (0: all cores)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--workdir", type=Path, default=None, help="where the HF folder is written (default: a temp dir)")
+    ap.add_argument("--interleave", type=int, default=0, metavar="N",
+                    help="also run semoe and the transformers contenders in one process, N steps each, alternating "
+                    "step by step (robust ratios on a noisy machine: interleaved_speedup_vs_*)")
     ap.add_argument("--smoke", action="store_true", help="tiny model, 1 round, semoe and transformers only")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -141,62 +148,82 @@ def _peak_rss_mb() -> float:
     return process_memory()["peak_rss"]
 
 
-def worker(args: argparse.Namespace) -> None:
+def build_step(impl: str, args: argparse.Namespace, folder: Path, rows, info: dict):
+    """The training step of contender ``impl`` on the batch ``rows`` [B, S + 1] (a closure returning the loss)."""
     import torch
     import torch.nn.functional as F
 
     from semoe.precision import autocast
 
+    if impl == "semoe":
+        return _semoe_step(args, folder, rows)
+    import transformers
+
+    S = args.seq_len
+    x, y = rows[:, :S].contiguous(), rows[:, 1:].contiguous()
+    dev, dtype = torch.device("cpu"), getattr(torch, args.dtype)
+    kwargs = {"experts_implementation": "eager"} if impl == "transformers-eager" else {}
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+    model.config.output_router_logits = True
+    model.train()
+    coef = model.config.router_aux_loss_coef
+    info["experts_implementation"] = model.config._experts_implementation
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=0.0, foreach=True)
+
+    def loss_of(out) -> tuple[torch.Tensor, torch.Tensor]:
+        ce = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
+        return ce, ce + coef * out.aux_loss
+
+    if impl.startswith("deepspeed"):
+        return _deepspeed_step(impl, model, opt, args.batch, loss_of, x, dev, dtype)
+
+    def step() -> float:
+        with autocast(dev, dtype):
+            out = model(input_ids=x)
+        ce, loss = loss_of(out)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(ce)
+
+    return step
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    folder = args.folder
-    S, B = args.seq_len, args.batch
-    rows = torch.randint(0, args.vocab, (B, S + 1), generator=torch.Generator().manual_seed(0))
-    x, y = rows[:, :S].contiguous(), rows[:, 1:].contiguous()
-    dev = torch.device("cpu")
-    dtype = getattr(torch, args.dtype)
+    rows = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), generator=torch.Generator().manual_seed(0))
     impl = args.impl
-    result: dict = {"impl": impl}
+    result: dict = {"impl": impl, "threads": torch.get_num_threads()}
     try:
-        if impl == "semoe":
-            step = _semoe_step(args, folder, rows)
+        if impl.startswith("interleave:"):  # several contenders in this process, one step each in turn
+            names = impl.split(":", 1)[1].split(",")
+            steps = {n: build_step(n, args, args.folder, rows, {}) for n in names}
+            for n in names:
+                for _ in range(args.warmup):
+                    steps[n]()
+            times: dict[str, list[float]] = {n: [] for n in names}
+            for i in range(args.steps):
+                for n in names if i % 2 == 0 else names[::-1]:
+                    t0 = time.perf_counter()
+                    steps[n]()
+                    times[n].append(time.perf_counter() - t0)
+            result["times"] = times
         else:
-            import transformers
-
-            kwargs = {"experts_implementation": "eager"} if impl == "transformers-eager" else {}
-            model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
-            model.config.output_router_logits = True
-            model.train()
-            coef = model.config.router_aux_loss_coef
-            result["experts_implementation"] = model.config._experts_implementation
-            opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=0.0, foreach=True)
-
-            def loss_of(out) -> tuple[torch.Tensor, torch.Tensor]:
-                ce = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
-                return ce, ce + coef * out.aux_loss
-
-            if impl.startswith("transformers"):
-                def step() -> float:
-                    with autocast(dev, dtype):
-                        out = model(input_ids=x)
-                    ce, loss = loss_of(out)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    return float(ce)
-            else:
-                step = _deepspeed_step(impl, model, opt, B, loss_of, x, dev, dtype)
-        result["load_peak_rss_mb"] = _peak_rss_mb()
-        _reset_peak_rss()
-        losses = [step() for _ in range(args.warmup)]
-        times = []
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            losses.append(step())
-            times.append(time.perf_counter() - t0)
-        result.update(step_s=statistics.median(times), peak_rss_mb=_peak_rss_mb(), loss0=losses[0],
-                      loss_last=losses[-1], threads=torch.get_num_threads())
+            step = build_step(impl, args, args.folder, rows, result)
+            result["load_peak_rss_mb"] = _peak_rss_mb()
+            _reset_peak_rss()
+            losses = [step() for _ in range(args.warmup)]
+            times_s = []
+            for _ in range(args.steps):
+                t0 = time.perf_counter()
+                losses.append(step())
+                times_s.append(time.perf_counter() - t0)
+            result.update(step_s=statistics.median(times_s), peak_rss_mb=_peak_rss_mb(), loss0=losses[0],
+                          loss_last=losses[-1])
     except Exception as e:  # a contender that cannot run reports why (DeepSpeed ZeRO-3 on CPU, ...)
         result["error"] = f"{type(e).__name__}: {e}"[:2000]
         result["traceback"] = traceback.format_exc()[-3000:]
@@ -353,6 +380,17 @@ def main(argv: list[str] | None = None) -> int:
     ran = [d for d in ds if "tokens_per_s" in d]
     if "tokens_per_s" in sem and ran:
         summary["target_ahead_of_deepspeed"] = all(sem["tokens_per_s"] > d["tokens_per_s"] for d in ran)
+    inter = [i for i in impls if i == "semoe" or i.startswith("transformers")]
+    if args.interleave and "semoe" in inter and len(inter) > 1:
+        print(f"[bench_finetune] interleaved: {', '.join(inter)}", file=sys.stderr, flush=True)
+        res = _launch(argparse.Namespace(**{**vars(args), "steps": args.interleave}), "interleave:" + ",".join(inter),
+                      folder)
+        if "times" in res:
+            t = res["times"]
+            for peer in inter[1:]:
+                summary[f"interleaved_speedup_vs_{peer}"] = statistics.median(
+                    b / a for a, b in zip(t["semoe"], t[peer]))
+            summary["interleaved_step_ms"] = {k: 1e3 * statistics.median(v) for k, v in t.items()}
     summary["errors"] = {k: v["error"] for k, v in rows.items() if "error" in v} or None
     print(json.dumps(summary), flush=True)
     return 0
