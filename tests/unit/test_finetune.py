@@ -46,8 +46,6 @@ from tests.hf_helpers import FT_WORDS, TINY_FAMILIES, assert_clear_margins, buil
 
 transformers = pytest.importorskip("transformers")
 
-pytestmark = pytest.mark.numerics  # rerun under other CPU kernels by `make test` (tests/other_kernels.py)
-
 ROUTING_MARGIN = 1e-4
 
 
@@ -86,6 +84,7 @@ def family(request, tmp_path_factory):
     return name, hf, folder
 
 
+@pytest.mark.numerics  # rerun under other CPU kernels by `make test` (tests/other_kernels.py)
 def test_step0_loss_and_every_gradient_match_transformers(family, tmp_path) -> None:
     name, hf, folder = family
     init = PretrainedInit.from_hf(folder)
