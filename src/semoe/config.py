@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 RouterKind = Literal["topk", "expert_choice"]
+AuxLossScope = Literal["layer", "model"]
 ScoreFunc = Literal["softmax", "sigmoid"]
 NoiseKind = Literal["none", "gaussian", "jitter"]
 SecondExpertPolicy = Literal["topk", "random"]
@@ -55,6 +56,11 @@ class RouterConfig:
                      second choices, then earlier tokens (rank-major global order); "score" keeps the
                      highest router probabilities.
     aux_loss_coef / z_loss_coef: weights of the load-balancing loss and the router z-loss.
+    aux_loss_scope:  "layer": each MoE layer's Switch/GShard loss (fraction of *assignments* per expert
+                     times mean probability, times E), summed over layers. "model": transformers'
+                     ``load_balancing_loss_func`` (Mixtral, Qwen2-MoE, OLMoE): assignments per *token* and
+                     probabilities pooled over the rows of every MoE layer, ``E * sum_e (C_e / N) (P_e / N)``,
+                     one loss for the whole model (what the HF importer sets, so fine-tuning keeps HF's loss).
     bias_update_rate: > 0 enables auxiliary-loss-free balancing: a per-expert bias added to the
                      scores for selection only, moved by this rate towards equal load after every
                      training forward.
@@ -74,6 +80,7 @@ class RouterConfig:
     drop_policy: DropPolicy = "position"
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
+    aux_loss_scope: AuxLossScope = "layer"
     bias_update_rate: float = 0.0
     seed: int = 0
 
@@ -83,6 +90,7 @@ class RouterConfig:
         _check_choice("router.noise", self.noise, ("none", "gaussian", "jitter"))
         _check_choice("router.second_expert", self.second_expert, ("topk", "random"))
         _check_choice("router.drop_policy", self.drop_policy, ("position", "score"))
+        _check_choice("router.aux_loss_scope", self.aux_loss_scope, ("layer", "model"))
         if not isinstance(self.top_k, int) or self.top_k < 1:
             raise ValueError(f"router.top_k must be an integer >= 1, got {self.top_k!r}")
         _check_positive("router.capacity_factor", self.capacity_factor, allow_none=True)

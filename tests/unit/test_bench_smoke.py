@@ -89,3 +89,23 @@ def test_train_smoke() -> None:
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 0 and r["dtype"] == "bfloat16" and r["world"] == 2
     assert summary["summary"] is True and summary["ratio_vs_deepspeed"] is None
+
+
+FINETUNE_KEYS = {"impl", "tokens_per_s", "step_ms", "peak_rss_mb", "load_peak_rss_mb", "loss0", "cpu", "model"}
+
+
+def test_finetune_smoke(tmp_path) -> None:
+    """``bench_finetune.py --smoke``: semoe's --init-from training step and transformers' own model on the same
+    HF checkpoint and batch; the same first loss (same weights, same data), a summary with the ratios."""
+    pytest.importorskip("transformers")
+    script = ROOT / "benchmarks" / "bench_finetune.py"
+    lines = _run([sys.executable, str(script), "--smoke", "--workdir", str(tmp_path)], timeout=300)
+    rows, summary = lines[:-1], lines[-1]
+    assert [r["impl"] for r in rows] == ["semoe", "transformers"]
+    for r in rows:
+        assert FINETUNE_KEYS <= r.keys() and "error" not in r, r
+        assert r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 0 and r["loss0"] > 0
+    assert rows[1]["experts_implementation"] == "grouped_mm"  # transformers' default experts implementation
+    assert summary["summary"] is True and summary["smoke"] is True and summary["errors"] is None
+    assert summary["loss0_spread"] < 1e-4  # the same model and batch
+    assert summary["speedup_vs_transformers"] > 0 and "target_1.5x_transformers_at_le_memory" in summary

@@ -55,8 +55,9 @@ def test_convert_equals_mapping_and_model(qwen_sharded, tmp_path) -> None:
     manifest = read_manifest(out, verify=True)  # sizes and sha256 of every file
     assert manifest["format"] == "semoe-checkpoint" and manifest["config"]["model"]["n_layers"] == 12
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["manifest.json", "model-dense.safetensors",
+    assert names == ["hf_config.json", "hf_generation_config.json", "manifest.json", "model-dense.safetensors",
                      *[f"model-experts-{i:05d}.safetensors" for i in range(12)], "tokenizer.json"]
+    assert manifest["hf_source"]["model_type"] == "qwen2_moe" and manifest["hf_source"]["dtype"] == "float32"
     written = {}
     for f in out.glob("model-*.safetensors"):
         written.update(load_file(f))

@@ -11,6 +11,7 @@ import torch
 
 from semoe.training import data
 from semoe.training.data import (
+    Document,
     GlobalBatchLoader,
     encode_documents,
     fetch_shakespeare,
@@ -43,17 +44,17 @@ def text_file(tmp_path: Path) -> Path:
 
 
 def test_load_txt_folder_jsonl(tmp_path: Path, text_file: Path) -> None:
-    assert load_documents(text_file) == [TEXT * 40]
+    assert load_documents(text_file) == [Document(TEXT * 40)]
     folder = tmp_path / "folder"
     (folder / "sub").mkdir(parents=True)
     (folder / "b.txt").write_text("bee")
     (folder / "sub" / "a.md").write_text("# ay")
     (folder / "ignored.py").write_text("print()")
     (folder / "empty.txt").write_text("")
-    assert load_documents(folder) == ["bee", "# ay"]  # sorted by path: b.txt < empty.txt < sub/a.md
+    assert load_documents(folder) == [Document("bee"), Document("# ay")]  # sorted by path: b.txt < empty.txt < sub/a.md
     jl = tmp_path / "d.jsonl"
     jl.write_text(json.dumps({"text": "one", "id": 1}) + "\n\n" + json.dumps({"text": "two\nlines"}) + "\n")
-    assert load_documents(jl) == ["one", "two\nlines"]
+    assert load_documents(jl) == [Document("one"), Document("two\nlines")]
 
 
 @pytest.mark.parametrize(
@@ -64,6 +65,11 @@ def test_load_txt_folder_jsonl(tmp_path: Path, text_file: Path) -> None:
         ("blank.jsonl", json.dumps({"text": ""}) + "\n" + json.dumps({"text": "  "}) + "\n", "contains no text"),
         ("bad.jsonl", json.dumps({"text": "ok"}) + "\n{not json\n", r"bad\.jsonl:2: invalid JSON"),
         ("nofield.jsonl", json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "x"}), r":2: .*string \"text\""),
+        ("nocompletion.jsonl", json.dumps({"prompt": "a", "completion": "b"}) + "\n\n" + json.dumps({"prompt": "q"}),
+         r"nocompletion\.jsonl:3: \"completion\" is missing"),
+        ("noprompt.jsonl", json.dumps({"completion": "b"}), r":1: \"prompt\" is missing"),
+        ("intprompt.jsonl", json.dumps({"prompt": 1, "completion": "b"}), r":1: \"prompt\" must be a string"),
+        ("both.jsonl", json.dumps({"text": "t", "prompt": "p", "completion": "c"}), r":1: has both"),
         ("nonstr.jsonl", json.dumps({"text": 3}) + "\n", r":1: .*string \"text\""),
         ("list.jsonl", "[1, 2]\n", r":1: .*JSON object"),
     ],
@@ -112,7 +118,7 @@ def test_chunked_encoding_equals_whole(tmp_path: Path, text_file: Path) -> None:
     assert [i for c in chunks for i in tok.encode(c).ids] == whole
     stream = encode_documents(tok, [text, "second doc"])
     eos = tok.token_to_id("<|endoftext|>")
-    assert stream.tolist() == [*whole, eos, *tok.encode("second doc").ids]
+    assert stream.tolist() == [*whole, eos, *tok.encode("second doc").ids, eos]  # every document ends with EOS
 
 
 # ---------------------------------------------------------------- corpus cache
@@ -124,7 +130,8 @@ def test_prepare_corpus_caches(tmp_path: Path, text_file: Path, monkeypatch: pyt
     assert c1.tokenizer_path == tmp_path / "cache" / "corpus" / c1.fingerprint / "tokenizer.json"
     assert c1.vocab_size == c1.load_tokenizer().get_vocab_size() <= 300
     tok = c1.load_tokenizer()
-    assert tok.decode(c1.tokens.tolist()) == text_file.read_text()
+    assert c1.tokens[-1] == c1.eos_id and tok.decode(c1.tokens[:-1].tolist()) == text_file.read_text()
+    assert c1.loss_mask.tolist() == [0] + [1] * (len(c1.tokens) - 1) and c1.doc_start.sum() == 1 and not c1.packed
     mtime = (c1.tokenizer_path.parent / "tokens.npy").stat().st_mtime_ns
 
     def boom(*a: object, **k: object) -> None:
@@ -142,15 +149,18 @@ def test_prepare_corpus_caches(tmp_path: Path, text_file: Path, monkeypatch: pyt
     assert prepare_corpus(text_file, tmp_path / "cache", 300).fingerprint != c1.fingerprint
 
 
-def test_prepare_corpus_jsonl_eos_between_docs(tmp_path: Path) -> None:
+def test_prepare_corpus_jsonl_eos_after_each_doc(tmp_path: Path) -> None:
     jl = tmp_path / "d.jsonl"
     jl.write_text("\n".join(json.dumps({"text": t}) for t in ("alpha beta", "gamma", "delta epsilon")))
     c = prepare_corpus(jl, tmp_path / "cache", 280)
     toks = c.tokens.tolist()
-    assert toks.count(c.eos_id) == 2 and toks[-1] != c.eos_id and toks[0] != c.eos_id
+    assert toks.count(c.eos_id) == 3 and toks[-1] == c.eos_id and toks[0] != c.eos_id
     tok = c.load_tokenizer()
     first = toks.index(c.eos_id)
     assert tok.decode(toks[:first]) == "alpha beta"
+    starts = np.flatnonzero(c.doc_start).tolist()
+    assert starts == [0, first + 1, toks.index(c.eos_id, first + 1) + 1]
+    assert np.flatnonzero(c.loss_mask == 0).tolist() == starts  # no loss across a document boundary
 
 
 # ---------------------------------------------------------------- windows
@@ -190,7 +200,8 @@ def test_loader_shapes_and_shift() -> None:
     ld = GlobalBatchLoader(tokens.astype(np.uint16), train, 16, global_batch=8, seed=0, grad_accum=2)
     mbs = ld.get(0)
     assert len(mbs) == 2
-    for x, y in mbs:
+    for x, y, doc in mbs:
+        assert doc is None
         assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64
         assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(y[:, -1], x[:, -1] + 1)
         assert set((x[:, 0] % 17).tolist()) == {0}  # every row starts at a window start
@@ -202,11 +213,11 @@ def test_loader_ranks_union_equals_global(grad_accum: int) -> None:
     train, _ = split_windows(len(tokens), 16, 0.1)
     B = 16
     for step in (0, 5, 17):
-        ref = torch.cat([x for x, _ in GlobalBatchLoader(tokens, train, 16, B, seed=3).get(step)])
+        ref = torch.cat([b.x for b in GlobalBatchLoader(tokens, train, 16, B, seed=3).get(step)])
         for dp in (1, 2, 4):
             if B % (dp * grad_accum):
                 continue
-            parts = [x for r in range(dp) for x, _ in GlobalBatchLoader(tokens, train, 16, B, 3, r, dp, grad_accum)
+            parts = [b.x for r in range(dp) for b in GlobalBatchLoader(tokens, train, 16, B, 3, r, dp, grad_accum)
                      .get(step)]
             assert all(p.shape[0] == B // (dp * grad_accum) for p in parts)
             assert torch.equal(torch.cat(parts), ref)  # same rows, same order
@@ -254,7 +265,7 @@ def test_val_batches_fixed_and_sharded() -> None:
     full = list(GlobalBatchLoader(tokens, val, 16, 8, seed=0).val_batches(3, 8))
     again = list(GlobalBatchLoader(tokens, val, 16, 8, seed=99).val_batches(3, 8))
     assert len(full) == 3 and all(torch.equal(p[0], q[0]) for p, q in zip(full, again))
-    starts = torch.cat([x[:, 0] for x, _ in full])
+    starts = torch.cat([b.x[:, 0] for b in full])
     assert len(set(starts.tolist())) == 24 and starts.min() >= val[0] and starts.max() >= val[len(val) // 2]
     shards = [list(GlobalBatchLoader(tokens, val, 16, 8, 0, r, 4).val_batches(3, 8)) for r in range(4)]
     for i in range(3):

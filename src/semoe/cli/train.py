@@ -7,12 +7,16 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from semoe.config import RunConfig, apply_overrides, replace, to_dict
 from semoe.models.recipes import RECIPES, get_recipe
 from semoe.parallel.mesh import torchrun_env
 from semoe.storage import checkpoint as ckpt
 from semoe.training.data import default_cache_dir
+
+if TYPE_CHECKING:
+    from semoe.training.init import PretrainedInit
 
 log = logging.getLogger(__name__)
 
@@ -22,10 +26,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Train a decoder-only MoE transformer. With --nproc N > 1 this starts torchrun "
                        "for you (N expert-parallel ranks); `torchrun ... -m semoe train ...` works directly too, "
                        "multi-node included.")
-    p.add_argument("--recipe", default="small", help=f"model+training recipe: {', '.join(sorted(RECIPES))} "
-                   "(default: small)")
-    p.add_argument("--data", default=None, help="text file, folder of .txt/.md, or JSONL with a 'text' field "
-                   "(default: Shakespeare, fetched once into the cache)")
+    p.add_argument("--recipe", default=None, help=f"model+training recipe: {', '.join(sorted(RECIPES))} "
+                   "(default: small; with --init-from: finetune, whose model is replaced by the checkpoint's)")
+    p.add_argument("--init-from", type=Path, default=None, metavar="HF_DIR",
+                   help="fine-tune an HF checkpoint folder (Mixtral, Qwen2-MoE, OLMoE): model config from its "
+                   "config.json, weights from its safetensors (each rank reads only its experts), tokenizer from "
+                   "its tokenizer.json; --set overrides apply on top; export with `semoe convert --to-hf`")
+    p.add_argument("--data", default=None, help="text file, folder of .txt/.md, or JSONL with a 'text' field or "
+                   "'prompt'/'completion' fields (loss on the completion only; examples packed whole into "
+                   "sequences) (default: Shakespeare, fetched once into the cache)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides the recipe)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<recipe>)")
     p.add_argument("--nproc", type=int, default=1, help="processes on this machine (expert-parallel ranks)")
@@ -38,8 +47,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def build_run_config(args: argparse.Namespace) -> RunConfig:
-    run = get_recipe(args.recipe)
+def recipe_name(args: argparse.Namespace) -> str:
+    if args.recipe is not None:
+        return args.recipe
+    return "finetune" if getattr(args, "init_from", None) is not None else "small"
+
+
+def build_run_config(args: argparse.Namespace, init: PretrainedInit | None = None) -> RunConfig:
+    """The recipe; with ``init`` its model is the pretrained checkpoint's; then the ``--set`` overrides."""
+    run = get_recipe(recipe_name(args))
+    if init is not None:
+        run = replace(run, model=init.model_config)
     run = apply_overrides(run, list(args.overrides))
     if args.data is not None:
         run = replace(run, data=args.data)
@@ -50,7 +68,7 @@ def build_run_config(args: argparse.Namespace) -> RunConfig:
     return run
 
 
-def preflight(run: RunConfig, args: argparse.Namespace, out: Path) -> None:
+def preflight(run: RunConfig, args: argparse.Namespace, out: Path, init: PretrainedInit | None = None) -> None:
     """Checks that must fail before any process starts or anything is written."""
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
@@ -71,7 +89,13 @@ def preflight(run: RunConfig, args: argparse.Namespace, out: Path) -> None:
             raise ValueError(f"{out} already holds checkpoint {existing}; choose another --out or --resume auto")
         if args.resume == "auto":
             manifest = ckpt.read_manifest(existing, verify=False)
+            from semoe.training.init import RandomInit
             from semoe.training.trainer import config_mismatch
+
+            problem = (init if init is not None else RandomInit()).resume_problem(manifest)
+            if problem:
+                raise ckpt.CheckpointError(f"{out} holds checkpoint {existing}, which cannot be resumed: {problem}; "
+                                           "use another --out (nothing was written)")
 
             diff = config_mismatch(to_dict(run.model), manifest["config"]["model"])
             diff = [d for d in diff if not d.startswith("vocab_size")]  # the tokenizer may shrink the vocab
@@ -116,9 +140,14 @@ def print_sample(ckpt_path: Path, prompt: str) -> None:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    run_cfg = build_run_config(args)
-    out = args.out if args.out is not None else Path("runs") / args.recipe
-    preflight(run_cfg, args, out)
+    init = None
+    if args.init_from is not None:
+        from semoe.training.init import PretrainedInit
+
+        init = PretrainedInit.from_hf(args.init_from)
+    run_cfg = build_run_config(args, init)
+    out = args.out if args.out is not None else Path("runs") / recipe_name(args)
+    preflight(run_cfg, args, out, init)
     cache_dir = args.cache_dir or default_cache_dir()
     env = torchrun_env()
     if args.nproc > 1 and env["world_size"] == 1:
@@ -135,7 +164,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         from semoe.training.trainer import Trainer
 
         resume = None if args.resume == "none" else args.resume
-        trainer = Trainer(run_cfg, out, cache_dir, resume=resume)
+        trainer = Trainer(run_cfg, out, cache_dir, resume=resume, init=init)
         result = trainer.fit()
         result_ckpt = result.checkpoint
         if trainer.rank != 0:

@@ -1,4 +1,6 @@
-"""Convert an HF checkpoint folder (Mixtral, Qwen2-MoE, OLMoE) into a semoe checkpoint, one tensor at a time.
+"""Convert between HF checkpoint folders (Mixtral, Qwen2-MoE, OLMoE) and semoe checkpoints, one tensor at a time.
+
+HF -> semoe (:func:`convert_hf_checkpoint`):
 
 The output is a semoe checkpoint folder (``storage/checkpoint.py`` format): ``model-dense.safetensors``
 with every non-expert parameter and the model's persistent buffers, ``model-experts-LLLLL.safetensors``
@@ -11,6 +13,19 @@ computed up front from the source headers (:func:`semoe.models.hf.converted_shap
 tensor is read with positional reads (no memory map), converted by the one HF mapping
 (:func:`semoe.models.hf.convert_tensor`) and written at its place. The folder is written under a
 temporary name, fsynced and renamed, so a failed conversion leaves nothing that looks like a checkpoint.
+The HF side files (config.json, generation_config.json, tokenizer_config.json, special_tokens_map.json) travel
+along as ``hf_*.json`` and ``manifest["hf_source"]`` records the source, for the way back.
+
+semoe -> HF (:func:`convert_to_hf`): a semoe checkpoint (of ``semoe train``, ``--init-from`` fine-tunes
+included, or of ``convert --from-hf``) becomes an HF folder: ``config.json`` (the original one when the model
+still has its config, else written from the model config: :func:`semoe.models.hf.hf_config_from_semoe`),
+safetensors shards of at most ``max_shard_size`` with ``model.safetensors.index.json`` (a single
+``model.safetensors`` when one shard holds everything, as ``save_pretrained`` does), ``generation_config.json``,
+``tokenizer.json`` and ``tokenizer_config.json`` (+ ``special_tokens_map.json`` when the source had one). Tensors
+use the per-expert keys (``...experts.{e}.w1.weight``; see ``semoe.models.hf``), each a transpose or copy of
+the semoe tensor, so HF -> semoe -> HF without training gives back the original tensors bit for bit. A model
+trained with semoe alone is exported as the HF architecture that computes the same function, or refused with
+the reasons (GELU experts, a router HF does not have, ...).
 """
 
 from __future__ import annotations
@@ -23,20 +38,27 @@ from pathlib import Path
 
 import torch
 
-from semoe.config import RunConfig, to_dict
+from semoe.config import RunConfig, from_dict, to_dict
+from semoe.inference.load import resolve_checkpoint
+from semoe.inference.ring import parse_size
 from semoe.inference.sections import build_meta_model, inspect_hf_folder
 from semoe.models.hf import (
+    HF_SIDE_FILES,
     convert_tensor,
     converted_shapes,
+    export_tensor,
+    hf_config_from_semoe,
+    hf_export_plan,
     hf_key_to_semoe,
+    hf_source_record,
     semoe_param_slot,
 )
 from semoe.storage import checkpoint as ckpt
-from semoe.storage.safetensors_io import SafetensorsReader, SafetensorsWriter, read_header
+from semoe.storage.safetensors_io import SafetensorsReader, SafetensorsWriter, TensorInfo, read_header
 
 log = logging.getLogger(__name__)
 
-__all__ = ["convert_hf_checkpoint"]
+__all__ = ["convert_hf_checkpoint", "convert_to_hf"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -124,9 +146,10 @@ def convert_hf_checkpoint(src: str | Path, out: str | Path, dtype: str | torch.d
         finally:
             for w in writers.values():
                 w.close()
-        if (src / "tokenizer.json").is_file():
-            shutil.copyfile(src / "tokenizer.json", tmp / "tokenizer.json")
-            ckpt._fsync_file(tmp / "tokenizer.json")
+        for name, dst in [("tokenizer.json", "tokenizer.json"), *HF_SIDE_FILES.items()]:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp / dst)
+                ckpt._fsync_file(tmp / dst)
         eos = hf.get("eos_token_id")
         gen = src / "generation_config.json"
         if gen.is_file():
@@ -134,7 +157,7 @@ def convert_hf_checkpoint(src: str | Path, out: str | Path, dtype: str | torch.d
         eos_ids = [] if eos is None else [int(e) for e in (eos if isinstance(eos, list) else [eos])]
         files_meta = {p.name: {"bytes": p.stat().st_size, "sha256": ckpt._sha256(p)} for p in sorted(tmp.iterdir())}
         manifest = {"format": ckpt.FORMAT, "version": ckpt.VERSION, "step": 0, "config": to_dict(RunConfig(model=cfg)),
-                    "source": {"hf_folder": str(src.resolve()), "model_type": mt}, "eos_token_ids": eos_ids,
+                    "hf_source": hf_source_record(src), "eos_token_ids": eos_ids,
                     "files": files_meta}
         ckpt._write_json_atomic(tmp / ckpt.MANIFEST, manifest)
         ckpt._fsync_dir(tmp)
@@ -147,3 +170,153 @@ def convert_hf_checkpoint(src: str | Path, out: str | Path, dtype: str | torch.d
         raise
     log.info("converted %s checkpoint %s -> %s (%d files)", mt, src, out, len(files_meta))
     return out
+
+
+# ------------------------------------------------------------------------------------- semoe -> HF
+
+
+def _dtype_arg(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"--dtype {dtype!r} is not supported; choose one of {sorted(_DTYPES)}")
+        return _DTYPES[dtype]
+    return dtype
+
+
+def _json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    ckpt._fsync_file(path)
+
+
+def convert_to_hf(src: str | Path, out: str | Path, dtype: str | torch.dtype | None = None,
+                  max_shard_size: str | int = "5GB") -> Path:
+    """Write the HF checkpoint folder of the semoe checkpoint ``src`` (a step folder, a run's checkpoints folder
+    or its run folder) to the new folder ``out``; returns it. ``dtype``: of the written weights (default: the
+    dtype of the HF checkpoint the model came from, else as stored). One tensor in memory at a time."""
+    src, out = Path(src), Path(out)
+    dtype = _dtype_arg(dtype)
+    max_bytes = parse_size(max_shard_size)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} already exists and is not empty; choose a new folder")
+    step = resolve_checkpoint(src)
+    manifest = ckpt.read_manifest(step, verify=True)
+    try:
+        cfg = from_dict(RunConfig, manifest["config"]).model
+    except KeyError as e:
+        raise ValueError(f"{step / ckpt.MANIFEST} has no model config; it was not written by semoe") from e
+    origin = manifest.get("hf_source") or {}
+    base = _json(step / HF_SIDE_FILES["config.json"])
+
+    # where every semoe tensor lies (headers only)
+    where: dict[str, tuple[Path, TensorInfo]] = {}
+    for f in sorted(step.glob("model-*.safetensors")):
+        for name, info in read_header(f).tensors.items():
+            where[name] = (f, info)
+    if dtype is None:  # the source's dtype, else the stored one (of the embedding: buffers are integers)
+        stored = where["tok_emb.weight"][1].dtype if "tok_emb.weight" in where else torch.float32
+        dtype = _DTYPES.get(origin.get("dtype", ""), stored)
+    hf_cfg = hf_config_from_semoe(cfg, origin.get("model_type"), base, dtype)
+    mt = hf_cfg["model_type"]
+    for name, (f, _info) in where.items():  # the aux-loss-free bias changes routing: HF has no such bias
+        if name.endswith(".router.expert_bias"):
+            with SafetensorsReader(f) as r:
+                if bool(r.read(name).ne(0).any()):
+                    raise ValueError(f"{name} is not zero (aux-loss-free balancing was trained); HF routers have "
+                                     "no selection bias, so the exported model would route differently")
+    plan = hf_export_plan(mt, cfg)
+    missing = [t.name for _, t in plan if t.name not in where]
+    if missing:
+        raise ValueError(f"checkpoint {step} lacks tensors for {missing[:5]}; it is incomplete or of another model")
+
+    # shards of at most max_bytes, in the plan's (layer) order
+    shards: list[list[tuple[str, str]]] = [[]]
+    size = 0
+    for key, tmap in plan:
+        n = where[tmap.name][1].numel * dtype.itemsize
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((key, tmap.name))
+        size += n
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    maps = dict(plan)
+
+    tmp = out.parent / f".tmp-{out.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        readers: dict[Path, SafetensorsReader] = {}
+        weight_map: dict[str, str] = {}
+        total = 0
+        try:
+            for fname, items in zip(names, shards):
+                specs = {}
+                for key, name in items:
+                    info = where[name][1]
+                    shape = info.shape[::-1] if maps[key].op == "t" else info.shape
+                    specs[key] = (dtype, shape)
+                with SafetensorsWriter(tmp / fname, specs, metadata={"format": "pt"}) as w:
+                    for key, name in items:
+                        f, info = where[name]
+                        reader = readers.get(f) or readers.setdefault(f, SafetensorsReader(f))
+                        t = export_tensor(maps[key], reader.read(name)).to(dtype)
+                        w.write(key, t)
+                        weight_map[key] = fname
+                        total += t.numel() * t.element_size()
+                        del t
+        finally:
+            for r in readers.values():
+                r.close()
+        if len(shards) > 1:
+            _write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total},
+                                                               "weight_map": weight_map})
+        _write_side_files(step, tmp, hf_cfg, manifest, cfg.max_seq_len)
+        ckpt._fsync_dir(tmp)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+        ckpt._fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported %s -> %s (%s, %d shard(s), %.1f MiB)", step, out, mt, len(shards), total / 2**20)
+    return out
+
+
+def _write_side_files(step: Path, tmp: Path, hf_cfg: dict, manifest: dict, max_seq_len: int) -> None:
+    """config.json, generation_config.json and the tokenizer files: the source's where the checkpoint carries
+    them, else written for semoe's own byte-level BPE (its ``<|endoftext|>`` as EOS)."""
+    gen = _json(step / HF_SIDE_FILES["generation_config.json"])
+    tcfg = _json(step / HF_SIDE_FILES["tokenizer_config.json"])
+    tok_file = step / "tokenizer.json"
+    eos_ids = [int(e) for e in manifest.get("eos_token_ids") or []]
+    if tok_file.is_file():
+        shutil.copyfile(tok_file, tmp / "tokenizer.json")
+        ckpt._fsync_file(tmp / "tokenizer.json")
+        if not eos_ids and tcfg is None:
+            from tokenizers import Tokenizer
+
+            eid = Tokenizer.from_file(str(tok_file)).token_to_id("<|endoftext|>")
+            eos_ids = [eid] if eid is not None else []
+            if eid is not None:
+                tcfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+                        "model_max_length": max_seq_len, "clean_up_tokenization_spaces": False}
+    else:
+        log.warning("%s has no tokenizer.json; the exported folder has none either", step)
+    if "eos_token_id" not in hf_cfg and eos_ids:
+        hf_cfg = {**hf_cfg, "eos_token_id": eos_ids[0] if len(eos_ids) == 1 else eos_ids}
+    _write_json(tmp / "config.json", hf_cfg)
+    if gen is None:
+        gen = {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf_cfg.get(k) is not None}
+    _write_json(tmp / "generation_config.json", gen)
+    if tcfg is not None:
+        _write_json(tmp / "tokenizer_config.json", tcfg)
+    stm = step / HF_SIDE_FILES["special_tokens_map.json"]
+    if stm.is_file():
+        shutil.copyfile(stm, tmp / "special_tokens_map.json")

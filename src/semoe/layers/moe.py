@@ -44,12 +44,28 @@ class MoEStats:
 
 
 @dataclass
+class BalanceSums:
+    """What a model-level load-balancing loss needs from one layer (``router.aux_loss_scope="model"``):
+    this rank's router-probability sums (differentiable), the expert-parallel group's (values), the group's
+    routed assignments per expert and its token count."""
+
+    prob_sum_E: torch.Tensor
+    group_prob_sum_E: torch.Tensor
+    routed_E: torch.Tensor
+    tokens: int
+    ep_size: int
+
+
+@dataclass
 class MoEOutput:
     out: torch.Tensor  # same shape as the input
     aux_loss: torch.Tensor  # unweighted load-balancing loss (value: the whole group's)
     z_loss: torch.Tensor  # unweighted router z-loss
     router_loss: torch.Tensor  # aux_loss_coef * aux_loss + z_loss_coef * z_loss, add it to the loss
     stats: MoEStats
+    # the sums of the model-level loss when router.aux_loss_scope == "model" (then router_loss leaves the
+    # aux term to the model); None otherwise or when the losses are switched off
+    balance: BalanceSums | None = None
 
 
 def capacity_for(capacity_factor: float, num_assignments: int, num_experts: int, min_capacity: int) -> int:
@@ -145,13 +161,16 @@ class MoELayer(nn.Module):
         num_assign = int(routed_E.sum().item())
 
         total = max(group_tokens, 1)
+        balance = None
         if not self.compute_losses:
             aux = z = routing.prob_sum_E.new_zeros(())
         else:
             if cfg.router.kind == "topk":
                 frac_E = routed_E.to(torch.float64) / max(num_assign, 1)
-                aux = load_balancing_loss(routing.prob_sum_E, stats_RN[:, n_counts:n_counts + E].sum(0), frac_E,
-                                          total, R)
+                group_prob_E = stats_RN[:, n_counts:n_counts + E].sum(0)
+                aux = load_balancing_loss(routing.prob_sum_E, group_prob_E, frac_E, total, R)
+                if cfg.router.aux_loss_scope == "model":
+                    balance = BalanceSums(routing.prob_sum_E, group_prob_E, routed_E, group_tokens, R)
             else:  # expert choice is balanced by construction
                 aux = routing.prob_sum_E.sum() * 0.0
             z = router_z_loss(routing.lse_sq_sum, stats_RN[:, n_counts + E].sum(), total, R)
@@ -197,8 +216,9 @@ class MoELayer(nn.Module):
         stats = MoEStats(tokens=group_tokens, assignments=num_assign, dropped=num_assign - int(kept_E.sum()),
                          routed_per_expert=routed_E.cpu(), tokens_per_expert=kept_E.cpu(), capacity=capacity)
         rc = cfg.router
+        aux_coef = rc.aux_loss_coef if rc.aux_loss_scope == "layer" else 0.0  # "model": the model adds it
         return MoEOutput(out=out_TD.view(x.shape), aux_loss=aux, z_loss=z,
-                         router_loss=rc.aux_loss_coef * aux + rc.z_loss_coef * z, stats=stats)
+                         router_loss=aux_coef * aux + rc.z_loss_coef * z, stats=stats, balance=balance)
 
     def _experts_on_rows(self, x_MD: torch.Tensor, counts_SL: torch.Tensor, rows_M: torch.Tensor | None,
                          capacity: int | None, keep_sm: torch.Tensor | None) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Import HF checkpoints of Mixtral, Qwen2-MoE and OLMoE (config.json + safetensors) into semoe.
+"""Import HF checkpoints of Mixtral, Qwen2-MoE and OLMoE (config.json + safetensors) into semoe, and export
+semoe models back to them: the one place that knows HF's names and config fields.
 
 Legend: E experts, D hidden size, F expert hidden size, H shared-expert hidden size.
 
@@ -12,10 +13,25 @@ spellings are accepted.
 :func:`iter_semoe_tensors` is the single place that applies the mapping; it yields one tensor per
 global expert (``layers.{i}.moe.experts.{e}.w1`` ``[D, F]``), the semoe checkpoint format.
 Nothing here imports transformers, and nothing unpickles: only JSON and safetensors are read.
+
+Export (:func:`hf_export_plan`, :func:`hf_config_from_semoe`) is the inverse of the same mapping: the HF
+keys of a model are enumerated, each is sent through :func:`hf_key_to_semoe`, and the result is inverted,
+so import and export cannot drift apart. Export writes the per-expert keys (``...experts.{e}.w1.weight``),
+the layout of the original checkpoints and of what ``save_pretrained`` writes in transformers 5.x (which
+fuses the experts only in memory); vLLM and llama.cpp's converters read it too.
+
+Routing semantics of an import: dropless, HF's top-k renormalisation (``norm_topk_prob``; Mixtral always
+renormalises), ``router_aux_loss_coef`` as the load-balancing coefficient with transformers' own loss
+(``aux_loss_scope="model"``: pooled over the layers, see ``semoe.layers.losses.pooled_load_balancing_loss``),
+no z-loss. That is transformers' training loss with ``output_router_logits=True``, which is how MoE fine-tuning
+recipes run it; to train like transformers with ``output_router_logits=false`` (no aux loss), set
+``model.moe.router.aux_loss_coef=0``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import re
@@ -240,11 +256,14 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     if E < 1:
         raise ValueError(f"{mt} config has {E} experts; a dense model is not an MoE checkpoint semoe imports")
     jitter = float(hf.get("router_jitter_noise") or 0.0)
+    if jitter > 0:
+        log.warning("router_jitter_noise=%s: semoe jitters the router input only; transformers' Mixtral also "
+                    "jitters the experts' input during training (inference is unaffected)", jitter)
     router = RouterConfig(
         kind="topk", top_k=int(_req(hf, "num_experts_per_tok")), score_func="softmax", normalize_topk=normalize,
         noise="jitter" if jitter > 0 else "none", jitter_eps=jitter if jitter > 0 else 0.01,
         capacity_factor=None, eval_capacity_factor=None,
-        aux_loss_coef=float(hf.get("router_aux_loss_coef") or 0.0), z_loss_coef=0.0,
+        aux_loss_coef=float(hf.get("router_aux_loss_coef") or 0.0), z_loss_coef=0.0, aux_loss_scope="model",
     )
     init_std = float(hf.get("initializer_range") or 0.02)
     moe = MoEConfig(
@@ -261,6 +280,200 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), attn_bias=attn_bias, qk_norm=qk_norm,
         moe=moe, init_std=init_std,
     )
+
+
+
+# ----------------------------------------------------------------------------------------- export
+
+ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
+_TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def hf_keys(model_type: str, cfg: ModelConfig) -> list[str]:
+    """Every tensor name of the HF checkpoint of ``cfg`` as ``model_type`` (per-expert keys, layer by layer,
+    the order ``save_pretrained`` uses)."""
+    mt = _check_model_type(model_type)
+    keys = ["model.embed_tokens.weight"]
+    moe = "block_sparse_moe" if mt == "mixtral" else "mlp"
+    proj = ("w1", "w2", "w3") if mt == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}"
+        keys.append(f"{p}.input_layernorm.weight")
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            keys.append(f"{p}.self_attn.{name}.weight")
+            if cfg.attn_bias and name != "o_proj":
+                keys.append(f"{p}.self_attn.{name}.bias")
+        if cfg.qk_norm:
+            keys += [f"{p}.self_attn.q_norm.weight", f"{p}.self_attn.k_norm.weight"]
+        keys.append(f"{p}.post_attention_layernorm.weight")
+        if cfg.is_moe_layer(i):
+            keys.append(f"{p}.{moe}.gate.weight")
+            keys += [f"{p}.{moe}.experts.{e}.{w}.weight" for e in range(cfg.moe.num_experts) for w in proj]
+            if cfg.moe.num_shared_experts > 0:
+                keys += [f"{p}.mlp.shared_expert.{w}.weight" for w in ("gate_proj", "up_proj", "down_proj")]
+                if cfg.moe.shared_expert_gate:
+                    keys.append(f"{p}.mlp.shared_expert_gate.weight")
+        else:
+            keys += [f"{p}.mlp.{w}.weight" for w in ("gate_proj", "up_proj", "down_proj")]
+    keys.append("model.norm.weight")
+    if not cfg.tie_embeddings:
+        keys.append("lm_head.weight")
+    return keys
+
+
+def hf_export_plan(model_type: str, cfg: ModelConfig) -> list[tuple[str, TensorMap]]:
+    """(HF key, where it comes from) for every tensor of the HF checkpoint: ``TensorMap(semoe name, op)``
+    with op "copy" or "t" (a 2-D transpose, its own inverse). Built by sending each HF key through
+    :func:`hf_key_to_semoe`, so it is the exact inverse of the import."""
+    plan = []
+    seen: set[str] = set()
+    for key in hf_keys(model_type, cfg):
+        maps = hf_key_to_semoe(model_type, key)
+        assert len(maps) == 1 and maps[0].op in ("copy", "t"), (key, maps)  # per-expert keys map one to one
+        assert maps[0].name not in seen, maps[0].name
+        seen.add(maps[0].name)
+        plan.append((key, maps[0]))
+    return plan
+
+
+def export_tensor(tmap: TensorMap, t: torch.Tensor) -> torch.Tensor:
+    """The HF tensor for semoe tensor ``t`` under ``tmap`` (from :func:`hf_export_plan`), contiguous."""
+    return (t.t() if tmap.op == "t" else t).contiguous()
+
+
+def export_problems(cfg: ModelConfig, model_type: str) -> list[str]:
+    """Why ``cfg`` cannot be written as an HF ``model_type`` checkpoint that computes the same function
+    (empty: it can). Training-only settings (capacity, z-loss, noise) are not problems: HF runs dropless."""
+    mt = _check_model_type(model_type)
+    moe, rc = cfg.moe, cfg.moe.router
+    out = []
+    if moe.activation != "swiglu":
+        out.append(f"the experts use {moe.activation!r}; Mixtral, Qwen2-MoE and OLMoE experts are SwiGLU (silu)")
+    if rc.kind != "topk" or rc.score_func != "softmax":
+        out.append(f"the router is {rc.kind!r} with {rc.score_func!r} scores; HF routes top-k over a softmax")
+    if rc.second_expert != "topk":
+        out.append("router.second_expert='random' (GShard) has no HF equivalent")
+    if rc.noise == "gaussian":
+        out.append("router.noise='gaussian' has a learned noise projection HF does not have")
+    if rc.noise == "jitter" and mt != "mixtral":
+        out.append(f"router jitter exists in Mixtral only, not in {mt}")
+    if rc.bias_update_rate > 0:
+        out.append("router.bias_update_rate > 0 (aux-loss-free balancing) changes expert selection with a bias "
+                   "HF does not have")
+    shared = moe.num_shared_experts > 0
+    if mt == "mixtral":
+        if not rc.normalize_topk:
+            out.append("Mixtral always renormalises the top-k weights, the model has router.normalize_topk=false")
+        if cfg.attn_bias or cfg.qk_norm or shared or cfg.moe_every != 1:
+            out.append("Mixtral has no q/k/v bias, no qk-norm, no shared expert and an MoE FFN in every layer")
+    elif mt == "qwen2_moe":
+        if not (shared and moe.shared_expert_gate):
+            out.append("Qwen2-MoE has a gated shared expert in every MoE layer (model.moe.num_shared_experts >= 1 "
+                       "with shared_expert_gate=true)")
+        if cfg.qk_norm:
+            out.append("Qwen2-MoE has no qk-norm")
+    else:
+        if not cfg.qk_norm:
+            out.append("OLMoE normalises q and k (model.qk_norm=true)")
+        if cfg.attn_bias or shared or cfg.moe_every != 1:
+            out.append("OLMoE has no q/k/v bias, no shared expert and an MoE FFN in every layer")
+    return out
+
+
+def infer_model_type(cfg: ModelConfig) -> str:
+    """The HF architecture that computes what ``cfg`` computes, for a model that was not imported from HF;
+    ``ValueError`` listing, per architecture, why none does."""
+    if cfg.qk_norm:
+        order = ["olmoe"]
+    elif cfg.moe.num_shared_experts > 0 or cfg.attn_bias or cfg.moe_every != 1:
+        order = ["qwen2_moe"]
+    else:
+        order = ["mixtral", "olmoe", "qwen2_moe"]
+    reasons = {}
+    for mt in order:
+        problems = export_problems(cfg, mt)
+        if not problems:
+            return mt
+        reasons[mt] = problems
+    detail = "; ".join(f"{mt}: {', '.join(p)}" for mt, p in reasons.items())
+    hint = (" (train with --set model.moe.router.normalize_topk=true to make it a Mixtral)"
+            if "mixtral" in reasons and len(reasons["mixtral"]) == 1 and not cfg.moe.router.normalize_topk else "")
+    raise ValueError(f"this semoe model has no HF architecture that computes the same function: {detail}{hint}")
+
+
+def _same_function(a: ModelConfig, b: ModelConfig) -> list[str]:
+    """Differences between two model configs that change what the model computes in inference or how
+    HF trains it (router losses), ignoring semoe-only training settings (capacity, noise seed, expert impl)."""
+    ignore = {"capacity_factor", "eval_capacity_factor", "min_capacity", "drop_policy", "seed", "jitter_eps",
+              "expert_impl", "init_std", "z_loss_coef", "aux_loss_scope"}
+
+    def flat(d: dict, pre: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{pre}{k}."))
+            elif k not in ignore:
+                out[f"{pre}{k}"] = v
+        return out
+
+    fa, fb = flat(dataclasses.asdict(a)), flat(dataclasses.asdict(b))
+    if a.moe_every == b.moe_every == 1:  # no dense layer: its width is unused
+        fa.pop("dense_d_ff"), fb.pop("dense_d_ff")
+    return [f"{k}: {fa.get(k)!r} vs {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+
+
+def hf_config_from_semoe(cfg: ModelConfig, model_type: str | None = None, base: dict[str, Any] | None = None,
+                         dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """The ``config.json`` dict of ``cfg`` as an HF ``model_type`` (default: :func:`infer_model_type`).
+
+    ``base``: the original config.json of an imported model. When the model still has the config that
+    ``base`` describes it is kept as it is (only the dtype is set), so an import-export round trip gives
+    the same file; otherwise the fields semoe determines are overwritten. The result is checked by
+    importing it again: it must give back ``cfg`` (up to semoe-only training settings)."""
+    mt = _check_model_type(model_type or (base or {}).get("model_type") or infer_model_type(cfg))
+    problems = export_problems(cfg, mt)
+    if problems:
+        raise ValueError(f"the model cannot be exported as {mt}: {'; '.join(problems)}")
+    if dtype not in _TORCH_DTYPE_NAMES:
+        raise ValueError(f"export dtype {dtype} is not supported; choose one of {list(_TORCH_DTYPE_NAMES.values())}")
+    out: dict[str, Any] = dict(base) if base else {}
+    if not (base and base.get("model_type") == mt and not _same_function(model_config_from_hf(base), cfg)):
+        moe, rc = cfg.moe, cfg.moe.router
+        fields: dict[str, Any] = {
+            "model_type": mt, "architectures": [ARCHITECTURES[mt]], "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+            "num_key_value_heads": cfg.kv_heads, "max_position_embeddings": cfg.max_seq_len,
+            "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
+            "initializer_range": cfg.init_std, "num_experts_per_tok": rc.top_k,
+            "router_aux_loss_coef": rc.aux_loss_coef, "attention_dropout": 0.0,
+        }
+        if cfg.head_dim is not None and cfg.head_dim != cfg.d_model // cfg.n_heads:
+            fields["head_dim"] = cfg.head_dim
+        if "rope_theta" in out and "rope_parameters" not in out:
+            fields["rope_theta"] = cfg.rope_theta
+        else:
+            fields["rope_parameters"] = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
+        if mt == "mixtral":
+            fields.update(num_local_experts=moe.num_experts, intermediate_size=moe.d_ff,
+                          router_jitter_noise=rc.jitter_eps if rc.noise == "jitter" else 0.0)
+            if out.get("sliding_window") is not None and int(out["sliding_window"]) < cfg.max_seq_len:
+                fields["sliding_window"] = None
+        elif mt == "qwen2_moe":
+            fields.update(num_experts=moe.num_experts, moe_intermediate_size=moe.d_ff,
+                          intermediate_size=cfg.dense_d_ff, shared_expert_intermediate_size=moe.shared_hidden,
+                          norm_topk_prob=rc.normalize_topk, decoder_sparse_step=cfg.moe_every, mlp_only_layers=[],
+                          qkv_bias=cfg.attn_bias, use_sliding_window=False)
+        else:
+            fields.update(num_experts=moe.num_experts, intermediate_size=moe.d_ff, norm_topk_prob=rc.normalize_topk,
+                          attention_bias=False, clip_qkv=None)
+        out.update(fields)
+    out["dtype"] = _TORCH_DTYPE_NAMES[dtype]
+    if "torch_dtype" in out:
+        out["torch_dtype"] = out["dtype"]
+    diff = _same_function(model_config_from_hf(out), cfg)
+    if diff:  # a field semoe does not write, or a mapping bug: refuse rather than write a different model
+        raise ValueError(f"the exported {mt} config would not describe this model: {'; '.join(diff[:6])}")
+    return out
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -379,11 +592,57 @@ def load_hf_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32,
     return model
 
 
+# ---------------------------------------------------------------------------- the source of a run
+
+#: HF side files a semoe checkpoint carries (under these names: a ``config.json`` would make the folder look
+#: like an HF checkpoint), so that ``semoe convert --to-hf`` writes back the original config and tokenizer files.
+HF_SIDE_FILES = {"config.json": "hf_config.json", "generation_config.json": "hf_generation_config.json",
+                 "tokenizer_config.json": "hf_tokenizer_config.json",
+                 "special_tokens_map.json": "hf_special_tokens_map.json"}
+_FINGERPRINT_BLOCKS, _BLOCK = 16, 1 << 16
+
+
+def hf_fingerprint(path: str | Path) -> str:
+    """A content fingerprint of an HF checkpoint folder that reads little: config.json, and of every
+    safetensors file its size, its header and 16 blocks of 64 KiB spread over the data (two checkpoints of
+    the same architecture but other weights differ in those blocks; a full hash of a 90 GB model would
+    take minutes)."""
+    path = Path(path)
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for f, _ in checkpoint_files(path):
+        size = f.stat().st_size
+        h.update(f"|{f.name}|{size}|".encode())
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            h.update(fh.read(min(n, size)))
+            start = 8 + n
+            for i in range(_FINGERPRINT_BLOCKS):
+                fh.seek(start + (size - start) * i // _FINGERPRINT_BLOCKS)
+                h.update(fh.read(_BLOCK))
+    return h.hexdigest()[:32]
+
+
+def hf_source_record(path: str | Path) -> dict[str, Any]:
+    """What a semoe checkpoint records about the HF checkpoint it came from (``manifest["hf_source"]``):
+    model type, folder, :func:`hf_fingerprint` and the stored weight dtype (the default of an export)."""
+    path = Path(path)
+    hf = read_hf_config(path)
+    mt = _check_model_type(hf.get("model_type"))
+    dtype = hf.get("dtype") or hf.get("torch_dtype")
+    if dtype not in _TORCH_DTYPE_NAMES.values():
+        f, keys = checkpoint_files(path)[0]
+        with safe_open(str(f), framework="pt", device="cpu") as fh:
+            stored = fh.get_slice(keys[0]).get_dtype()
+        dtype = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(stored, "float32")
+    return {"model_type": mt, "path": str(path.resolve()), "fingerprint": hf_fingerprint(path), "dtype": dtype}
+
+
 def _is_stacked_expert(param_name: str) -> bool:
     return re.fullmatch(r"layers\.\d+\.moe\.experts\.w[123]", param_name) is not None
 
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "TensorMap", "checkpoint_files", "convert_tensor", "converted_shapes",
-           "hf_key_to_semoe",
+__all__ = ["ARCHITECTURES", "HF_SIDE_FILES", "SUPPORTED_MODEL_TYPES", "TensorMap", "checkpoint_files", "convert_tensor",
+           "converted_shapes", "export_problems", "export_tensor", "hf_config_from_semoe", "hf_export_plan",
+           "hf_fingerprint", "hf_key_to_semoe", "hf_keys", "hf_source_record", "infer_model_type",
            "iter_semoe_tensors", "load_hf_checkpoint", "model_config_from_hf", "read_hf_config",
            "semoe_param_slot"]

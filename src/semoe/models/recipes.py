@@ -40,7 +40,17 @@ def base100m() -> RunConfig:
     return RunConfig(model=model, train=train, parallel=ParallelConfig())
 
 
-RECIPES: dict[str, Callable[[], RunConfig]] = {"tiny": tiny, "small": small, "base100m": base100m}
+def finetune() -> RunConfig:
+    """Training settings for fine-tuning a pretrained checkpoint (``semoe train --init-from HF_DIR``): its
+    model config replaces this recipe's (a placeholder); a small learning rate, no weight decay, bf16 autocast
+    where the machine has fast bf16 ("auto")."""
+    train = TrainConfig(steps=200, batch_size=16, seq_len=512, lr=2e-5, min_lr=2e-6, warmup_steps=20,
+                        weight_decay=0.0, eval_every=50, eval_batches=4, ckpt_every=100, keep_last=2)
+    return RunConfig(model=tiny().model, train=train, parallel=ParallelConfig())
+
+
+RECIPES: dict[str, Callable[[], RunConfig]] = {"tiny": tiny, "small": small, "base100m": base100m,
+                                               "finetune": finetune}
 
 
 def get_recipe(name: str) -> RunConfig:

@@ -4,6 +4,11 @@ with RoPE and an MoE (or dense SwiGLU) feed-forward, plus a preallocated KV cach
 Legend: B batch, S new positions in this call, L key positions (cached + new), D d_model,
 H query heads, G kv heads (grouped-query attention), K head dim, V vocab, F dense hidden.
 
+Packed sequences: ``forward(tokens, doc_ids=...)`` gives every position the id of its document; attention
+is then causal *within* a document only (a block-diagonal causal mask for SDPA), so documents packed into
+one row do not see each other. RoPE needs no restart per document: its scores depend on the distance
+between positions only.
+
 Parameter names are a contract (checkpoints and the HF importer use them):
 ``tok_emb.weight``, ``layers.{i}.attn_norm.weight``, ``layers.{i}.attn.wq/wk/wv/wo.weight``
 (+ ``.bias`` on wq/wk/wv with ``attn_bias``), ``layers.{i}.attn.q_norm/k_norm.weight`` (``qk_norm``),
@@ -26,6 +31,7 @@ from torch import nn
 
 from semoe.config import ModelConfig
 from semoe.layers import MoELayer, MoEOutput, MoEStats
+from semoe.layers.losses import pooled_load_balancing_loss
 from semoe.precision import upcast
 
 
@@ -112,8 +118,10 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(G * K, cfg.norm_eps)
 
     def forward(self, x_BSD: torch.Tensor, cos_SK: torch.Tensor, sin_SK: torch.Tensor,
-                kv: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0) -> torch.Tensor:
-        """``kv``: this layer's cache tensors; the new positions are written at ``start``..start+S-1."""
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0,
+                mask_BSS: torch.Tensor | None = None) -> torch.Tensor:
+        """``kv``: this layer's cache tensors; the new positions are written at ``start``..start+S-1.
+        ``mask_BSS``: which keys each query sees (True: attend), for packed documents without a cache."""
         B, S, _ = x_BSD.shape
         H, G, K = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.wq(x_BSD), self.wk(x_BSD), self.wv(x_BSD)
@@ -130,7 +138,9 @@ class Attention(nn.Module):
         if G != H:
             k_BGLK = k_BGLK.repeat_interleave(H // G, dim=1)  # -> [B, H, L, K]
             v_BGLK = v_BGLK.repeat_interleave(H // G, dim=1)
-        if start == 0:  # L == S: plain causal
+        if mask_BSS is not None:  # packed documents: causal inside each document
+            y_BHSK = F.scaled_dot_product_attention(q_BHSK, k_BGLK, v_BGLK, attn_mask=mask_BSS[:, None])
+        elif start == 0:  # L == S: plain causal
             y_BHSK = F.scaled_dot_product_attention(q_BHSK, k_BGLK, v_BGLK, is_causal=True)
         elif S == 1:  # one new token sees everything cached
             y_BHSK = F.scaled_dot_product_attention(q_BHSK, k_BGLK, v_BGLK)
@@ -171,8 +181,8 @@ class Block(nn.Module):
 
     def forward(self, x_BSD: torch.Tensor, cos_SK: torch.Tensor, sin_SK: torch.Tensor,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                start: int = 0) -> tuple[torch.Tensor, MoEOutput | None]:
-        h_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SK, sin_SK, kv, start)
+                start: int = 0, mask_BSS: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEOutput | None]:
+        h_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SK, sin_SK, kv, start, mask_BSS)
         if self.is_moe:
             mo = self.moe(self.ffn_norm(h_BSD))
             return h_BSD + mo.out, mo
@@ -254,10 +264,13 @@ class MoETransformer(nn.Module):
             if end > cache.max_len:
                 raise ValueError(f"cache holds {cache.max_len} positions, {end} needed; make a larger cache")
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> ModelOutput:
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
+                doc_ids: torch.Tensor | None = None) -> ModelOutput:
         """``tokens`` [B, S] int64. With ``cache``, the new positions follow the cached ones (RoPE at
-        their offsets), attend to everything cached, and are appended to the cache."""
+        their offsets), attend to everything cached, and are appended to the cache. ``doc_ids`` [B, S]
+        (integers, no cache): packed documents, each position attends to earlier ones of its document only."""
         self._check_tokens(tokens, cache)
+        mask_BSS = document_mask(doc_ids, tokens, cache)
         cfg = self.cfg
         S = tokens.shape[1]
         start = cache.length if cache is not None else 0
@@ -268,7 +281,7 @@ class MoETransformer(nn.Module):
         moe_outs: list[MoEOutput] = []
         for i, layer in enumerate(self.layers):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
-            x_BSD, mo = layer(x_BSD, cos_SK, sin_SK, kv, start)
+            x_BSD, mo = layer(x_BSD, cos_SK, sin_SK, kv, start, mask_BSS)
             if mo is not None:
                 moe_outs.append(mo)
         if cache is not None:
@@ -281,13 +294,39 @@ class MoETransformer(nn.Module):
             logits_BSV = self.lm_head(h_BSD)
 
         zero = torch.zeros((), device=tokens.device, dtype=torch.float32)
+        router_loss = sum((m.router_loss for m in moe_outs), zero)
+        aux_loss = sum((m.aux_loss for m in moe_outs), zero)
+        parts = [m.balance for m in moe_outs if m.balance is not None]
+        if parts:  # router.aux_loss_scope == "model": one load-balancing loss pooled over the layers (HF's)
+            aux_loss = pooled_load_balancing_loss([p.prob_sum_E for p in parts], [p.group_prob_sum_E for p in parts],
+                                                  [p.routed_E for p in parts], [p.tokens for p in parts],
+                                                  parts[0].ep_size)
+            router_loss = router_loss + cfg.moe.router.aux_loss_coef * aux_loss
         return ModelOutput(
             logits=upcast(logits_BSV),
-            router_loss=sum((m.router_loss for m in moe_outs), zero),
-            aux_loss=sum((m.aux_loss for m in moe_outs), zero),
+            router_loss=router_loss,
+            aux_loss=aux_loss,
             z_loss=sum((m.z_loss for m in moe_outs), zero),
             moe_stats=[m.stats for m in moe_outs],
         )
+
+
+def document_mask(doc_ids: torch.Tensor | None, tokens: torch.Tensor, cache: KVCache | None) -> torch.Tensor | None:
+    """The [B, S, S] attention mask of packed documents (query i sees key j <= i of the same document), or
+    None when there is nothing to mask beyond plain causality (no ``doc_ids``, or one document per row)."""
+    if doc_ids is None:
+        return None
+    if cache is not None:
+        raise ValueError("doc_ids (packed documents) work without a KV cache only; generate one sequence per row")
+    if not isinstance(doc_ids, torch.Tensor) or doc_ids.shape != tokens.shape or doc_ids.is_floating_point():
+        raise ValueError(f"doc_ids must be an integer tensor shaped like tokens {tuple(tokens.shape)}, got "
+                         f"{getattr(doc_ids, 'dtype', type(doc_ids).__name__)} {tuple(getattr(doc_ids, 'shape', ()))}")
+    if bool((doc_ids == doc_ids[:, :1]).all()):
+        return None
+    S = tokens.shape[1]
+    causal_SS = torch.ones(S, S, dtype=torch.bool, device=tokens.device).tril()
+    doc = doc_ids.to(tokens.device)
+    return (doc[:, :, None] == doc[:, None, :]) & causal_SS
 
 
 def num_params(model: nn.Module) -> int:
@@ -301,4 +340,4 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
 
 
 __all__ = ["MLP", "Attention", "Block", "KVCache", "MoETransformer", "ModelOutput", "RMSNorm", "apply_rope",
-           "moe_layers", "num_params", "rope_cos_sin"]
+           "document_mask", "moe_layers", "num_params", "rope_cos_sin"]

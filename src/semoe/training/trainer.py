@@ -29,7 +29,8 @@ from semoe.parallel.grads import sync_router_bias
 from semoe.parallel.mesh import default_device, resolve_ranks_per_node
 from semoe.precision import autocast, dtype_name, resolve_dtype
 from semoe.storage import checkpoint as ckpt
-from semoe.training.data import Corpus, GlobalBatchLoader, prepare_corpus, split_windows
+from semoe.training.data import Batch, Corpus, GlobalBatchLoader, prepare_corpus
+from semoe.training.init import ModelInit, RandomInit
 from semoe.training.metrics import MetricsWriter, plot_expert_load, plot_loss
 
 log = logging.getLogger(__name__)
@@ -82,11 +83,15 @@ def config_mismatch(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 class Trainer:
-    """Build everything from ``run`` and train: ``Trainer(run, out_dir).fit()``."""
+    """Build everything from ``run`` and train: ``Trainer(run, out_dir).fit()``.
+
+    ``init`` is where the model and its initial weights come from (``semoe.training.init``): random from the
+    seed (default), or a pretrained checkpoint (``PretrainedInit``, which also brings the tokenizer)."""
 
     def __init__(self, run: RunConfig, out_dir: Path, cache_dir: Path, resume: str | None = "auto",
-                 corpus: Corpus | None = None) -> None:
+                 corpus: Corpus | None = None, init: ModelInit | None = None) -> None:
         self.out_dir, self.cache_dir = Path(out_dir), Path(cache_dir)
+        self.init = init if init is not None else RandomInit()
         self.distributed = init_distributed()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1
@@ -101,20 +106,26 @@ class Trainer:
         self.mesh = build_mesh(self.ep_size)
         self.device = default_device()
         self.corpus = corpus if corpus is not None else self._prepare_corpus(run)
-        if self.corpus.vocab_size != run.model.vocab_size:
-            run = replace(run, model=replace(run.model, vocab_size=self.corpus.vocab_size))
+        if self.init.tokenizer is None:  # a tokenizer trained on the data: the vocabulary follows it
+            if self.corpus.vocab_size != run.model.vocab_size:
+                run = replace(run, model=replace(run.model, vocab_size=self.corpus.vocab_size))
+        elif self.corpus.vocab_size > run.model.vocab_size:
+            raise ValueError(f"the tokenizer has {self.corpus.vocab_size} tokens but the model's vocabulary is "
+                             f"{run.model.vocab_size}; use the model's own tokenizer.json")
         if tc.seq_len > run.model.max_seq_len:
             raise ValueError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={run.model.max_seq_len}")
         self.run = run
         torch.manual_seed(tc.seed)  # identical init on every rank, then each keeps its experts
-        self.model = MoETransformer(run.model)
+        self.model: MoETransformer = self.init.build(run.model)
         pc = run.parallel
         apply_expert_parallel(self.model, self.mesh, comm="hierarchical" if pc.hierarchical_a2a else "flat",
                               ranks_per_node=pc.ranks_per_node, chunks=pc.a2a_chunks, wire_dtype=pc.wire_dtype())
         # compute precision: bf16 autocast over float32 master weights, or everything in float32 / float64
         self.compute_dtype = resolve_dtype(tc.dtype, self.device)
         param_dtype = torch.float64 if self.compute_dtype == torch.float64 else torch.float32
-        self.model.to(self.device, param_dtype)
+        self.ckpt_root = self.out_dir / "checkpoints"
+        resume_from = self._resume_path(resume)
+        self.init.materialize(self.model, self.device, param_dtype, load_weights=resume_from is None)
         if self.rank == 0:
             log.info("compute dtype %s (train.dtype=%s), parameters and optimizer state %s",
                      dtype_name(self.compute_dtype), tc.dtype, dtype_name(param_dtype))
@@ -123,18 +134,18 @@ class Trainer:
         use_fusion = pc.grad_fusion and self.mesh is not None
         rpn = resolve_ranks_per_node(pc.ranks_per_node) if pc.hierarchical_grads else None
         self.fusion = GradFusion(self.model, self.mesh, pc.bucket_mb, rpn) if use_fusion else None
-        train_starts, val_starts = split_windows(len(self.corpus.tokens), tc.seq_len, tc.val_fraction)
-        self.loader = GlobalBatchLoader(self.corpus.tokens, train_starts, tc.seq_len, tc.batch_size, tc.seed,
-                                        dp_rank=self.rank, dp_size=self.world, grad_accum=tc.grad_accum)
-        self.val_loader = GlobalBatchLoader(self.corpus.tokens, val_starts, tc.seq_len, tc.batch_size, tc.seed,
-                                            dp_rank=self.rank, dp_size=self.world, grad_accum=1)
-        self.ckpt_root = self.out_dir / "checkpoints"
+        win = self.corpus.windows(tc.seq_len, tc.val_fraction)
+        masks = {"loss_mask": win.loss_mask, "doc_start": win.doc_start}
+        self.loader = GlobalBatchLoader(win.tokens, win.train_starts, tc.seq_len, tc.batch_size, tc.seed,
+                                        dp_rank=self.rank, dp_size=self.world, grad_accum=tc.grad_accum, **masks)
+        self.val_loader = GlobalBatchLoader(win.tokens, win.val_starts, tc.seq_len, tc.batch_size, tc.seed,
+                                            dp_rank=self.rank, dp_size=self.world, grad_accum=1, **masks)
         self.start_step = 0
         self.expert_load: list[np.ndarray] = []
         self.load_steps: list[int] = []
         self.last_checkpoint: Path | None = None
-        if resume is not None:
-            self._maybe_resume(resume)
+        if resume_from is not None:
+            self._resume(resume_from)
 
     # ------------------------------------------------------------------ setup
     def _barrier(self) -> None:
@@ -143,20 +154,29 @@ class Trainer:
 
     def _prepare_corpus(self, run: RunConfig) -> Corpus:
         path = Path(run.data) if run.data else None
+        tok = self.init.tokenizer
         if self.rank == 0:
-            corpus = prepare_corpus(path, self.cache_dir, run.model.vocab_size)
+            corpus = prepare_corpus(path, self.cache_dir, run.model.vocab_size, tok)
         self._barrier()
         if self.rank != 0:
-            corpus = prepare_corpus(path, self.cache_dir, run.model.vocab_size)  # cached by rank 0
+            corpus = prepare_corpus(path, self.cache_dir, run.model.vocab_size, tok)  # cached by rank 0
         return corpus
 
-    def _maybe_resume(self, resume: str) -> None:
+    def _resume_path(self, resume: str | None) -> Path | None:
+        """The checkpoint to resume from (None: start afresh)."""
+        if resume is None:
+            return None
         path = ckpt.find_latest(self.ckpt_root) if resume == "auto" else ckpt.find_latest(Path(resume))
-        if path is None:
-            if resume != "auto":
-                raise ckpt.CheckpointError(f"no checkpoint found at {resume}")
-            return
+        if path is None and resume != "auto":
+            raise ckpt.CheckpointError(f"no checkpoint found at {resume}")
+        return path
+
+    def _resume(self, path: Path) -> None:
         manifest = ckpt.read_manifest(path)
+        problem = self.init.resume_problem(manifest)
+        if problem:
+            raise ckpt.CheckpointError(f"checkpoint {path} cannot be resumed: {problem}. Use another --out "
+                                       "directory to start afresh.")
         diff = config_mismatch(to_dict(self.run.model), manifest["config"]["model"])
         if diff:
             raise ckpt.CheckpointError(
@@ -187,10 +207,12 @@ class Trainer:
         dist.all_reduce(t)
         return float(t) / self.world
 
-    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor):
+    def _forward_loss(self, batch: Batch):
+        doc = batch.doc.to(self.device) if batch.doc is not None else None
         with autocast(self.device, self.compute_dtype):
-            out = self.model(x.to(self.device))
-        loss = F.cross_entropy(out.logits.flatten(0, 1), y.to(self.device).flatten())  # logits: >= float32
+            out = self.model(batch.x.to(self.device), doc_ids=doc)
+        # logits: >= float32; targets without loss (prompts, padding) carry F.cross_entropy's ignore_index
+        loss = F.cross_entropy(out.logits.flatten(0, 1), batch.y.to(self.device).flatten())
         return loss, out
 
     def train_step(self, step: int) -> dict[str, float]:
@@ -202,10 +224,10 @@ class Trainer:
             g["lr"] = lr
         loss_sum, aux_sum, dropped, assigned = 0.0, 0.0, 0, 0
         loads = None
-        for i, (x, y) in enumerate(self.loader.get(step)):
+        for i, batch in enumerate(self.loader.get(step)):
             last = i == tc.grad_accum - 1
             with self.fusion.no_sync() if self.fusion is not None and not last else contextlib.nullcontext():
-                loss, out = self._forward_loss(x, y)
+                loss, out = self._forward_loss(batch)
                 ((loss + out.router_loss) / tc.grad_accum).backward()
             loss_sum += float(loss.detach()) / tc.grad_accum
             aux_sum += float(out.aux_loss.detach()) / tc.grad_accum / max(1, len(out.moe_stats))
@@ -240,8 +262,8 @@ class Trainer:
         tc = self.run.train
         total, n = 0.0, 0
         for i in range(tc.eval_batches):
-            for x, y in self.val_loader.get(i):
-                loss, _ = self._forward_loss(x, y)
+            for batch in self.val_loader.get(i):
+                loss, _ = self._forward_loss(batch)
                 total += float(loss)
                 n += 1
         return self._mean(total / max(n, 1))
@@ -251,12 +273,13 @@ class Trainer:
         manifest = {
             "config": to_dict(self.run),
             "data": {"step": step, "fingerprint": self.corpus.fingerprint, "global_batch": self.run.train.batch_size},
-            "rng": ckpt.rng_state(), "world_size": self.world, "ep_size": self.ep_size,
+            "rng": ckpt.rng_state(), "world_size": self.world, "ep_size": self.ep_size, **self.init.manifest(),
         }
         path = ckpt.save_checkpoint(self.ckpt_root, step, self.model, self.optimizer, manifest, rank=self.rank,
                                     ep_rank=ep_rank, dp_index=dp_index, barrier=self._barrier,
                                     keep_last=self.run.train.keep_last,
-                                    extra_files={"tokenizer.json": self.corpus.tokenizer_path})
+                                    extra_files={"tokenizer.json": self.corpus.tokenizer_path,
+                                                 **self.init.extra_files()})
         if self.rank == 0 and self.expert_load:
             np.savez(self.out_dir / "expert_load.npz", steps=np.array(self.load_steps), load=np.stack(self.expert_load))
         self.last_checkpoint = path
@@ -269,7 +292,8 @@ class Trainer:
         if is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         self._barrier()
-        metrics = MetricsWriter(self.out_dir / "metrics.csv", resume_step=self.start_step - 1) if is_main else None
+        # rows are logged as step + 1: the checkpoint of start_step holds the steps of rows 1..start_step
+        metrics = MetricsWriter(self.out_dir / "metrics.csv", resume_step=self.start_step) if is_main else None
         tokens_per_step = tc.batch_size * tc.seq_len
         first_val = last_val = None
         if self.start_step == 0:
