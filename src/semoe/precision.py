@@ -92,6 +92,21 @@ def resolve_dtype(name: str, device: torch.device | str = "cpu", native: torch.d
     return choice
 
 
+def check_dtype_runs(dtype: torch.dtype, device: torch.device | str) -> None:
+    """Run a tiny linear layer, softmax and attention in ``dtype`` on ``device``; a ``ValueError`` naming the dtype,
+    the device and the fix when this build's kernels cannot (e.g. a GPU without bfloat16)."""
+    device = torch.device(device)
+    try:
+        if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            raise RuntimeError("torch.cuda.is_bf16_supported() is False")
+        x = torch.ones(2, 1, 3, 8, dtype=dtype, device=device)
+        y = torch.nn.functional.scaled_dot_product_attention(x, x, x, is_causal=True)
+        torch.nn.functional.linear(y, torch.ones(4, 8, dtype=dtype, device=device)).softmax(-1).sum().item()
+    except RuntimeError as e:
+        raise ValueError(f"dtype {dtype_name(dtype)} cannot run on {device} with this torch build ({e}); choose "
+                         "another --dtype (float32 runs everywhere) or another --device") from e
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.bfloat16`` -> ``"bfloat16"``."""
     return str(dtype).removeprefix("torch.")

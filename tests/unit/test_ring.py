@@ -347,7 +347,7 @@ def test_bad_models(tmp_path) -> None:
     (int8 / "config.json").write_text((good / "config.json").read_text())
     with pytest.raises(ValueError, match=r"q_proj\.weight.*torch\.int8.*not supported"):
         open_model(int8)
-    with pytest.raises(ValueError, match=r"compute dtype torch\.float64 is not supported"):
+    with pytest.raises(ValueError, match=r"dtype 'float64' is not supported by the ring engine; choose one of"):
         RingEngine(good, dtype=torch.float64)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         open_model(tmp_path / "nowhere")
@@ -395,20 +395,21 @@ def test_cli_generate_prompts_file_with_budget(cli_model, tmp_path, capsys) -> N
     prompts.write_text("w5 w6 w7 w8 w9\n\nw1 w2 w3\nw10 w11 w12 w13 w14\n")
     budget_mb = model_bytes(d) / MiB / 4
     rc = main(["generate", "--model", str(d), "--max-memory", f"{budget_mb:.2f}MB", "--prompts-file", str(prompts),
-               "--batch-size", "2", "--max-new-tokens", "4", "--temperature", "0", "--slots", "2"])
+               "--batch-size", "2", "--max-new-tokens", "4", "--temperature", "0", "--slots", "2",
+               "--dtype", "float32"])
     out = capsys.readouterr().out.splitlines()
     assert rc == 0
     for i, p in enumerate([PROMPTS[0], PROMPTS[1], PROMPTS[2]]):
         want = hf_greedy(hf, p, 4)[0]
         assert out[i] == f"[{i + 1}] " + " ".join(f"w{t}" for t in p + want)
-    assert out[3].startswith("tokens/s: ") and "12 new tokens" in out[3] and "ring of K=2 slots" in out[3]
+    assert out[3].startswith("tokens/s: ") and "12 new tokens" in out[3] and "ring of K=2 slots, float32" in out[3]
     assert out[4].startswith("peak memory: ") and "MiB RSS" in out[4] and "budget" in out[4]
 
 
 def test_cli_single_prompt_without_budget(cli_model, capsys) -> None:
     d, hf = cli_model
     rc = main(["generate", "--checkpoint", str(d), "--prompt", "w1 w2 w3", "--max-new-tokens", "3",
-               "--temperature", "0"])
+               "--temperature", "0", "--dtype", "float32"])
     out = capsys.readouterr().out.splitlines()
     assert rc == 0 and out[0] == "w1 w2 w3 " + " ".join(f"w{t}" for t in hf_greedy(hf, [1, 2, 3], 3)[0])
     assert "all sections resident" in out[1]

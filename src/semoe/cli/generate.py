@@ -34,6 +34,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda[:N]")
     p.add_argument("--kv-device", default=None, help="where the KV cache lives (default: the compute device)")
+    p.add_argument("--dtype", default="auto", metavar="{auto,float32,bfloat16,float16}",
+                   help="compute dtype (default auto: on a CPU bfloat16 where its matmul is measured fast, else "
+                   "float32; on CUDA the checkpoint's 16-bit dtype); a file in another dtype is cast while read")
     p.add_argument("--drop-page-cache", action="store_true",
                    help="drop each section's file pages from the kernel page cache after reading it")
     p.set_defaults(func=run)
@@ -60,6 +63,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     from semoe.inference.ring import MiB, RingEngine, parse_size, process_memory
     from semoe.inference.sections import open_model
+    from semoe.precision import dtype_name
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -88,11 +92,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator(device=device).manual_seed(args.seed) if args.temperature > 0 else None
     with RingEngine(source, max_memory=budget, slots=args.slots, layers_per_section=args.layers_per_section,
-                    device=device, kv_device=args.kv_device, batch_size=args.batch_size,
+                    device=device, dtype=args.dtype, kv_device=args.kv_device, batch_size=args.batch_size,
                     drop_page_cache=args.drop_page_cache) as engine:
         result = engine.generate(ids, limits, eos_id=source.eos_ids or None, temperature=args.temperature,
                                  top_p=args.top_p, generator=g)
         mode = "all sections resident" if engine.resident else f"ring of K={engine.num_slots} slots"
+        mode += f", {dtype_name(engine.dtype)}"
     for i, (x, new) in enumerate(zip(ids, result.tokens)):
         text = tok.decode(x + new)
         print(text if len(ids) == 1 else f"[{i + 1}] {text}")

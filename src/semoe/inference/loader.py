@@ -200,9 +200,12 @@ class SlotRing:
             direct = []
             assert self.staging is not None
             typed = target[start:start + rd.numel * dtype.itemsize].view(dtype)
-            raw = self.staging[:rd.nbytes]
-            prog.append(("cast", self.readers[rd.path], rd.offset, rd.nbytes, rd.src_dtype, typed,
-                         (raw, byte_view(raw))))
+            step = self.staging.numel() // rd.src_dtype.itemsize  # elements per piece through the staging area
+            for lo in range(0, rd.numel, step):
+                n = min(step, rd.numel - lo) * rd.src_dtype.itemsize
+                raw = self.staging[:n]
+                prog.append(("cast", self.readers[rd.path], rd.offset + lo * rd.src_dtype.itemsize, n, rd.src_dtype,
+                             typed[lo:lo + step], (raw, byte_view(raw))))
         prog.extend(coalesce(direct))
         self._programs[key] = prog
         return prog

@@ -60,11 +60,12 @@ from semoe.inference.sections import (
 )
 from semoe.inference.stats import RingStats
 from semoe.models.transformer import MoETransformer, moe_layers, rope_cos_sin
+from semoe.precision import check_dtype_runs, cpu_matmul_probe, dtype_name, resolve_dtype
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GenerationResult", "RingEngine", "RingStats", "activation_bytes", "parse_size", "process_memory",
-           "ring_generate"]
+__all__ = ["DTYPE_CHOICES", "GenerationResult", "RingEngine", "RingStats", "activation_bytes", "compute_dtype",
+           "parse_size", "process_memory", "ring_generate"]
 
 MiB = 2**20
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
@@ -103,6 +104,31 @@ def process_memory() -> dict[str, float]:
 
         out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
         out["rss"] = out["peak_rss"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------ precision
+
+#: the dtypes ``dtype=`` / ``--dtype`` accept besides "auto".
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+
+
+def compute_dtype(dtype: torch.dtype | str, device: torch.device, stored: torch.dtype) -> torch.dtype:
+    """The dtype the engine computes in (slots, KV caches, activations): ``dtype`` as given, or for "auto"
+    :func:`semoe.precision.resolve_dtype` (the trainer's rule: on CUDA the checkpoint's ``stored`` dtype when it
+    is 16-bit, else bfloat16; on a CPU bfloat16 only where the measured probe finds it fast, else float32).
+    The choice is checked to run on ``device`` and logged."""
+    name = dtype_name(dtype) if isinstance(dtype, torch.dtype) else str(dtype)
+    if name not in ("auto", *DTYPE_CHOICES):
+        raise ValueError(f"dtype {name!r} is not supported by the ring engine; choose one of "
+                         f"{['auto', *DTYPE_CHOICES]} (float64 is a training reference precision only)")
+    out = resolve_dtype(name, device, native=stored)
+    check_dtype_runs(out, device)
+    if device.type == "cpu" and out != torch.float32 and not cpu_matmul_probe().fast_bf16:
+        log.warning("computing in %s on a CPU whose %s matmul is not fast (see the CPU matmul probe above); "
+                    "float32 will likely be faster", dtype_name(out), dtype_name(out))
+    log.info("ring engine computes in %s (dtype=%s on %s; the checkpoint is stored in %s%s)", dtype_name(out), name,
+             device, dtype_name(stored), "" if stored == out else ", cast while reading")
     return out
 
 
@@ -191,6 +217,10 @@ class RingEngine:
     ``kv_device``: where KV caches live (default: the compute device). ``drop_page_cache``: drop the
     file pages of each section from the kernel page cache after reading it (they never count in this
     process's RSS either way; this frees the machine's cache at the price of disk reads every pass).
+    ``dtype``: the compute dtype: a torch dtype, "float32" (the default: results independent of the machine),
+    "bfloat16", "float16" or "auto" (:func:`compute_dtype`: bfloat16 on a CPU whose bfloat16 matmul is measured
+    fast, else float32; the checkpoint's 16-bit dtype on CUDA; the CLI's default). Slots hold the weights in it (a
+    file in another dtype is cast while it is read, through a small staging area).
     ``readahead``: ask the kernel (``POSIX_FADV_WILLNEED``) to read the next section into the page cache while
     the loader waits for a slot (off by default: on the development machine it lowered the loader's cold
     read rate from ~1.3-1.6 to ~1.1 GB/s).
@@ -198,16 +228,16 @@ class RingEngine:
 
     def __init__(self, model: str | Path | ModelSource, *, max_memory: str | int | None = None,
                  slots: int | None = None, layers_per_section: int = 1, device: str | torch.device | None = None,
-                 dtype: torch.dtype = torch.float32, kv_device: str | torch.device | None = None,
+                 dtype: torch.dtype | str = torch.float32, kv_device: str | torch.device | None = None,
                  batch_size: int = 8, drop_page_cache: bool = False, readahead: bool = False) -> None:
         self.source = model if isinstance(model, ModelSource) else open_model(model)
-        self.plan = plan_sections(self.source, layers_per_section, dtype)
-        self.layers_per_section = layers_per_section
-        self.cfg = self.source.cfg
-        self.dtype = dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for but CUDA is not available; use device='cpu'")
+        self.dtype = dtype = compute_dtype(dtype, self.device, self.source.stored_dtype)
+        self.plan = plan_sections(self.source, layers_per_section, dtype)
+        self.layers_per_section = layers_per_section
+        self.cfg = self.source.cfg
         self.kv_device = torch.device(kv_device) if kv_device is not None else self.device
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")

@@ -13,7 +13,8 @@ No tensor is transposed or copied on load: a tensor is read, bytes as stored, in
 slot, and the parameter is a view of that region (``t``: a transposed view; per-expert HF tensors
 ``[F, D]`` are read into ``region[e]`` of an ``[E, F, D]`` region whose ``transpose(1, 2)`` is the
 stacked ``[E, D, F]`` parameter; a fused ``gate_up_proj [E, 2F, D]`` is one region with two views).
-Only a dtype change (e.g. a bfloat16 file computed in float32) goes through a staging buffer.
+Only a dtype change (e.g. a bfloat16 file computed in float32) goes through a staging buffer, in pieces of
+at most :data:`CAST_CHUNK` bytes, each cast straight into its place in the slot.
 
 :func:`plan_sections` groups *units* (the embedding, each layer, the head = final norm + lm_head) into
 sections of ``layers_per_section`` consecutive units and lays each section's regions out in a flat byte
@@ -56,6 +57,10 @@ __all__ = ["COMPUTE_DTYPES", "ModelSource", "ParamView", "Read", "Region", "Sect
 COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _READABLE = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 ALIGN = 256  # byte alignment of regions inside a slot (cache lines, CUDA copy alignment)
+#: a read that needs a dtype cast goes through the staging area in pieces of at most this many bytes (each
+#: piece is read, then cast into its place in the slot): the file is read once, the slot written once, and the
+#: staging area stays small whatever the largest tensor.
+CAST_CHUNK = 4 * 2**20
 
 ViewKind = Literal["id", "t", "t12"]
 
@@ -130,6 +135,15 @@ class ModelSource:
     def disk_bytes(self) -> int:
         """Size of the model's safetensors files."""
         return sum(f.stat().st_size for f in self.files)
+
+    @property
+    def stored_dtype(self) -> torch.dtype:
+        """The floating-point dtype that holds most of the stored parameter bytes (the checkpoint's dtype)."""
+        by: dict[torch.dtype, int] = {}
+        for reads in self.reads.values():
+            for r in reads:
+                by[r.src_dtype] = by.get(r.src_dtype, 0) + r.nbytes
+        return max(by, key=lambda d: by[d]) if by else torch.float32
 
     def param_bytes(self, dtype: torch.dtype) -> int:
         """Bytes of all parameters in ``dtype`` (what a fully resident model takes)."""
@@ -408,8 +422,10 @@ class SectionPlan:
 
     @property
     def staging_bytes(self) -> int:
-        """Bytes of the largest read that needs a dtype cast (0 when the files are in the compute dtype)."""
-        return max((r.nbytes for s in self.sections for r in s.reads if r.src_dtype != self.dtype), default=0)
+        """Bytes of the staging area of dtype casts: the largest read that needs one, at most
+        :data:`CAST_CHUNK` (0 when the files are in the compute dtype)."""
+        return min(CAST_CHUNK, max((r.nbytes for s in self.sections for r in s.reads if r.src_dtype != self.dtype),
+                                   default=0))
 
     @property
     def total_bytes(self) -> int:
