@@ -52,7 +52,8 @@ def test_native_dtype_matches_transformers_in_that_dtype(tmp_path, family: str, 
              if bool(((t := logits.topk(2, -1).values)[:, 0] - t[:, 1] > 2 * noise).all())]
     assert len(clear) >= 3, f"only prompts {clear} have clear margins over the {dtype} noise {noise:.4f}"
     budget = 2 * sections.plan_sections(open_model(tmp_path), 1, dtype).slot_bytes + MiB // 2  # a ring of 2 slots
-    with RingEngine(tmp_path, max_memory=budget, dtype=str(dtype).removeprefix("torch."), batch_size=2) as e:
+    with RingEngine(tmp_path, max_memory=budget, dtype=str(dtype).removeprefix("torch."), batch_size=2,
+                    strategy="layer") as e:
         assert e.dtype == dtype and not e.resident and e.plan.staging_bytes == 0  # read as stored, no cast
         result = e.generate([CANDIDATES[i] for i in clear], NEW, return_logits=True)
     for i, tokens, ours in zip(clear, result.tokens, result.logits):
@@ -86,7 +87,7 @@ def test_cast_while_reading_in_pieces(tmp_path, monkeypatch) -> None:
     hf32 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     monkeypatch.setattr(sections, "CAST_CHUNK", 1000)
     budget = 2 * sections.plan_sections(open_model(tmp_path), 1, torch.float32).slot_bytes + MiB // 2 + 1000
-    with RingEngine(tmp_path, max_memory=budget, dtype="float32") as e:
+    with RingEngine(tmp_path, max_memory=budget, dtype="float32", strategy="layer") as e:
         assert e.plan.staging_bytes == 1000 and not e.resident
         largest = max(r.nbytes for s in e.plan.sections for r in s.reads)
         assert largest > 10 * 1000

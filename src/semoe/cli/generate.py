@@ -37,6 +37,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto", metavar="{auto,float32,bfloat16,float16}",
                    help="compute dtype (default auto: on a CPU bfloat16 where its matmul is measured fast, else "
                    "float32; on CUDA the checkpoint's 16-bit dtype); a file in another dtype is cast while read")
+    p.add_argument("--strategy", default="auto", metavar="{auto,layer,routed}",
+                   help="how MoE layers are loaded in the ring: layer (whole layers), routed (the dense part, then "
+                   "only the experts the routers pick, predicted ones ahead), auto (default: a cost model per layer "
+                   "and pass from the expected routed fraction, the expert cache and measured read rates)")
+    p.add_argument("--expert-cache", default="auto", metavar="SIZE",
+                   help="memory for routed experts kept between uses (decayed-LFU cache): auto (default: what the "
+                   "budget leaves after the ring and the KV caches), a size such as 200MB, or 0 (off)")
     p.add_argument("--drop-page-cache", action="store_true",
                    help="drop each section's file pages from the kernel page cache after reading it")
     p.set_defaults(func=run)
@@ -69,6 +76,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise ValueError("--temperature must be >= 0 and --top-p in (0, 1]")
+    if args.expert_cache not in ("auto", "0", "off"):
+        parse_size(args.expert_cache)  # a clear error before anything is loaded
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     budget = parse_size(args.max_memory) if args.max_memory is not None else None
@@ -93,7 +102,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     g = torch.Generator(device=device).manual_seed(args.seed) if args.temperature > 0 else None
     with RingEngine(source, max_memory=budget, slots=args.slots, layers_per_section=args.layers_per_section,
                     device=device, dtype=args.dtype, kv_device=args.kv_device, batch_size=args.batch_size,
-                    drop_page_cache=args.drop_page_cache) as engine:
+                    drop_page_cache=args.drop_page_cache, strategy=args.strategy,
+                    expert_cache=0 if args.expert_cache in ("0", "off") else args.expert_cache) as engine:
         result = engine.generate(ids, limits, eos_id=source.eos_ids or None, temperature=args.temperature,
                                  top_p=args.top_p, generator=g)
         mode = "all sections resident" if engine.resident else f"ring of K={engine.num_slots} slots"
@@ -105,6 +115,14 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     mem = process_memory()
     print(f"tokens/s: {st.tokens_per_s:.2f} ({st.new_tokens} new tokens in {st.wall_s:.2f} s, {st.prompt_tokens} "
           f"prompt tokens, {st.passes} passes, {st.bytes_read / MiB:.1f} MiB read; {mode})")
+    line = f"read: {st.bytes_per_token / MiB:.2f} MiB per new token"
+    if st.experts_needed:
+        line += (f"; routed experts: cache hit rate {100 * st.cache_hit_rate:.0f}%, prediction hit rate "
+                 f"{100 * st.prefetch_hit_rate:.0f}% ({st.experts_needed} picked, {st.expert_misses} read on demand; "
+                 f"{st.routed_layer_loads} routed / {st.full_layer_loads} whole-layer loads)")
+    elif not engine.resident:
+        line += f"; cache hit rate 0% (whole layers streamed: {st.full_layer_loads} loads)"
+    print(line)
     line = (f"peak memory: {mem.get('peak_rss', st.peak_rss_mb):.1f} MiB RSS (anon {st.peak_anon_mb:.1f} MiB, "
             f"file-backed {st.peak_file_mb:.1f} MiB)")
     if budget is not None:

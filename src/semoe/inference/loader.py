@@ -10,6 +10,14 @@ CUDA it reads into one of two pinned host buffers and copies that into the devic
 per-slot events order the copy after the slot's previous reader and the compute after the copy, and
 timing events measure the copies and the compute's waits for them. Used by
 :class:`~semoe.inference.ring.RingEngine`.
+
+Routed-only loading (CPU): a ticket may ask for a section's dense part only (``mode="dense"``: attention, norms,
+routers, shared experts); the engine then asks for single experts of that ticket, either on demand after the
+router ran (:meth:`SlotRing.ensure_experts`, urgent: served first, read in parallel by the reader pool) or on a
+prediction (:meth:`SlotRing.prefetch_experts`, served before any later ticket's section load). An expert comes
+from the :class:`~semoe.inference.expert_cache.ExpertCache` (a copy) or from disk (its row of each stacked
+tensor, read straight into the slot), and a disk read is offered to the cache. Slots start zeroed: rows of
+experts that were not loaded hold stale but finite weights of another section, which no token is routed to.
 """
 
 from __future__ import annotations
@@ -18,18 +26,68 @@ import logging
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from semoe.inference.sections import Section, SectionPlan
+from semoe.inference.expert_cache import ExpertCache
+from semoe.inference.sections import ExpertLayer, Read, Section, SectionPlan
 from semoe.inference.stats import RingStats
 from semoe.storage.safetensors_io import SafetensorsReader
 from semoe.storage.tensor_io import PositionalReader, ReadPool, ReadRun, byte_view, coalesce
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SlotRing"]
+__all__ = ["Bandwidth", "SlotRing"]
+
+
+@dataclass
+class Bandwidth:
+    """Bytes and seconds of one kind of transfer, measured (cumulative); ``rate`` falls back to ``prior``."""
+
+    prior: float
+    nbytes: int = 0
+    seconds: float = 0.0
+
+    def add(self, nbytes: int, seconds: float) -> None:
+        self.nbytes += nbytes
+        self.seconds += seconds
+
+    @property
+    def measured(self) -> bool:
+        return self.seconds > 0 and self.nbytes > 2**20
+
+    @property
+    def rate(self) -> float:
+        """Bytes per second (the prior until more than 1 MiB was measured)."""
+        return self.nbytes / self.seconds if self.measured else self.prior
+
+
+@dataclass
+class _Expert:
+    """One expert of one ticket: loading state, where it came from, why it was loaded."""
+
+    done: bool = False
+    source: str = ""  # "disk" or "cache"
+    prefetched: bool = False  # loaded on a prediction
+    needed: bool = False  # a router picked it
+
+
+@dataclass
+class _Job:
+    ticket: int
+    section: Section
+    layer: ExpertLayer
+    experts: list[int]
+
+
+def _named(err: BaseException, reads: list[Read]) -> ValueError:
+    """A read error that names the file and the tensor(s) it was reading."""
+    names = sorted({r.tensor for r in reads if r.tensor})
+    what = f"tensor {', '.join(repr(n) for n in names)}" if names else "a tensor"
+    msg = f"reading {what} of {reads[0].path} failed: {err}"
+    return err.__class__(msg) if isinstance(err, ValueError) else ValueError(msg)
 
 
 class SlotRing:
@@ -39,12 +97,16 @@ class SlotRing:
     (resident mode: each section is read once)."""
 
     def __init__(self, plan: SectionPlan, device: torch.device, sizes: list[int], stats: RingStats,
-                 drop_page_cache: bool, readahead: bool) -> None:
+                 drop_page_cache: bool, readahead: bool, cache: ExpertCache | None = None,
+                 io_threads: int = 1) -> None:
         self.plan, self.device, self.stats = plan, device, stats
         self.K = len(sizes)
         self.drop_page_cache, self.readahead = drop_page_cache, readahead
         self.cuda = device.type == "cuda"
-        self.slots = [torch.empty(n, dtype=torch.uint8, device=device) for n in sizes]
+        self.slots = [torch.zeros(n, dtype=torch.uint8, device=device) for n in sizes]
+        self.cache = cache
+        # measured rates (bytes/s) for the cost model: whole-section reads, single-expert reads, cache copies
+        self.bw_section, self.bw_expert, self.bw_cache = Bandwidth(1e9), Bandwidth(1e9), Bandwidth(8e9)
         self.content = [-1] * self.K  # the section each slot holds (-1: none or being loaded)
         host_max = max(sizes)
         self.staging = torch.empty(plan.staging_bytes, dtype=torch.uint8) if plan.staging_bytes else None
@@ -64,9 +126,14 @@ class SlotRing:
         # page-cache drops not yet done (reader, offset, nbytes, section): done by whichever thread would
         # otherwise wait (deque append/popleft are atomic), at the latest before the section is read again
         self._drops: deque[tuple[PositionalReader, int, int, int]] = deque()
-        self.pool = ReadPool(1)
+        self.pool = ReadPool(io_threads)
         self.cv = threading.Condition()
-        self.requests: deque[tuple[int, int]] = deque()
+        self.requests: deque[tuple[int, int, str]] = deque()  # (ticket, section, "full" | "dense")
+        self.urgent: deque[_Job] = deque()  # experts a router picked that are not loaded: first
+        self.prefetch: deque[_Job] = deque()  # predicted experts, one per job
+        self.experts: dict[int, dict[tuple[int, int], _Expert]] = {}  # per ticket: (layer, expert) -> state
+        self.busy_ticket: int | None = None  # the ticket whose experts the loader is writing right now
+        self.ticket_section: dict[int, int] = {}  # section of each ticket taken up by the loader, until released
         self.done: set[int] = set()
         self.released = -1
         self.next_ticket = 0
@@ -76,13 +143,67 @@ class SlotRing:
         self.thread.start()
 
     # compute side ---------------------------------------------------------------------------------
-    def request(self, section: int) -> int:
+    def request(self, section: int, mode: str = "full") -> int:
+        """A ticket for ``section``: all of it (``mode="full"``) or its dense part only (``"dense"``; its experts
+        then come one by one through :meth:`ensure_experts` / :meth:`prefetch_experts`)."""
         with self.cv:
             t = self.next_ticket
             self.next_ticket += 1
-            self.requests.append((t, section))
+            self.requests.append((t, section, mode))
             self.cv.notify_all()
             return t
+
+    def wait_loaded(self, ticket: int) -> None:
+        """Block until ``ticket``'s section (or dense part) is loaded, without acquiring it."""
+        with self.cv:
+            while ticket not in self.done and self.error is None:
+                self.cv.wait()
+            if self.error is not None:
+                raise self.error
+
+    def ensure_experts(self, ticket: int, layer: ExpertLayer, experts: list[int]) -> None:
+        """Block until these experts of ``layer`` are in ``ticket``'s slot: the ones not loaded or loading yet (no
+        prediction asked for them) are read now, before anything else. Counts hits and misses."""
+        t0 = time.perf_counter()
+        st = self.stats
+        with self.cv:
+            table = self.experts.setdefault(ticket, {})
+            new = []
+            for e in experts:
+                x = table.get((layer.layer, e))
+                if x is None:
+                    x = table[(layer.layer, e)] = _Expert()
+                    new.append(e)
+                elif x.prefetched and not x.needed:
+                    st.expert_prefetch_hits += 1
+                x.needed = True
+            if new:
+                self.urgent.append(_Job(ticket, self._section_of(ticket), layer, new))
+                self.cv.notify_all()
+            while self.error is None and not all(table[(layer.layer, e)].done for e in experts):
+                self.cv.wait()
+            if self.error is not None:
+                raise self.error
+            st.experts_needed += len(experts)
+            st.expert_cache_hits += sum(table[(layer.layer, e)].source == "cache" for e in experts)
+            st.expert_misses += sum(table[(layer.layer, e)].source == "disk" for e in new)
+        st.wait_s += time.perf_counter() - t0
+
+    def prefetch_experts(self, ticket: int, layer: ExpertLayer, experts: list[int]) -> None:
+        """Load these experts of ``layer`` into ``ticket``'s slot when the loader has nothing more urgent (a
+        prediction: they may not be needed)."""
+        with self.cv:
+            table = self.experts.setdefault(ticket, {})
+            section = self._section_of(ticket)
+            for e in experts:
+                if (layer.layer, e) not in table:
+                    table[(layer.layer, e)] = _Expert(prefetched=True)
+                    self.prefetch.append(_Job(ticket, section, layer, [e]))
+                    self.stats.experts_prefetched += 1
+            self.cv.notify_all()
+
+    def _section_of(self, ticket: int) -> Section:
+        return self.plan.sections[self.ticket_section[ticket]]
 
     def acquire(self, ticket: int) -> int:
         """Block until ``ticket`` is loaded; returns its slot. Re-raises a loader error."""
@@ -128,6 +249,13 @@ class SlotRing:
             self.ev_free[slot].record(torch.cuda.current_stream(self.device))
         with self.cv:
             assert ticket == self.released + 1, "tickets are released in order"
+            if self.prefetch:  # predictions for this ticket that were not served: dropped
+                self.prefetch = deque(j for j in self.prefetch if j.ticket != ticket)
+            while self.busy_ticket == ticket and self.error is None:  # the slot is not left half written
+                self.cv.wait()
+            table = self.experts.pop(ticket, {})
+            self.stats.prefetch_wasted += sum(x.prefetched and not x.needed for x in table.values())
+            self.ticket_section.pop(ticket, None)
             self.released = ticket
             self.done.discard(ticket)
             self.cv.notify_all()
@@ -150,47 +278,68 @@ class SlotRing:
             torch.cuda.set_device(self.device)
         while True:
             with self.cv:
-                while not self.stopping and not self._ready() and not self._drops:
+                while not (self.stopping or self.urgent or self.prefetch or self._ready() or self._drops):
                     self.cv.wait()
                 if self.stopping:
                     return
-                job = self.requests.popleft() if self._ready() else None
+                job: _Job | tuple[int, int, str] | None = None
+                if self.urgent:  # a router waits for these
+                    job = self.urgent.popleft()
+                elif self.prefetch and (not self._ready() or self.prefetch[0].ticket < self.requests[0][0]):
+                    job = self.prefetch.popleft()  # needed before any later ticket's section
+                elif self._ready():
+                    job = self.requests.popleft()
+                    self.ticket_section[job[0]] = job[1]
+                if isinstance(job, _Job):
+                    self.busy_ticket = job.ticket
             if job is None:  # idle, with page-cache drops pending: do one, then look again
                 self._drop_one()
                 continue
-            ticket, section = job
             try:
-                self._load(ticket, section)
+                if isinstance(job, _Job):
+                    self._load_experts(job)
+                else:
+                    self._load(*job)
             except BaseException as e:  # handed to the compute thread, which raises it
-                log.debug("ring loader failed on section %d", section, exc_info=True)
+                log.debug("ring loader failed on %s", job, exc_info=True)
                 with self.cv:
                     self.error = e
+                    self.busy_ticket = None
                     self.cv.notify_all()
                 return
             with self.cv:
-                self.done.add(ticket)
+                if isinstance(job, _Job):
+                    self.busy_ticket = None
+                    table = self.experts.get(job.ticket, {})
+                    for e in job.experts:
+                        if (job.layer.layer, e) in table:
+                            table[(job.layer.layer, e)].done = True
+                else:
+                    self.done.add(job[0])
                 self.cv.notify_all()
-                idle = not self._ready()
-            if idle and self.readahead and self.K < len(self.plan.sections):
-                self._hint((section + 1) % len(self.plan.sections))
+                idle = not (self._ready() or self.urgent or self.prefetch)
+            if idle and self.readahead and self.K < len(self.plan.sections) and not isinstance(job, _Job):
+                self._hint((job[1] + 1) % len(self.plan.sections))
 
     def _ready(self) -> bool:
         """Whether the next requested ticket's slot is free (call with ``cv`` held)."""
         return bool(self.requests) and self.requests[0][0] - self.K <= self.released
 
-    def _program(self, section: Section, slot: int, target: torch.Tensor) -> list[ReadRun | tuple[Any, ...]]:
-        """The reads of ``section`` into ``target``: :class:`~semoe.storage.tensor_io.ReadRun` s of consecutive
-        file bytes (each one ``preadv``), or ("cast", reader, offset, nbytes, src dtype, typed destination,
-        staging view) through the staging area. The byte views are built here, once per (section, slot): the
-        loader's steady state then runs one system call per run and no torch code."""
-        key = (section.index, slot)
+    def _program(self, section: Section, slot: int, target: torch.Tensor, what: Any = "full",
+                 reads: tuple[Read, ...] | None = None) -> list[ReadRun | tuple[Any, ...]]:
+        """``reads`` (default: all of ``section``'s) into ``target``: :class:`~semoe.storage.tensor_io.ReadRun` s
+        of consecutive file bytes (each one ``preadv``, tagged with their :class:`Read` s), or ("cast", reader,
+        offset, nbytes, src dtype, typed destination, staging view, read) through the staging area. The byte views
+        are built here, once per (section, slot, ``what``): the loader's steady state then runs one system call
+        per run and no torch code."""
+        key = (section.index, slot, what)
         if key in self._programs:
             return self._programs[key]
         dtype = self.plan.dtype
         regions = {r.key: r for r in section.regions}
         prog: list[ReadRun | tuple[Any, ...]] = []
         direct: list[tuple[PositionalReader, int, memoryview, Any]] = []
-        for rd in section.reads:
+        for rd in section.reads if reads is None else reads:
             reg = regions[rd.region]
             start = reg.byte_offset + rd.elem_offset * dtype.itemsize
             if rd.src_dtype == dtype:
@@ -205,24 +354,85 @@ class SlotRing:
                 n = min(step, rd.numel - lo) * rd.src_dtype.itemsize
                 raw = self.staging[:n]
                 prog.append(("cast", self.readers[rd.path], rd.offset + lo * rd.src_dtype.itemsize, n, rd.src_dtype,
-                             typed[lo:lo + step], (raw, byte_view(raw))))
+                             typed[lo:lo + step], (raw, byte_view(raw)), rd))
         prog.extend(coalesce(direct))
         self._programs[key] = prog
         return prog
 
-    def _read_section(self, section: Section, slot: int, target: torch.Tensor) -> int:
+    def _run_program(self, prog: list[ReadRun | tuple[Any, ...]], section: Section, parallel: bool = False) -> int:
+        """Run a program; with ``parallel`` its direct runs go through the reader pool at once (casts share the
+        staging area, so they run one after the other here). Errors name the file and the tensor."""
         n = 0
-        for op in self._program(section, slot, target):
-            if isinstance(op, ReadRun):
-                n += op.read()
-                reader, offset, nbytes = op.reader, op.offset, op.nbytes
-            else:
-                _, reader, offset, nbytes, src_dtype, typed, (raw, raw_view) = op
-                n += reader.readv(offset, [raw_view])
-                typed.copy_(raw.view(src_dtype))
+        runs = [op for op in prog if isinstance(op, ReadRun)]
+        if parallel and len(runs) > 1 and self.pool.threads > 1:
+            try:
+                n += self.pool.run(runs)
+            except (OSError, ValueError) as e:
+                raise _named(e, [r for run in runs for r in run.parts]) from e
+            prog = [op for op in prog if not isinstance(op, ReadRun)]
+            if self.drop_page_cache:
+                self._drops.extend((op.reader, op.offset, op.nbytes, section.index) for op in runs)
+        for op in prog:
+            try:
+                if isinstance(op, ReadRun):
+                    n += op.read()
+                    reader, offset, nbytes = op.reader, op.offset, op.nbytes
+                else:
+                    _, reader, offset, nbytes, src_dtype, typed, (raw, raw_view), _ = op
+                    n += reader.readv(offset, [raw_view])
+                    typed.copy_(raw.view(src_dtype))
+            except (OSError, ValueError) as e:
+                raise _named(e, op.parts if isinstance(op, ReadRun) else [op[-1]]) from e
             if self.drop_page_cache:
                 self._drops.append((reader, offset, nbytes, section.index))
         return n
+
+    def _read_section(self, section: Section, slot: int, target: torch.Tensor, mode: str = "full") -> int:
+        if mode == "full":
+            return self._run_program(self._program(section, slot, target), section)
+        return self._run_program(self._program(section, slot, target, "dense", section.dense_reads), section)
+
+    def _load_experts(self, job: _Job) -> None:
+        """Experts of one ticket into its slot: from the cache (a copy) or from disk (then offered to the cache)."""
+        t0 = time.perf_counter()
+        slot, xl, section = job.ticket % self.K, job.layer, job.section
+        target = self.slots[slot]
+        table = self.experts.get(job.ticket, {})
+        disk: list[int] = []
+        copied = 0
+        for e in job.experts:
+            buf = self.cache.get((xl.layer, e)) if self.cache is not None else None
+            if buf is None:
+                disk.append(e)
+                continue
+            pos = 0
+            for off, n in xl.slot_ranges[e]:
+                target[off:off + n].copy_(buf[pos:pos + n])
+                pos += n
+            copied += pos
+            table[(xl.layer, e)].source = "cache"
+        t1 = time.perf_counter()
+        if copied:
+            self.bw_cache.add(copied, t1 - t0)
+        if not disk:
+            return
+        self._drop_pending_reads()
+        prog = [op for e in disk for op in self._program(section, slot, target, ("expert", xl.layer, e), xl.reads[e])]
+        n = self._run_program(prog, section, parallel=True)
+        t2 = time.perf_counter()
+        self.bw_expert.add(n, t2 - t1)
+        for e in disk:
+            table[(xl.layer, e)].source = "disk"
+            buf = self.cache.admit((xl.layer, e)) if self.cache is not None else None
+            if buf is not None:
+                pos = 0
+                for off, m in xl.slot_ranges[e]:
+                    buf[pos:pos + m].copy_(target[off:off + m])
+                    pos += m
+        st = self.stats
+        st.bytes_read += n
+        st.expert_bytes_read += n
+        st.load_s += time.perf_counter() - t0
 
     def _drop_one(self) -> bool:
         """Drop the page-cache pages of the oldest read still pending; False when none is."""
@@ -234,23 +444,30 @@ class SlotRing:
             reader.drop_cache(offset, nbytes)
         return True
 
+    def _drop_pending_reads(self) -> None:
+        """At most K sections' worth of page-cache drops stay pending."""
+        while len(self._drops) > 4 * self.K * max(1, len(self.plan.sections[0].reads)):
+            self._drop_one()
+
     def _drop_pending(self, section_idx: int) -> None:
         """Before ``section_idx`` is read again: its pages of the last read must be gone (each read from
         disk, the cache kept cold), and at most K sections' drops stay pending."""
         while len(self._drops) > self.K or any(d[3] == section_idx for d in list(self._drops)):
             self._drop_one()
 
-    def _load(self, ticket: int, section_idx: int) -> None:
+    def _load(self, ticket: int, section_idx: int, mode: str = "full") -> None:
         slot = ticket % self.K
-        if self.content[slot] == section_idx:  # still there (resident mode)
+        if self.content[slot] == section_idx:  # still there, all of it (resident mode)
             return
         t0 = time.perf_counter()
         section = self.plan.sections[section_idx]
         self._drop_pending(section_idx)
         self.content[slot] = -1
         if not self.cuda:
-            n = self._read_section(section, slot, self.slots[slot])
+            n = self._read_section(section, slot, self.slots[slot], mode)
+            self.bw_section.add(n, time.perf_counter() - t0)
         else:
+            assert mode == "full", "routed-only loading runs on a CPU device"
             p = self.pin_next
             self.pin_next ^= 1
             self.ev_pinned[p].synchronize()  # the previous copy out of this pinned buffer is done
@@ -265,7 +482,11 @@ class SlotRing:
                 self.ev_pinned[p].record(self.copy_stream)
             with self.cv:
                 self._copy_events.append((start, end, section.nbytes))
-        self.content[slot] = section_idx
+        self.content[slot] = section_idx if mode == "full" else -1
+        if mode == "full":
+            self.stats.full_layer_loads += len(section.experts)
+        else:
+            self.stats.routed_layer_loads += len(section.experts)
         self.stats.loads += 1
         self.stats.bytes_read += n
         self.stats.load_s += time.perf_counter() - t0

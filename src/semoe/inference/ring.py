@@ -49,9 +49,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from semoe.inference.expert_cache import ExpertCache
 from semoe.inference.generate import sample_next
 from semoe.inference.loader import SlotRing
 from semoe.inference.sections import (
+    ExpertLayer,
     ModelSource,
     Section,
     build_meta_model,
@@ -68,6 +70,10 @@ __all__ = ["DTYPE_CHOICES", "GenerationResult", "RingEngine", "RingStats", "acti
            "parse_size", "process_memory", "ring_generate"]
 
 MiB = 2**20
+#: loading strategies: "layer" streams whole layers, "routed" the dense part and then only the routed experts,
+#: "auto" lets the cost model (RingEngine._mode_for) choose per section and pass
+STRATEGIES = ("auto", "layer", "routed")
+ROUTED_MARGIN = 0.9  # routed loading must be expected to take < 90% of the whole layer's time
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
 
@@ -221,6 +227,12 @@ class RingEngine:
     "bfloat16", "float16" or "auto" (:func:`compute_dtype`: bfloat16 on a CPU whose bfloat16 matmul is measured
     fast, else float32; the checkpoint's 16-bit dtype on CUDA; the CLI's default). Slots hold the weights in it (a
     file in another dtype is cast while it is read, through a small staging area).
+    ``strategy``: how MoE layers are loaded (CPU): "layer" (every byte of a section, read ahead under the previous
+    sections' compute), "routed" (the dense part ahead, then only the experts the wave's routers pick: predicted
+    ones ahead, misses on demand), "auto" (default: the cost model of :meth:`_mode_for` per section and pass).
+    ``expert_cache``: memory for routed experts between uses (:mod:`semoe.inference.expert_cache`): "auto" (what
+    the budget leaves after the ring and the wave), a size, or 0/None (off). ``io_threads``: reader threads for
+    on-demand expert reads. ``prefetch``: predict the next layer's experts (its router on this layer's output).
     ``readahead``: ask the kernel (``POSIX_FADV_WILLNEED``) to read the next section into the page cache while
     the loader waits for a slot (off by default: on the development machine it lowered the loader's cold
     read rate from ~1.3-1.6 to ~1.1 GB/s).
@@ -229,7 +241,9 @@ class RingEngine:
     def __init__(self, model: str | Path | ModelSource, *, max_memory: str | int | None = None,
                  slots: int | None = None, layers_per_section: int = 1, device: str | torch.device | None = None,
                  dtype: torch.dtype | str = torch.float32, kv_device: str | torch.device | None = None,
-                 batch_size: int = 8, drop_page_cache: bool = False, readahead: bool = False) -> None:
+                 batch_size: int = 8, drop_page_cache: bool = False, readahead: bool = False,
+                 strategy: str = "auto", expert_cache: str | int | None = "auto", io_threads: int = 2,
+                 prefetch: bool = True) -> None:
         self.source = model if isinstance(model, ModelSource) else open_model(model)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -244,9 +258,29 @@ class RingEngine:
         self.batch_size = batch_size
         self.budget = parse_size(max_memory) if max_memory is not None else None
         self._force_kv_staging = False  # tests: exercise the kv_device != device path on one device
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy={strategy!r} is not one of {list(STRATEGIES)} (layer: stream whole layers; "
+                             "routed: dense part, then only the experts the router picks; auto: the cost model)")
+        has_experts = any(s.experts for s in self.plan.sections)
+        if strategy == "routed" and self.device.type != "cpu":
+            raise ValueError(f"strategy='routed' runs on a CPU device only for now, not {self.device}; use "
+                             "strategy='layer' (or 'auto', which streams whole layers there)")
+        self.strategy = strategy if has_experts and self.device.type == "cpu" else "layer"
         S = len(self.plan.sections)
+        self._cache_request = expert_cache
+        self._cache_reserved = 0 if expert_cache in (None, "auto", 0) else parse_size(expert_cache)  # type: ignore[arg-type]
         sizes, self.resident = self._choose_slots(slots, S)
+        if self.resident and strategy != "auto":
+            raise ValueError(f"strategy={strategy!r} was asked for, but "
+                             + ("no --max-memory was given" if self.budget is None else
+                                f"max_memory={self.budget / MiB:.1f} MiB holds the whole model "
+                                f"({self.plan.total_bytes / MiB:.1f} MiB)")
+                             + ": every section is loaded once and stays, nothing is streamed; use strategy='auto' "
+                             f"or a budget below {math.ceil(self.plan.total_bytes / 0.75 / MiB)}MB")
+        if self.resident:
+            self.strategy = "layer"
         self.ring_bytes = sum(sizes) + self.plan.staging_bytes
+        self._check_cache_fits()
         self.model = build_meta_model(self.cfg, dtype)
         _share_workspaces(self.model)
         for layer in moe_layers(self.model):  # generation needs no router losses (~3% of a decode pass)
@@ -254,22 +288,48 @@ class RingEngine:
         self._buffers = {f"model.{n}": b.to(device=self.device, dtype=dtype if b.is_floating_point() else b.dtype)
                          for n, b in self.source.buffers.items()}
         self.stats = RingStats()
-        self._ring = SlotRing(self.plan, self.device, sizes, self.stats, drop_page_cache, readahead)
+        entry = max((x.nbytes for sec in self.plan.sections for x in sec.experts), default=0)
+        self.cache = ExpertCache(entry, self._cache_reserved, self.device) \
+            if self.strategy != "layer" and entry and expert_cache != 0 else None
+        self._ring = SlotRing(self.plan, self.device, sizes, self.stats, drop_page_cache, readahead, self.cache,
+                              io_threads)
+        # cost model (see _mode_for): (pass, section, tokens, mode, expected whole-layer s, expected routed s)
+        self.decisions: deque[tuple[int, int, int, str, float, float]] = deque(maxlen=4096)
+        self._last_mode: dict[int, str] = {}
+        self._cur_section = 0
+        self._pass_tokens = self._next_pass_tokens = 0
+        self.prefetch = prefetch
         self._finalizer = weakref.finalize(self, self._ring.close)  # stops the loader if close() is forgotten
-        self._pending: deque[tuple[int, int]] = deque()  # (ticket, section) requested, not yet computed
+        self._pending: deque[tuple[int, int, str]] = deque()  # (ticket, section, mode) requested, not computed
         self._next_section = 0
         self._allowed = 0  # sections the current generate() call may still compute
         self._kv_scratch: tuple[torch.Tensor, torch.Tensor] | None = None
         self._bindings: dict[tuple[int, int], list[tuple[dict, str, torch.Tensor]]] = {}
         self._meta: dict[str, tuple[dict, str, torch.Tensor]] = {}
-        log.info("ring engine: %s (%s), %d sections, %s, slot %.1f MiB, budget %s", self.source.path,
+        log.info("ring engine: %s (%s), %d sections, %s, slot %.1f MiB, budget %s, strategy %s", self.source.path,
                  self.source.fmt, S, "resident" if self.resident else f"K={len(sizes)} slots",
-                 self.plan.slot_bytes / MiB, "none" if self.budget is None else f"{self.budget / MiB:.1f} MiB")
+                 self.plan.slot_bytes / MiB, "none" if self.budget is None else f"{self.budget / MiB:.1f} MiB",
+                 self.strategy)
 
     # set-up ---------------------------------------------------------------------------------------
     def min_memory(self, slots: int = 2) -> int:
         """Bytes the ring itself needs with ``slots`` slots of the largest section (plus staging)."""
         return slots * self.plan.slot_bytes + self.plan.staging_bytes
+
+    def _check_cache_fits(self) -> None:
+        """An expert cache of an explicit size must fit the budget next to the ring and one sequence."""
+        if not self._cache_reserved or self.budget is None:
+            return
+        if self.strategy == "layer":
+            raise ValueError(f"expert_cache={self._cache_request!r} was asked for, but with strategy "
+                             f"{self.strategy!r} ({'the whole model is resident' if self.resident else 'whole layers'}"
+                             ") no expert is read on its own; drop the expert cache or use strategy 'routed'/'auto'")
+        room = self.budget - self.ring_bytes - self._one_sequence_bytes()
+        if self._cache_reserved > room:
+            raise ValueError(f"an expert cache of {self._cache_reserved / MiB:.2f} MiB does not fit: "
+                             f"max_memory={self.budget / MiB:.2f} MiB leaves {max(room, 0) / MiB:.2f} MiB after the "
+                             f"ring ({self.ring_bytes / MiB:.2f} MiB) and one sequence; lower --expert-cache (or "
+                             "'auto': whatever the budget leaves) or raise --max-memory")
 
     def _one_sequence_bytes(self, prompt_len: int = 1, new: int = 1) -> int:
         return self._resident_bytes([(1, prompt_len, prompt_len + max(new, 1) - 1, 1)])
@@ -319,7 +379,9 @@ class RingEngine:
         stage = self._stage_kv
         kv_here = not (stage and self.kv_device != self.device)
         kv = sum(B * L * kv_per_pos for B, P, L, _ in groups if L > P) if kv_here else 0
-        hidden = sum(B * P * cfg.d_model * item for B, P, _, _ in groups)
+        # hidden states of every row during the prefill; a routed layer keeps two more per row (attention output and
+        # its norm) until the wave's routers have run and the experts are in
+        hidden = (1 if self.strategy == "layer" else 3) * sum(B * P * cfg.d_model * item for B, P, _, _ in groups)
         act = 0
         for B, P, L, c in groups:
             prefill = activation_bytes(cfg, c, P, P, item) + 8 * B * cfg.vocab_size
@@ -387,7 +449,7 @@ class RingEngine:
         for i, p in enumerate(prompts):
             if limits[i] > 0:
                 by_len.setdefault(len(p), []).append(i)
-        room = None if self.budget is None else self.budget - self.ring_bytes
+        room = None if self.budget is None else self.budget - self.ring_bytes - self._cache_reserved
         chunk: dict[int, int] = {}
         for P, rows in by_len.items():
             L = P + max(limits[i] for i in rows) - 1
@@ -440,11 +502,14 @@ class RingEngine:
                                    temperature=temperature, top_p=top_p, generator=generator)
         S = len(self.plan.sections)
         self._allowed = sum(S * max(limits[i] for rows, _ in w.values() for i in rows) for w in waves)
+        self._size_cache(waves, limits)
         t0 = time.perf_counter()
         for wave in waves:
             self._run_wave(prompts, limits, wave, sample)
             self.stats.waves += 1
         self._ring.collect_device_times()  # (CUDA) synchronises: wall_s includes the device's work
+        if self.cache is not None:
+            self.stats.cache_inserts, self.stats.cache_evictions = self.cache.inserts, self.cache.evictions
         self.stats.wall_s += time.perf_counter() - t0
         self.stats.prompt_tokens += sum(len(p) for p, n in zip(prompts, limits) if n > 0)
         self.stats.new_tokens += sum(len(r) for r in results)
@@ -452,6 +517,22 @@ class RingEngine:
         logits = [torch.stack(x) if x else torch.zeros(0, self.cfg.vocab_size) for x in logits_out] \
             if logits_out is not None else None
         return GenerationResult(results, logits, self.stats.minus(before))
+
+    def _size_cache(self, waves: list[dict[int, tuple[list[int], int]]], limits: list[int]) -> None:
+        """The expert cache gets what the budget leaves after the ring and the largest wave ("auto"), or its
+        explicit size (reserved when the waves were planned)."""
+        if self.cache is None:
+            return
+        if self._cache_request != "auto":
+            self.cache.resize(self._cache_reserved)
+            return
+        if self.budget is None:
+            self.cache.resize(0)
+            return
+        need = max((self._resident_bytes([(len(r), P, P + max(limits[i] for i in r) - 1, c)
+                                          for P, (r, c) in w.items()]) for w in waves), default=0)
+        self.cache.resize(max(0, self.budget - self.ring_bytes - need))
+        log.debug("expert cache: %.1f MiB (%d experts)", self.cache.capacity_bytes / MiB, self.cache.capacity)
 
     def _record_memory(self) -> None:
         mem = process_memory()
@@ -497,12 +578,15 @@ class RingEngine:
                 for g in active:
                     pos = torch.arange(g.start, g.start + g.tokens.shape[1], device=self.device)
                     g.cos, g.sin = rope_cos_sin(pos, self.cfg.dim_per_head, self.cfg.rope_theta)
+                self._pass_tokens = sum(len(g.rows) * g.tokens.shape[1] for g in active)
+                self._next_pass_tokens = sum(len(g.rows) for g in active)  # a decode step: one token per row
                 for section in self.plan.sections:
-                    ticket, slot = self._acquire(section.index)
+                    self._cur_section = section.index
+                    ticket, slot, mode = self._acquire(section.index)
                     t0 = time.perf_counter()
                     try:
                         self._bind(self._section_bindings(section, slot))
-                        self._compute(section, active, sample, self.model)
+                        self._compute(section, active, sample, self.model, ticket, mode)
                     finally:
                         self._ring.release(ticket)
                     self.stats.compute_s += time.perf_counter() - t0
@@ -511,21 +595,59 @@ class RingEngine:
                         self.stats.peak_anon_mb = max(self.stats.peak_anon_mb, mem.get("anon", 0.0))
                         self.stats.peak_file_mb = max(self.stats.peak_file_mb, mem.get("file", 0.0))
                 self.stats.passes += 1
+                if self.cache is not None:
+                    self.cache.tick()
         finally:
             self._kv_scratch = None
             self._unbind()
 
-    def _acquire(self, section: int) -> tuple[int, int]:
-        """Request tickets up to K ahead (never more sections than this call may still compute) and wait
-        for the one of ``section``."""
+    def _acquire(self, section: int) -> tuple[int, int, str]:
+        """Request tickets up to K ahead (never more sections than this call may still compute), each with the
+        cost model's mode, and wait for the one of ``section``: (ticket, slot, mode)."""
         ring, S = self._ring, len(self.plan.sections)
         while len(self._pending) < ring.K and len(self._pending) < self._allowed:
-            self._pending.append((ring.request(self._next_section), self._next_section))
+            mode = self._mode_for(self.plan.sections[self._next_section])
+            self._pending.append((ring.request(self._next_section, mode), self._next_section, mode))
             self._next_section = (self._next_section + 1) % S
-        ticket, sec = self._pending.popleft()
+        ticket, sec, mode = self._pending.popleft()
         assert sec == section, f"ring schedule out of order: got section {sec}, expected {section}"
         self._allowed -= 1
-        return ticket, ring.acquire(ticket)
+        return ticket, ring.acquire(ticket), mode
+
+    def _mode_for(self, section: Section) -> str:
+        """How to load ``section`` this time: "full" (every byte, read ahead under the previous sections' compute)
+        or "dense" (the dense part; then only the routed experts). The cost model, per MoE layer of the section,
+        for the T tokens of the pass the load serves (the prefill's tokens, or one per sequence when decoding):
+        each of the E experts is picked with probability f = 1 - (1 - k/E)^T (independent uniform routing, an
+        upper bound for trained routers), so routed loading expects f * (E - c) expert reads from disk and
+        f * c copies from the cache (c: the layer's experts in the cache), against E expert reads for the whole
+        layer, each at its measured rate (single-expert reads, cache copies, whole-section reads). Routed wins
+        when it is expected to take less than ``ROUTED_MARGIN`` of the whole-layer time (its misses wait after the
+        router, while a whole layer loads ahead under compute). Decisions are kept in ``decisions`` and logged
+        (INFO when a section's choice changes, DEBUG each time)."""
+        if not section.experts or self.strategy == "layer":
+            return "full"
+        if self.strategy == "routed":
+            return "dense"
+        T = self._pass_tokens if section.index >= self._cur_section else self._next_pass_tokens
+        ring = self._ring
+        bw_layer = ring.bw_section.rate
+        bw_expert = ring.bw_expert.rate if ring.bw_expert.measured else bw_layer  # until measured: as a section
+        t_layer = t_routed = 0.0
+        for xl in section.experts:
+            E = xl.num_experts
+            f = 1.0 - (1.0 - xl.top_k / E) ** max(T, 1)
+            c = self.cache.layer_count(xl.layer) if self.cache is not None else 0
+            t_layer += E * xl.disk_bytes / bw_layer
+            t_routed += f * ((E - c) * xl.disk_bytes / bw_expert + c * xl.nbytes / ring.bw_cache.rate)
+        mode = "dense" if t_routed < ROUTED_MARGIN * t_layer else "full"
+        self.decisions.append((self.stats.passes, section.index, T, mode, t_layer, t_routed))
+        level = logging.INFO if self._last_mode.get(section.index) != mode else logging.DEBUG
+        log.log(level, "cost model: section %d (%s) for %d tokens: %s (expected whole layer %.2f ms, routed %.2f ms)",
+                section.index, ",".join(section.units), T, "routed experts" if mode == "dense" else "whole layer",
+                1e3 * t_layer, 1e3 * t_routed)
+        self._last_mode[section.index] = mode
+        return mode
 
     def _section_bindings(self, section: Section, slot: int) -> list[tuple[dict, str, torch.Tensor]]:
         """(owning module's ``_parameters`` or ``_buffers`` dict, attribute, view of the slot) for every
@@ -563,8 +685,8 @@ class RingEngine:
             table[attr] = meta
 
     def _compute(self, section: Section, active: list[_Group], sample: Callable[[_Group, torch.Tensor], None],
-                 model: MoETransformer) -> None:
-        for unit in section.units:
+                 model: MoETransformer, ticket: int = -1, mode: str = "full") -> None:
+        for pos, unit in enumerate(section.units):
             if unit == "embed":
                 for g in active:
                     g.x = [model.tok_emb(g.tokens[sl]) for sl in g.chunks()]
@@ -576,17 +698,93 @@ class RingEngine:
             else:
                 i = int(unit.split(".")[1])
                 layer = model.layers[i]
-                for g in active:
-                    g.x = [self._layer(layer, i, g, sl, x) for sl, x in zip(g.chunks(), g.x)]
+                xl = section.expert_layer(i) if mode == "dense" else None
+                if xl is not None:
+                    self._routed_layer(layer, i, xl, ticket, active)
+                else:
+                    for g in active:
+                        outs = [self._layer(layer, i, g, sl, x) for sl, x in zip(g.chunks(), g.x)]
+                        g.x = [out for out, _ in outs]
+                        if self.cache is not None and layer.is_moe:  # uses feed the cache's scores
+                            used = torch.stack([mo.stats.routed_per_expert for _, mo in outs]).sum(0)
+                            self.cache.touch(i, used.nonzero().squeeze(1).tolist())
+            if unit != "head":
+                self._prefetch_next(section, pos, ticket, mode, active, model)
 
-    def _layer(self, layer: nn.Module, i: int, g: _Group, sl: slice, x_BSD: torch.Tensor) -> torch.Tensor:
+    def _routed_layer(self, layer: nn.Module, i: int, xl: ExpertLayer, ticket: int, active: list[_Group]) -> None:
+        """An MoE layer whose experts are not loaded yet: attention and the router over the whole wave (every
+        group, every chunk), then the union of the routed experts is made sure to be in the slot (prefetched,
+        cached or read now), then the MoE layer. The same ops in the same order as ``Block.forward`` (the router
+        runs twice: once here for the expert ids, once inside the MoE layer), so the output is bit-identical."""
+        D = self.cfg.d_model
+        parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        picked: set[int] = set()
+        for g in active:
+            hy = []
+            for sl, x in zip(g.chunks(), g.x):
+                h_BSD = self._layer(layer, i, g, sl, x, attention_only=True)
+                y_BSD = layer.ffn_norm(h_BSD)
+                picked.update(layer.moe.router(y_BSD.reshape(-1, D), layer.moe.comm).expert_A.unique().tolist())
+                hy.append((h_BSD, y_BSD))
+            parts.append(hy)
+        need = sorted(picked)
+        self._ring.ensure_experts(ticket, xl, need)
+        if self.cache is not None:
+            self.cache.touch(i, need)
+        for g, hy in zip(active, parts):
+            g.x = [h_BSD + layer.moe(y_BSD).out for h_BSD, y_BSD in hy]
+
+    def _prefetch_next(self, section: Section, pos: int, ticket: int, mode: str, active: list[_Group],
+                       model: MoETransformer) -> None:
+        """Prediction: the next MoE layer's router applied to this unit's output (through that layer's ffn norm);
+        its experts are loaded ahead. The next layer may be in this section, or the first unit of the next one
+        (then that ticket's dense part must be in: it holds the router)."""
+        if not self.prefetch:
+            return
+        if pos + 1 < len(section.units):
+            if mode != "dense":
+                return
+            nxt, nxt_ticket = section.units[pos + 1], ticket
+            nxt_section = section
+        else:
+            if not self._pending or self._pending[0][2] != "dense":
+                return
+            nxt_ticket, sec_idx, _ = self._pending[0]
+            nxt_section = self.plan.sections[sec_idx]
+            nxt = nxt_section.units[0]
+        if not nxt.startswith("layer."):
+            return
+        j = int(nxt.split(".")[1])
+        xl = nxt_section.expert_layer(j)
+        if xl is None:
+            return
+        if nxt_section is not section:
+            self._ring.wait_loaded(nxt_ticket)
+            self._bind(self._section_bindings(nxt_section, nxt_ticket % self._ring.K))
+        layer = model.layers[j]
+        D = self.cfg.d_model
+        picked: set[int] = set()
+        for g in active:
+            for x in g.x:
+                routing = layer.moe.router(layer.ffn_norm(x).reshape(-1, D), layer.moe.comm)
+                picked.update(routing.expert_A.unique().tolist())
+        self._ring.prefetch_experts(nxt_ticket, xl, sorted(picked))
+
+    def _layer(self, layer: nn.Module, i: int, g: _Group, sl: slice, x_BSD: torch.Tensor,
+               attention_only: bool = False) -> Any:
+        """Block ``layer`` on rows ``sl`` of group ``g``: (output, MoE output or None); with ``attention_only``
+        just ``x + attn(attn_norm(x))`` (``Block.forward``'s first half, the same ops). The KV cache as the
+        group holds it (on the compute device, or staged from ``kv_device``)."""
+        def run(x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None, start: int) -> Any:
+            if attention_only:
+                return x + layer.attn(layer.attn_norm(x), g.cos, g.sin, kv, start, None)
+            return layer(x, g.cos, g.sin, kv, start)
+
         if g.k is None or g.v is None:  # prefill of sequences that make one token: no cache
-            out, _ = layer(x_BSD, g.cos, g.sin, None, 0)
-            return out
+            return run(x_BSD, None, 0)
         k, v = g.k[i][sl], g.v[i][sl]  # batch-major: a view of these rows
         if self._kv_scratch is None:
-            out, _ = layer(x_BSD, g.cos, g.sin, (k, v), g.start)
-            return out
+            return run(x_BSD, (k, v), g.start)
         # the cache lives elsewhere (e.g. host memory): stage this layer's keys/values on the compute device
         B, S = x_BSD.shape[:2]
         end = g.start + S
@@ -594,7 +792,7 @@ class RingEngine:
         if g.start:  # (strided copies: synchronous, so no pinned buffer is reused too early)
             ks[:, :, :g.start].copy_(k[:, :, :g.start])
             vs[:, :, :g.start].copy_(v[:, :, :g.start])
-        out, _ = layer(x_BSD, g.cos, g.sin, (ks, vs), g.start)
+        out = run(x_BSD, (ks, vs), g.start)
         k[:, :, g.start:end].copy_(ks[:, :, g.start:end])
         v[:, :, g.start:end].copy_(vs[:, :, g.start:end])
         return out

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -71,7 +72,8 @@ ViewKind = Literal["id", "t", "t12"]
 @dataclass(frozen=True)
 class Read:
     """One stored tensor (or all of it that a region needs): ``nbytes`` at absolute ``offset`` of ``path``
-    in ``src_dtype``, going to element ``elem_offset`` of region ``region`` (``numel`` elements)."""
+    in ``src_dtype``, going to element ``elem_offset`` of region ``region`` (``numel`` elements); ``tensor``: its
+    name in the file (for errors)."""
 
     path: Path
     offset: int
@@ -80,6 +82,7 @@ class Read:
     region: str
     elem_offset: int
     numel: int
+    tensor: str = ""
 
 
 @dataclass(frozen=True)
@@ -204,7 +207,7 @@ def _add_piece(regions: dict[str, _RegionSpec], views: dict[str, ParamView], num
         key = f"src:{path.name}:{info.name}"
         if key not in regions:
             regions[key] = _RegionSpec(info.shape, [Read(path, info.offset, info.nbytes, info.dtype, key, 0,
-                                                         info.numel)])
+                                                         info.numel, info.name)])
         half = info.shape[1] // 2
         lo, hi = {"gate_t": (0, half), "up_t": (half, 2 * half), "down_t": (None, None)}[op]
         _add_view(views, ParamView(stacked, key, "t12", lo, hi), path)
@@ -215,7 +218,8 @@ def _add_piece(regions: dict[str, _RegionSpec], views: dict[str, ParamView], num
         if key in regions:
             raise ValueError(f"parameter {stacked!r} is stored twice (again in {path.name} as {info.name!r}); "
                              "the checkpoint is inconsistent")
-        regions[key] = _RegionSpec(info.shape, [Read(path, info.offset, info.nbytes, info.dtype, key, 0, info.numel)])
+        regions[key] = _RegionSpec(info.shape, [Read(path, info.offset, info.nbytes, info.dtype, key, 0, info.numel,
+                                                     info.name)])
         _add_view(views, ParamView(stacked, key, "t" if op == "t" else "id"), path)
         return
     # one expert of a stacked parameter: region [E, *stored shape], expert e at slice e
@@ -234,7 +238,7 @@ def _add_piece(regions: dict[str, _RegionSpec], views: dict[str, ParamView], num
         raise ValueError(f"expert {e} of {stacked} is stored twice (again in {path.name}); the checkpoint is "
                          "inconsistent")
     spec.experts.add(e)
-    spec.reads.append(Read(path, info.offset, info.nbytes, info.dtype, key, e * info.numel, info.numel))
+    spec.reads.append(Read(path, info.offset, info.nbytes, info.dtype, key, e * info.numel, info.numel, info.name))
     if stacked not in views:
         views[stacked] = ParamView(stacked, key, "t12" if op == "t" else "id")
 
@@ -392,8 +396,26 @@ class Region:
 
 
 @dataclass(frozen=True)
+class ExpertLayer:
+    """The routed experts of one MoE layer of a section, each loadable on its own: expert e's slices (its row
+    ``e`` of every stacked expert region: w1, w3, w2, or a fused gate_up and down) are ``reads[e]`` on disk (in
+    file order) and the byte ranges ``slot_ranges[e]`` (offset, nbytes) of the slot, in region order; ``nbytes``
+    per expert in the slot (compute dtype), ``disk_bytes`` per expert as stored. Shared experts are dense."""
+
+    layer: int
+    num_experts: int
+    top_k: int
+    reads: tuple[tuple[Read, ...], ...]
+    slot_ranges: tuple[tuple[tuple[int, int], ...], ...]
+    nbytes: int
+    disk_bytes: int
+
+
+@dataclass(frozen=True)
 class Section:
-    """Consecutive units ("embed", "layer.3", "head") computed from one slot."""
+    """Consecutive units ("embed", "layer.3", "head") computed from one slot. ``dense_reads``: every read but the
+    routed experts' (attention, norms, routers, shared experts, embedding, head); ``experts``: the routed experts
+    of each MoE layer, loadable one by one (routed-only loading)."""
 
     index: int
     units: tuple[str, ...]
@@ -401,10 +423,19 @@ class Section:
     views: tuple[ParamView, ...]
     reads: tuple[Read, ...]  # sorted by (file, offset)
     nbytes: int
+    dense_reads: tuple[Read, ...] = ()
+    experts: tuple[ExpertLayer, ...] = ()
 
     @property
     def bytes_read(self) -> int:
         return sum(r.nbytes for r in self.reads)
+
+    @property
+    def dense_bytes_read(self) -> int:
+        return sum(r.nbytes for r in self.dense_reads)
+
+    def expert_layer(self, layer: int) -> ExpertLayer | None:
+        return next((x for x in self.experts if x.layer == layer), None)
 
 
 @dataclass(frozen=True)
@@ -470,5 +501,56 @@ def plan_sections(source: ModelSource, layers_per_section: int = 1, dtype: torch
             n = math.prod(source.regions[k]) * dtype.itemsize
             regions.append(Region(k, source.regions[k], pos, n))
             pos += -(-n // ALIGN) * ALIGN
-        sections.append(Section(idx, sec_units, tuple(regions), views, tuple(reads), max(pos, ALIGN)))
+        experts = _expert_layers(cfg, views, regions, dtype, source.reads)
+        routed = {rd for x in experts for per in x.reads for rd in per}
+        expert_regions = {rd.region for rd in routed}
+        dense = tuple(r for r in reads if r.region not in expert_regions)
+        sections.append(Section(idx, sec_units, tuple(regions), views, tuple(reads), max(pos, ALIGN), dense, experts))
     return SectionPlan(source, dtype, tuple(sections))
+
+
+_EXPERT_PARAM = re.compile(r"^layers\.(\d+)\.moe\.experts\.w[123]$")
+
+
+def _expert_layers(cfg: ModelConfig, views: tuple[ParamView, ...], regions: list[Region], dtype: torch.dtype,
+                   reads: dict[str, list[Read]]) -> tuple[ExpertLayer, ...]:
+    """Per MoE layer of a section: each expert's pieces of the stacked expert regions (row e of each)."""
+    E = cfg.moe.num_experts
+    by_layer: dict[int, list[Region]] = {}
+    placed = {r.key: r for r in regions}
+    for v in views:
+        m = _EXPERT_PARAM.match(v.param)
+        if m is None:
+            continue
+        reg = placed[v.region]
+        if reg.shape[0] != E:
+            raise ValueError(f"expert region {reg.key} has shape {reg.shape}, expected {E} experts first")
+        layer_regions = by_layer.setdefault(int(m.group(1)), [])
+        if reg not in layer_regions:
+            layer_regions.append(reg)
+    return tuple(_one_expert_layer(layer, regs, E, cfg.moe.router.top_k, dtype, reads)
+                 for layer, regs in sorted(by_layer.items()))
+
+
+def _one_expert_layer(layer: int, regs: list[Region], E: int, top_k: int, dtype: torch.dtype,
+                      source_reads: dict[str, list[Read]]) -> ExpertLayer:
+    regs = sorted(regs, key=lambda r: r.byte_offset)
+    reads: list[tuple[Read, ...]] = []
+    ranges: list[tuple[tuple[int, int], ...]] = []
+    for e in range(E):
+        mine: list[Read] = []
+        spans: list[tuple[int, int]] = []
+        for reg in regs:
+            per = math.prod(reg.shape[1:])
+            lo, hi = e * per, (e + 1) * per
+            spans.append((reg.byte_offset + lo * dtype.itemsize, per * dtype.itemsize))
+            for r in source_reads[reg.key]:
+                a, b = max(lo, r.elem_offset), min(hi, r.elem_offset + r.numel)
+                if a < b:
+                    item = r.src_dtype.itemsize
+                    mine.append(Read(r.path, r.offset + (a - r.elem_offset) * item, (b - a) * item, r.src_dtype,
+                                     r.region, a, b - a, r.tensor))
+        reads.append(tuple(sorted(mine, key=lambda r: (str(r.path), r.offset))))
+        ranges.append(tuple(spans))
+    return ExpertLayer(layer, E, top_k, tuple(reads), tuple(ranges), sum(n for _, n in ranges[0]),
+                       sum(r.nbytes for r in reads[0]))

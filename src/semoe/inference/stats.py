@@ -3,7 +3,7 @@ its loader (:mod:`semoe.inference.loader`), which both import this module (and n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 __all__ = ["RingStats"]
 
@@ -36,6 +36,33 @@ class RingStats:
     copy_s: float = 0.0
     copy_bytes: int = 0
     stall_s: float = 0.0
+    # routed-only loading (see docs/inference.md): MoE-layer loads by strategy, and per expert of a routed layer
+    full_layer_loads: int = 0  # MoE layers streamed whole (dense part + every expert)
+    routed_layer_loads: int = 0  # MoE layers loaded dense part first, then only the routed experts
+    experts_needed: int = 0  # (layer, expert) pairs the routers picked in routed layers (union over a wave)
+    expert_cache_hits: int = 0  # of those, copied from the expert cache
+    expert_prefetch_hits: int = 0  # of those, already loaded or loading from a prediction when the router asked
+    expert_misses: int = 0  # of those, read from disk on demand after the router ran
+    experts_prefetched: int = 0  # experts loaded on a prediction (next layer's router on this layer's output)
+    prefetch_wasted: int = 0  # prefetched experts the router then did not pick
+    expert_bytes_read: int = 0  # file bytes of single-expert reads (part of bytes_read)
+    cache_inserts: int = 0
+    cache_evictions: int = 0
+
+    @property
+    def cache_hit_rate(self) -> float:
+        """Share of the experts needed in routed layers that came from the expert cache."""
+        return self.expert_cache_hits / self.experts_needed if self.experts_needed else 0.0
+
+    @property
+    def prefetch_hit_rate(self) -> float:
+        """Share of the experts needed in routed layers that a prediction had loaded (or started) in time."""
+        return self.expert_prefetch_hits / self.experts_needed if self.experts_needed else 0.0
+
+    @property
+    def bytes_per_token(self) -> float:
+        """File bytes read per generated token."""
+        return self.bytes_read / self.new_tokens if self.new_tokens else 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -55,7 +82,7 @@ class RingStats:
     def minus(self, before: RingStats) -> RingStats:
         """The counters accumulated since ``before`` (peaks are kept as they are)."""
         out = RingStats(**vars(self))
-        for name in ("passes", "loads", "bytes_read", "load_s", "wait_s", "compute_s", "wall_s", "waves",
-                     "prompt_tokens", "new_tokens", "copy_s", "copy_bytes", "stall_s"):
-            setattr(out, name, getattr(self, name) - getattr(before, name))
+        for f in fields(self):
+            if not f.name.startswith("peak_"):
+                setattr(out, f.name, getattr(self, f.name) - getattr(before, f.name))
         return out
