@@ -1,0 +1,298 @@
+"""Routed-only expert loading, the expert cache and the cost model of the ring engine: output bit-identical to the
+resident model in every mode; expert counts and bytes against the routers' own record; the cache policy; the cost
+model's decisions against its formula; bad strategies and budgets; a corrupt expert tensor met mid-run."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from semoe.cli.main import main
+from semoe.inference.expert_cache import ExpertCache
+from semoe.inference.loader import SlotRing
+from semoe.inference.ring import ROUTED_MARGIN, MiB, RingEngine
+from semoe.inference.sections import open_model, plan_sections
+from tests.unit.test_ring import PROMPTS, build_hf, one_thread, write_word_tokenizer  # noqa: F401
+
+transformers = pytest.importorskip("transformers")
+
+NEW = 5
+
+
+def _save(tmp_path: Path, family: str, seed: int, layers: int = 4, dtype: torch.dtype = torch.float32, **kw) -> Path:
+    d = tmp_path / f"{family}-{seed}"
+    build_hf(family, seed=seed, num_hidden_layers=layers).to(dtype).save_pretrained(d, safe_serialization=True, **kw)
+    return d
+
+
+def _ring_budget(d: Path, lps: int = 1, extra: int = MiB // 2) -> int:
+    """Two slots of the largest section plus ``extra`` (the KV caches, activations and, if any, an expert cache)."""
+    return 2 * plan_sections(open_model(d), lps).slot_bytes + extra
+
+
+def _resident(d: Path, dtype: str = "float32", batch_size: int = 2):
+    """The whole model loaded once (no budget), prefill micro-batches of ``batch_size`` (as the rings below: the same
+    matmul shapes, so the same bits)."""
+    with RingEngine(d, dtype=dtype, batch_size=batch_size) as e:
+        assert e.resident
+        return e.generate(PROMPTS, NEW, return_logits=True)
+
+
+def _same(a, b) -> None:
+    assert a.tokens == b.tokens
+    assert all(torch.equal(x, y) for x, y in zip(a.logits, b.logits))  # bit for bit
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe"])
+def test_every_strategy_is_bit_identical_to_the_resident_model(tmp_path, family: str) -> None:
+    d = _save(tmp_path, family, seed=11)
+    ref = _resident(d)
+    for strategy in ("layer", "routed", "auto"):
+        with RingEngine(d, max_memory=_ring_budget(d, extra=MiB), strategy=strategy, batch_size=2) as e:
+            assert not e.resident
+            got = e.generate(PROMPTS, NEW, return_logits=True)
+        _same(got, ref)
+        st = got.stats
+        if strategy == "layer":
+            assert st.routed_layer_loads == 0 and st.experts_needed == 0
+        else:
+            assert st.routed_layer_loads > 0 and st.experts_needed > 0
+        if strategy == "routed":
+            assert st.full_layer_loads == 0 and st.prefetch_hit_rate > 0.5  # the next router predicts most experts
+
+
+def test_routed_variants_are_bit_identical(tmp_path) -> None:
+    """Several layers per section (prediction inside a section), no cache, no prediction, one or three reader
+    threads, several waves, the KV cache staged from elsewhere, a bf16 file computed in float32 (cast while read)
+    and in bfloat16: the resident model's output in that dtype, bit for bit."""
+    d = _save(tmp_path, "mixtral", seed=12, layers=6)
+    ref = _resident(d)
+    variants = [dict(layers_per_section=2), dict(expert_cache=0), dict(prefetch=False), dict(io_threads=1),
+                dict(io_threads=3, expert_cache=0, prefetch=False)]
+    for kw in variants:
+        lps = kw.get("layers_per_section", 1)
+        with RingEngine(d, max_memory=_ring_budget(d, lps, MiB), strategy="routed", batch_size=2, **kw) as e:
+            assert (e.cache is None) == (kw.get("expert_cache") == 0)
+            _same(e.generate(PROMPTS, NEW, return_logits=True), ref)
+    same_len = [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14], [30, 31, 32, 33, 34], [40, 41, 42, 43, 44]]
+
+    def one_per_wave(e: RingEngine) -> None:
+        e.budget = e.ring_bytes + int(1.01 * e._resident_bytes([(1, 5, 5 + NEW - 1, 1)]))
+
+    with RingEngine(d, batch_size=1) as e:  # references with the same batch shapes: one sequence per wave, and
+        one_per_wave(e)  # all in one wave in prefill micro-batches of one
+        ref_waves = e.generate(same_len, NEW, return_logits=True)
+        assert ref_waves.stats.waves == 4
+        e.budget = None
+        ref_one = e.generate(same_len, NEW, return_logits=True)
+    with RingEngine(d, max_memory=_ring_budget(d), strategy="routed", batch_size=1) as e:
+        one_per_wave(e)
+        got = e.generate(same_len, NEW, return_logits=True)
+        assert got.stats.waves == 4
+        _same(got, ref_waves)
+        e._force_kv_staging = True
+        e.budget = None
+        _same(e.generate(same_len, NEW, return_logits=True), ref_one)
+    bf = _save(tmp_path, "olmoe", seed=13, dtype=torch.bfloat16)
+    for dtype in ("float32", "bfloat16"):
+        ref = _resident(bf, dtype)
+        budget = 2 * plan_sections(open_model(bf), 1, getattr(torch, dtype)).slot_bytes + MiB
+        with RingEngine(bf, max_memory=budget, slots=2, strategy="routed", dtype=dtype, batch_size=2) as e:
+            assert (e.plan.staging_bytes > 0) == (dtype == "float32")
+            _same(e.generate(PROMPTS, NEW, return_logits=True), ref)
+
+
+def _routing_record(d: Path) -> dict[tuple[int, int], set[int]]:
+    """(pass, layer) -> the experts the resident model's routers picked over the whole wave (all prompts)."""
+    picked: dict[tuple[int, int], set[int]] = {}
+    with RingEngine(d) as e:
+        for i, block in enumerate(e.model.layers):
+            def hook(_m, _inp, out, i=i):
+                picked.setdefault((e.stats.passes, i), set()).update(
+                    out.stats.routed_per_expert.nonzero().squeeze(1).tolist())
+            block.moe.register_forward_hook(hook)
+        e.generate(PROMPTS, NEW)
+    return picked
+
+
+def test_expert_counts_and_bytes_match_the_routers_record(tmp_path) -> None:
+    d = _save(tmp_path, "qwen2_moe", seed=14)
+    picked = _routing_record(d)
+    needed = sum(len(v) for v in picked.values())
+    distinct = len({(layer, e) for (_, layer), v in picked.items() for e in v})
+    plan = plan_sections(open_model(d))
+    xl = next(x for s in plan.sections for x in s.experts)
+    dense = sum(s.dense_bytes_read for s in plan.sections)
+    # no cache, no prediction: every picked expert of every pass is read on demand, nothing else
+    with RingEngine(d, max_memory=_ring_budget(d), strategy="routed", expert_cache=0, prefetch=False) as e:
+        st = e.generate(PROMPTS, NEW).stats
+    assert st.experts_needed == st.expert_misses == needed and st.expert_cache_hits == st.experts_prefetched == 0
+    assert st.expert_bytes_read == needed * xl.disk_bytes
+    assert st.bytes_read == NEW * dense + st.expert_bytes_read
+    assert st.routed_layer_loads == NEW * 4 and st.bytes_per_token == st.bytes_read / st.new_tokens
+    # a cache that holds every expert: each is read from disk once, every later use is a hit
+    all_experts = 4 * xl.num_experts * xl.nbytes
+    with RingEngine(d, max_memory=_ring_budget(d, extra=all_experts + MiB), slots=2, strategy="routed",
+                    expert_cache=all_experts, prefetch=False) as e:
+        st = e.generate(PROMPTS, NEW).stats
+        assert e.cache.capacity == 4 * xl.num_experts
+    assert st.experts_needed == needed and st.expert_misses == distinct == st.cache_inserts
+    assert st.expert_cache_hits == needed - distinct and st.cache_hit_rate == (needed - distinct) / needed
+    assert st.expert_bytes_read == distinct * xl.disk_bytes
+    # with prediction: what was predicted and then picked is a prefetch hit; the rest of the picks are misses
+    with RingEngine(d, max_memory=_ring_budget(d), strategy="routed", expert_cache=0) as e:
+        st = e.generate(PROMPTS, NEW).stats
+    assert st.experts_needed == needed and st.expert_prefetch_hits + st.expert_misses == needed
+    assert st.experts_prefetched == st.expert_prefetch_hits + st.prefetch_wasted and st.prefetch_hit_rate > 0.5
+    assert st.expert_bytes_read <= (needed + st.prefetch_wasted) * xl.disk_bytes
+
+
+def test_expert_cache_policy_decayed_lfu() -> None:
+    c = ExpertCache(entry_bytes=10, capacity_bytes=25, half_life=2.0)  # 2 entries
+    assert c.capacity == 2 and c.capacity_bytes == 20
+    c.touch(0, [1, 1, 1])  # expert (0, 1) used three times: score 3
+    c.touch(0, [2])
+    assert c.admit((0, 1)) is not None and c.admit((0, 2)) is not None  # free entries: admitted
+    assert c.admit((0, 1)) is None  # already in
+    c.touch(0, [3])  # a one-off: score 1, not above (0, 2)'s 1 -> not admitted
+    assert c.admit((0, 3)) is None and set(c.entries) == {(0, 1), (0, 2)}
+    for _ in range(4):  # four ticks: (0, 2) decays to 1/4, (0, 1) to 3/4
+        c.tick()
+    c.touch(0, [3])  # (0, 3): 1 * 2**-2 + 1 = 1.25 beats the lowest entry (0, 2)'s 0.25
+    buf = c.admit((0, 3))
+    assert buf is not None and buf.numel() == 10 and set(c.entries) == {(0, 1), (0, 3)} and c.evictions == 1
+    assert c._decayed((0, 1)) == pytest.approx(3 * 2 ** -2) and c._decayed((0, 3)) == pytest.approx(1.25)
+    assert c.layer_count(0) == 2 and c.layer_count(1) == 0
+    c.resize(10)  # one entry: the lowest-scored goes
+    assert set(c.entries) == {(0, 3)} and c.nbytes == 10
+    c.resize(0)
+    assert not c.entries and c.admit((0, 5)) is None
+    with pytest.raises(ValueError, match="entry size must be > 0"):
+        ExpertCache(0)
+
+
+def test_cost_model_follows_its_formula(tmp_path, caplog) -> None:
+    """With the measured rates held equal and no cache, routed loading costs f(T) = 1 - (1 - k/E)^T of the whole
+    layer: chosen exactly when f(T) < ROUTED_MARGIN. Mixtral-shaped (E 8, k 2): the prefill of 5 prompts (20
+    tokens, f ~ 1) streams whole layers, a decode step of one sequence (f = 0.25) or 4 (f = 0.68) routes."""
+    d = _save(tmp_path, "mixtral", seed=15)
+    with RingEngine(d, max_memory=_ring_budget(d), strategy="auto", expert_cache=0) as e:
+        ring = e._ring
+        for bw in (ring.bw_section, ring.bw_expert):  # equal rates, not updated by the run
+            bw.nbytes, bw.seconds = 2**30, 1.0
+            bw.add = lambda *a: None  # type: ignore[method-assign]
+        with caplog.at_level("INFO", logger="semoe.inference.ring"):
+            r4 = e.generate(PROMPTS, NEW)
+            r1 = e.generate([PROMPTS[0]], NEW)
+        ref = _resident(d)
+        assert r4.tokens == ref.tokens
+        decisions = list(e.decisions)
+    assert {T for _, _, T, *_ in decisions} >= {1, 4, 20}
+    for _, _, T, mode, t_layer, t_routed in decisions:
+        f = 1 - (1 - 2 / 8) ** T
+        assert t_routed == pytest.approx(f * t_layer)
+        assert mode == ("dense" if f < ROUTED_MARGIN else "full"), (T, f)
+    # its 5-token prefill: f = 0.76, routed too
+    assert r1.stats.full_layer_loads == 0 and r1.stats.routed_layer_loads == 4 * NEW
+    assert r4.stats.full_layer_loads == 4 and r4.stats.routed_layer_loads == 4 * (NEW - 1)
+    assert any("cost model: section 1 (layer.0) for 20 tokens: whole layer" in m for m in caplog.messages)
+    assert any("for 4 tokens: routed experts" in m for m in caplog.messages)
+
+
+def test_cost_model_counts_cached_experts(tmp_path) -> None:
+    """Cached experts cost a copy instead of a read: with every expert cached and copies far faster than reads,
+    routed loading wins even where f(T) ~ 1 (the prefill)."""
+    d = _save(tmp_path, "mixtral", seed=16)
+    xl = next(x for s in plan_sections(open_model(d)).sections for x in s.experts)
+    size = 4 * xl.num_experts * xl.nbytes
+    with RingEngine(d, max_memory=_ring_budget(d, extra=size + MiB), slots=2, strategy="routed",
+                    expert_cache=size) as e:
+        e.generate(PROMPTS, 2)  # fills the cache (prefill picks every expert)
+        assert all(e.cache.layer_count(i) == 8 for i in range(4))
+        e.strategy = "auto"
+        ring = e._ring
+        for bw, rate in ((ring.bw_section, 1.0), (ring.bw_expert, 1.0), (ring.bw_cache, 100.0)):
+            bw.nbytes, bw.seconds = int(rate * 2**30), 1.0
+            bw.add = lambda *a: None  # type: ignore[method-assign]
+        r = e.generate(PROMPTS, NEW)
+        assert r.stats.full_layer_loads == 0 and r.stats.expert_misses == 0 and r.stats.cache_hit_rate == 1.0
+        prefill = [x for x in e.decisions if x[2] == 20]
+        f = 1 - (1 - 2 / 8) ** 20  # every expert cached: f * E copies at 100x the read rate
+        assert prefill and all(m == "dense" and t_r == pytest.approx(f * t_l / 100) for *_, m, t_l, t_r in prefill)
+
+
+def test_bad_strategies_and_budgets(tmp_path, capsys) -> None:
+    d = _save(tmp_path, "mixtral", seed=17)
+    write_word_tokenizer(d)
+    with pytest.raises(ValueError, match=r"strategy='fast' is not one of \['auto', 'layer', 'routed'\]"):
+        RingEngine(d, strategy="fast")
+    with pytest.raises(ValueError, match=r"strategy='routed' was asked for, but no --max-memory was given.*nothing "
+                                         r"is streamed"):
+        RingEngine(d, strategy="routed")
+    total = plan_sections(open_model(d)).total_bytes
+    with pytest.raises(ValueError, match=rf"strategy='layer' was asked for, but max_memory=.* holds the whole model "
+                                         rf"\({total / MiB:.1f} MiB\)"):
+        RingEngine(d, strategy="layer", max_memory=4 * total)
+    budget = _ring_budget(d)
+    with pytest.raises(ValueError, match=r"an expert cache of 64\.00 MiB does not fit: max_memory=.* leaves "
+                                         r"[\d.]+ MiB after the ring .*lower --expert-cache"):
+        RingEngine(d, max_memory=budget, strategy="routed", expert_cache="64MB")
+    with pytest.raises(ValueError, match=r"with strategy 'layer' .*no expert is read on its own"):
+        RingEngine(d, max_memory=budget + 2 * MiB, slots=2, strategy="layer", expert_cache="1MB")
+    args = ["generate", "--model", str(d), "--prompt", "w1 w2", "--temperature", "0", "--max-new-tokens", "2",
+            "--dtype", "float32"]
+    for extra, match in ((["--strategy", "fast"], "is not one of"),
+                         (["--strategy", "routed", "--max-memory", f"{budget}", "--expert-cache", "64MB"],
+                          "does not fit"),
+                         (["--expert-cache", "lots"], "cannot read memory size")):
+        assert main([*args, *extra]) == 2
+        cap = capsys.readouterr()
+        assert match in cap.err and cap.out == ""
+    # a routed run prints what it read per token and the hit rates
+    assert main([*args, "--strategy", "routed", "--max-memory", str(budget)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert re.match(r"read: [\d.]+ MiB per new token; routed experts: cache hit rate \d+%, prediction hit rate \d+%",
+                    out[2]), out
+
+
+def _expert_only_shard(d: Path) -> tuple[Path, list[str]]:
+    from semoe.storage.safetensors_io import read_header
+
+    for f in sorted(d.glob("model-*.safetensors")):
+        names = list(read_header(f).tensors)
+        if names and all(re.search(r"\.experts\.\d+\.", n) for n in names):
+            return f, names
+    raise AssertionError("no shard holds only expert tensors; change max_shard_size")
+
+
+def test_corrupt_expert_tensor_met_mid_run(tmp_path, monkeypatch, capsys) -> None:
+    """A shard holding only expert tensors is truncated after the engine indexed the folder: the routed read that
+    meets it fails with the file's and the tensor's name, in the API and in the CLI (which prints nothing)."""
+    d = _save(tmp_path, "mixtral", seed=18, max_shard_size="60KB")
+    write_word_tokenizer(d)
+    shard, names = _expert_only_shard(d)
+    good = shard.read_bytes()
+    engine = RingEngine(d, max_memory=_ring_budget(d), strategy="routed")
+    shard.write_bytes(good[:len(good) // 3])
+    with pytest.raises(ValueError) as e:
+        engine.generate(PROMPTS, NEW)
+    msg = str(e.value)
+    assert shard.name in msg and "unexpected end of file" in msg
+    assert any(f"'{n}'" in msg for n in names), msg
+    engine.close()
+    shard.write_bytes(good)
+    real_init = SlotRing.__init__
+
+    def open_then_truncate(self, *a, **k):
+        real_init(self, *a, **k)
+        shard.write_bytes(good[:len(good) // 3])  # the file changes after the engine opened it
+
+    monkeypatch.setattr(SlotRing, "__init__", open_then_truncate)
+    args = ["generate", "--model", str(d), "--prompt", "w1 w2 w3", "--temperature", "0", "--max-new-tokens", "3",
+            "--strategy", "routed", "--max-memory", str(_ring_budget(d)), "--dtype", "float32"]
+    assert main(args) == 2
+    cap = capsys.readouterr()
+    assert cap.out == "" and shard.name in cap.err and any(f"'{n}'" in cap.err for n in names), cap.err
