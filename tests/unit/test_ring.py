@@ -166,6 +166,7 @@ def test_drop_page_cache_drops_every_read(tmp_path, monkeypatch) -> None:
     wait), but every range read is dropped exactly once, before its section is read again, and none is
     left pending at close; the tokens do not change."""
     from semoe.storage.safetensors_io import SafetensorsReader
+    from semoe.storage.tensor_io import ReadRun
 
     hf = build_hf("mixtral", seed=2)
     hf.save_pretrained(tmp_path, safe_serialization=True)
@@ -182,7 +183,7 @@ def test_drop_page_cache_drops_every_read(tmp_path, monkeypatch) -> None:
     def load(self, ticket: int, section: int) -> None:
         assert not any(d[3] == section for d in self._drops), "a section is read before its last read is dropped"
         real_load(self, ticket, section)
-        reads.extend((op[2], op[4] if op[0] == "direct" else op[3])
+        reads.extend((op.offset, op.nbytes) if isinstance(op, ReadRun) else (op[2], op[3])
                      for op in self._programs[(section, ticket % self.K)])
 
     monkeypatch.setattr(type(ring), "_load", load)

@@ -18,15 +18,14 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from semoe.inference.sections import Section, SectionPlan
-from semoe.storage.safetensors_io import SafetensorsReader, byte_view
-
-if TYPE_CHECKING:
-    from semoe.inference.ring import RingStats
+from semoe.inference.stats import RingStats
+from semoe.storage.safetensors_io import SafetensorsReader
+from semoe.storage.tensor_io import PositionalReader, ReadPool, ReadRun, byte_view, coalesce
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +63,8 @@ class SlotRing:
         self._programs: dict[tuple[int, int], list[tuple[Any, ...]]] = {}
         # page-cache drops not yet done (reader, offset, nbytes, section): done by whichever thread would
         # otherwise wait (deque append/popleft are atomic), at the latest before the section is read again
-        self._drops: deque[tuple[SafetensorsReader, int, int, int]] = deque()
+        self._drops: deque[tuple[PositionalReader, int, int, int]] = deque()
+        self.pool = ReadPool(1)
         self.cv = threading.Condition()
         self.requests: deque[tuple[int, int]] = deque()
         self.done: set[int] = set()
@@ -139,6 +139,7 @@ class SlotRing:
         self.thread.join()
         while self._drop_one():
             pass
+        self.pool.close()
         for r in self.readers.values():
             r.close()
         self.readers.clear()
@@ -177,44 +178,41 @@ class SlotRing:
         """Whether the next requested ticket's slot is free (call with ``cv`` held)."""
         return bool(self.requests) and self.requests[0][0] - self.K <= self.released
 
-    def _program(self, section: Section, slot: int, target: torch.Tensor) -> list[tuple[Any, ...]]:
-        """The reads of ``section`` into ``target`` as runs of consecutive file bytes: ("direct", reader,
-        offset, [byte views], nbytes) read in one ``preadv``, or ("cast", reader, offset, nbytes, src dtype,
-        typed destination, staging view) through the staging area. The byte views are built here, once per
-        (section, slot): the loader's steady state then runs one system call per run and no torch code."""
+    def _program(self, section: Section, slot: int, target: torch.Tensor) -> list[ReadRun | tuple[Any, ...]]:
+        """The reads of ``section`` into ``target``: :class:`~semoe.storage.tensor_io.ReadRun` s of consecutive
+        file bytes (each one ``preadv``), or ("cast", reader, offset, nbytes, src dtype, typed destination,
+        staging view) through the staging area. The byte views are built here, once per (section, slot): the
+        loader's steady state then runs one system call per run and no torch code."""
         key = (section.index, slot)
         if key in self._programs:
             return self._programs[key]
         dtype = self.plan.dtype
         regions = {r.key: r for r in section.regions}
-        prog: list[tuple[Any, ...]] = []
+        prog: list[ReadRun | tuple[Any, ...]] = []
+        direct: list[tuple[PositionalReader, int, memoryview, Any]] = []
         for rd in section.reads:
             reg = regions[rd.region]
             start = reg.byte_offset + rd.elem_offset * dtype.itemsize
             if rd.src_dtype == dtype:
-                dst = byte_view(target[start:start + rd.nbytes])
-                last = prog[-1] if prog else None
-                if last is not None and last[0] == "direct" and last[1] is self.readers[rd.path] \
-                        and last[2] + last[4] == rd.offset:
-                    last[3].append(dst)
-                    prog[-1] = (*last[:4], last[4] + rd.nbytes)
-                else:
-                    prog.append(("direct", self.readers[rd.path], rd.offset, [dst], rd.nbytes))
-            else:
-                assert self.staging is not None
-                typed = target[start:start + rd.numel * dtype.itemsize].view(dtype)
-                raw = self.staging[:rd.nbytes]
-                prog.append(("cast", self.readers[rd.path], rd.offset, rd.nbytes, rd.src_dtype, typed,
-                             (raw, byte_view(raw))))
+                direct.append((self.readers[rd.path], rd.offset, byte_view(target[start:start + rd.nbytes]), rd))
+                continue
+            prog.extend(coalesce(direct))
+            direct = []
+            assert self.staging is not None
+            typed = target[start:start + rd.numel * dtype.itemsize].view(dtype)
+            raw = self.staging[:rd.nbytes]
+            prog.append(("cast", self.readers[rd.path], rd.offset, rd.nbytes, rd.src_dtype, typed,
+                         (raw, byte_view(raw))))
+        prog.extend(coalesce(direct))
         self._programs[key] = prog
         return prog
 
     def _read_section(self, section: Section, slot: int, target: torch.Tensor) -> int:
         n = 0
         for op in self._program(section, slot, target):
-            if op[0] == "direct":
-                _, reader, offset, dsts, nbytes = op
-                n += reader.readv(offset, dsts)
+            if isinstance(op, ReadRun):
+                n += op.read()
+                reader, offset, nbytes = op.reader, op.offset, op.nbytes
             else:
                 _, reader, offset, nbytes, src_dtype, typed, (raw, raw_view) = op
                 n += reader.readv(offset, [raw_view])

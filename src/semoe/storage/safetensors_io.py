@@ -8,9 +8,11 @@ Why not ``safetensors.safe_open``: it memory-maps the file, and every page a rea
 file-backed page of this process's resident set (``RssFile``) until the map is closed, so streaming a
 model larger than memory through a mapped file makes the process's RSS grow towards the model size.
 Here tensors are read with ``os.preadv`` straight into caller-owned buffers (a slot of the ring, a
-staging area): the bytes pass through the kernel's page cache, which is not part of any process's
+staging area) by :class:`~semoe.storage.tensor_io.PositionalReader` (the byte-level I/O, shared with the
+training expert store): the bytes pass through the kernel's page cache, which is not part of any process's
 RSS, and :meth:`SafetensorsReader.drop_cache` can tell the kernel to forget them
-(``posix_fadvise(POSIX_FADV_DONTNEED)``, only those byte ranges of only that file).
+(``posix_fadvise(POSIX_FADV_DONTNEED)``, only those byte ranges of only that file). ``byte_view`` and
+``evict_file_cache`` are re-exported from there.
 
 Errors: a missing, truncated or corrupt file raises :class:`SafetensorsFormatError` (a
 ``ValueError``) whose message names the file and what to do.
@@ -22,12 +24,14 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from semoe.storage.tensor_io import PositionalReader, byte_view, evict_file_cache
 
 __all__ = ["DTYPES", "SafetensorsFormatError", "SafetensorsHeader", "SafetensorsReader", "SafetensorsWriter",
            "TensorInfo", "byte_view", "dtype_name", "evict_file_cache", "load_file", "read_header", "read_tensor"]
@@ -40,7 +44,6 @@ DTYPES: dict[str, torch.dtype] = {
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 2**20  # the safetensors library's own limit
-_IOV_MAX = 512  # buffers per preadv call (Linux allows 1024)
 
 
 class SafetensorsFormatError(ValueError):
@@ -147,64 +150,21 @@ def read_header(path: str | Path) -> SafetensorsHeader:
     return SafetensorsHeader(path, ordered, dict(meta), data_start, size)
 
 
-def byte_view(t: torch.Tensor) -> memoryview:
-    """A writable buffer over a contiguous CPU tensor's bytes (no copy). Building one takes a few torch
-    calls; a caller that reads into the same buffers again and again (the ring) builds them once and
-    passes the views to :meth:`SafetensorsReader.readv`."""
-    if t.device.type != "cpu" or not t.is_contiguous():
-        raise ValueError("read buffers must be contiguous CPU tensors")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
-
-
-
-class SafetensorsReader:
-    """An open file descriptor for positional reads of one safetensors file. Thread-safe (``preadv``
-    has no shared file position). Use as a context manager or call :meth:`close`."""
+class SafetensorsReader(PositionalReader):
+    """An open file descriptor for positional reads of one safetensors file, with its checked header.
+    Thread-safe (``preadv`` has no shared file position). Use as a context manager or call :meth:`close`.
+    :meth:`readv`, :meth:`drop_cache` and :meth:`will_need` come from
+    :class:`~semoe.storage.tensor_io.PositionalReader`."""
 
     def __init__(self, path: str | Path, header: SafetensorsHeader | None = None) -> None:
         self.header = header if header is not None else read_header(path)
-        self.path = self.header.path
-        self.fd = os.open(self.path, os.O_RDONLY)
+        super().__init__(self.header.path)
 
     def __enter__(self) -> SafetensorsReader:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def readv(self, offset: int, buffers: Sequence[torch.Tensor | memoryview]) -> int:
-        """Fill ``buffers`` (contiguous CPU tensors of any dtype, or writable byte views from
-        :func:`byte_view`) with the consecutive file bytes starting at ``offset`` (absolute), in one or a
-        few ``preadv`` calls. Returns the number of bytes read.
-
-        With views the call runs no torch code: a loader thread then needs the interpreter lock only
-        around the system call, not for the several torch calls per buffer that building views takes
-        (with a compute thread holding the lock most of the time, each of those waits for a hand-off)."""
-        views = [b if isinstance(b, memoryview) else byte_view(b) for b in buffers]
-        views = [v for v in views if v.nbytes]
-        total = sum(v.nbytes for v in views)
-        done = 0
-        while views:
-            batch = views[:_IOV_MAX]
-            want = sum(v.nbytes for v in batch)
-            got = os.preadv(self.fd, batch, offset + done)
-            if got <= 0:
-                raise _bad(self.path, f"unexpected end of file at byte {offset + done} (wanted {want} more bytes)")
-            done += got
-            # drop the fully filled buffers, shorten a partly filled one
-            while got and views:
-                if got >= views[0].nbytes:
-                    got -= views[0].nbytes
-                    views.pop(0)
-                else:
-                    views[0] = views[0][got:]
-                    got = 0
-        return total
+    def short_read_error(self, offset: int, want: int) -> ValueError:
+        return _bad(self.path, f"unexpected end of file at byte {offset} (wanted {want} more bytes)")
 
     def read_into(self, info: TensorInfo, out: torch.Tensor) -> None:
         """Read tensor ``info``'s bytes into ``out`` (contiguous CPU, exactly ``info.nbytes`` bytes)."""
@@ -220,16 +180,6 @@ class SafetensorsReader:
         self.read_into(info, out)
         return out
 
-    def drop_cache(self, offset: int = 0, nbytes: int = 0) -> None:
-        """Ask the kernel to drop this byte range of this file from the page cache (0 = to the end)."""
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self.fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
-
-    def will_need(self, offset: int, nbytes: int) -> None:
-        """Start the kernel's read-ahead of a byte range (asynchronous; fills the page cache, not RSS)."""
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self.fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
-
 
 def read_tensor(path: str | Path, name: str) -> torch.Tensor:
     """One tensor of a safetensors file, read without memory mapping."""
@@ -241,20 +191,6 @@ def load_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a file (like ``safetensors.torch.load_file``, without memory mapping)."""
     with SafetensorsReader(path) as r:
         return {name: r.read(name) for name in r.header.tensors}
-
-
-def evict_file_cache(paths: Iterable[str | Path]) -> None:
-    """Drop these files' pages from the kernel page cache (``POSIX_FADV_DONTNEED``; dirty pages are
-    written first by ``fdatasync``). Pages that a process has mapped stay; other files are untouched."""
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            if hasattr(os, "fdatasync"):
-                os.fdatasync(fd)
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 class SafetensorsWriter:
