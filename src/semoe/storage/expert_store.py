@@ -9,8 +9,9 @@ Tiers. On a CPU device and host are one tier, so there are two: host memory, bou
 ``root``). On CUDA the host tier is pinned memory and tensors in use are copied to the device on a copy
 stream (guarded by ``torch.cuda.is_available()``; not exercised by the CPU tests).
 
-IO. Reads are positional (``os.preadv`` into the tensor's bytes, no memory map), followed by
-``posix_fadvise(DONTNEED)`` on the range just read, so the process never maps file pages (its RSS holds
+IO (``semoe.storage.tensor_io``, shared with the ring engine). Reads are positional (``os.preadv`` into the
+tensor's bytes, no memory map, no O_DIRECT: see that module), followed by ``posix_fadvise(DONTNEED)`` on the
+range just read, so the process never maps file pages (its RSS holds
 only the host tier) and the page cache does not keep a second copy; writes are ``os.pwrite`` (they stay
 in the page cache until the kernel writes them; :meth:`ExpertStore.flush` syncs). Reads for the prefetch
 scheduler run on ``io_threads`` threads; the training thread waits only for what is not there yet
@@ -37,7 +38,7 @@ from typing import Any
 
 import torch
 
-from semoe.storage.safetensors_io import byte_view
+from semoe.storage.tensor_io import PositionalFile, byte_view
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ class ExpertStore:
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="semoe-store-io")
         self._inflight: dict[str, Future] = {}
         self.pinned = torch.cuda.is_available()  # host tier in pinned memory, for asynchronous copies
-        self._fds: dict[str, int] = {}
+        self._files: dict[str, PositionalFile] = {}
 
     # ------------------------------------------------------------------ directory
     def _open_dir(self) -> None:
@@ -324,29 +325,27 @@ class ExpertStore:
         e.loaded = set()
         e.dirty = set()
 
-    def _fd(self, e: _Entry) -> int:
-        fd = self._fds.get(e.key)
-        if fd is None:
+    def _file(self, e: _Entry) -> PositionalFile:
+        f = self._files.get(e.key)
+        if f is None:
             try:
-                fd = os.open(e.path, os.O_RDWR | os.O_CREAT, 0o644)
+                f = PositionalFile(e.path)
             except OSError as err:
                 raise StoreIOError(err.errno, f"cannot open {e.path} in the expert store ({err}); set storage.dir "
                                    "to a writable folder") from err
-            self._fds[e.key] = fd
-        return fd
+            self._files[e.key] = f
+        return f
 
     def _write_back(self, e: _Entry) -> None:
         rows = sorted(x for x in e.dirty if x not in e.zero)
         if not rows:
             e.dirty = set()
             return
-        fd, rb = self._fd(e), e.row_bytes
+        f, rb = self._file(e), e.row_bytes
         flat = byte_view(e.host)
         for x in rows:
-            done = 0
             try:
-                while done < rb:
-                    done += os.pwrite(fd, flat[x * rb + done:(x + 1) * rb], x * rb + done)
+                f.write(x * rb, flat[x * rb:(x + 1) * rb])
             except OSError as err:
                 raise StoreIOError(err.errno, f"writing {e.path} failed ({err}): the disk under {self.root} is "
                                    "full or failing; free space or set storage.dir elsewhere (checkpoints already "
@@ -369,17 +368,11 @@ class ExpertStore:
             e.loaded.add(x)
         if not todo:
             return
-        fd, rb = self._fd(e), e.row_bytes
+        f, rb = self._file(e), e.row_bytes
         flat = byte_view(e.host)
         for x in todo:
-            done = 0
-            while done < rb:
-                got = os.preadv(fd, [flat[x * rb + done:(x + 1) * rb]], x * rb + done)
-                if got <= 0:
-                    raise StoreIOError(0, f"{e.path} is shorter than expected (expert {x}); the store is damaged")
-                done += got
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, x * rb, rb, os.POSIX_FADV_DONTNEED)
+            f.readv(x * rb, [flat[x * rb:(x + 1) * rb]])
+            f.drop_cache(x * rb, rb)  # the bytes are in the host tier now; no second copy in the page cache
             self.stats.bytes_read += rb
             self.stats.reads += 1
 
@@ -395,15 +388,14 @@ class ExpertStore:
             for e in self.entries.values():
                 if e.host is not None and e.dirty:
                     self._write_back(e)
-            for fd in self._fds.values():
-                os.fsync(fd)
+            for f in self._files.values():
+                f.sync()
 
     def drop_page_cache(self) -> None:
         """Evict the store's files from the kernel page cache (a cold-cache measurement)."""
         self.flush()
-        for fd in self._fds.values():
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        for f in self._files.values():
+            f.drop_cache()
 
     def evict_all(self) -> None:
         """Write back and drop every tensor nobody holds (host tier empty afterwards, if nothing is in use)."""
@@ -416,9 +408,9 @@ class ExpertStore:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
 
     def total_bytes(self) -> int:
         return sum(e.nbytes for e in self.entries.values())
