@@ -329,8 +329,9 @@ class Trainer:
                 first_val = first_val if first_val is not None else last_val
             if metrics and (done % tc.log_every == 0 or "val_loss" in row):
                 metrics.log(row)
+            io = {"io_mb": f"{row['io_mb']:.1f}", "stall_ms": f"{row['stall_ms']:.0f}"} if "io_mb" in row else {}
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
-                            drop=f"{row['drop_rate']:.1%}", refresh=False)
+                            drop=f"{row['drop_rate']:.1%}", **io, refresh=False)
             if done % tc.ckpt_every == 0 or done == tc.steps:
                 self.save(done)
         bar.close()
