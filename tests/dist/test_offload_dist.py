@@ -47,3 +47,38 @@ def test_offload_equals_in_memory_distributed(tmp_path, corpus_file, cache_dir, 
     full = 2 * 3 * 4 * (4 * 64 * 128 * 4)  # layers x params x (W, G, m, v) x all experts' bytes
     assert all(g["stored"] == full // ep for g in got)
     assert any(n > 0.5 for n in got[0]["norm_ref"])  # clipping was active
+
+
+def _part(rank: int, world: int, run, out: str, cache: str, steps: int) -> list[float]:
+    t = Trainer(run, Path(out), Path(cache), resume=None)
+    losses = [t.train_step(s)["loss"] for s in range(steps)]
+    t.save(steps)
+    return losses
+
+
+def _resume(rank: int, world: int, run, out: str, cache: str) -> list[float]:
+    t = Trainer(run, Path(out), Path(cache), resume="auto")
+    assert t.start_step == 4
+    return t.fit().losses
+
+
+@pytest.mark.parametrize("first,second,store_first,store_second",
+                         [(2, 1, True, True), (1, 2, True, True), (2, 1, True, False), (1, 2, False, True)])
+def test_offloaded_resume_on_other_world_size(tmp_path, corpus_file, cache_dir, first: int, second: int,
+                                              store_first: bool, store_second: bool) -> None:
+    """Float64 (other world sizes sum in another order; see tests/dist/test_train_dist.py): an offloaded
+    run resumes on another world size, offloaded or in memory, and an in-memory one resumes offloaded."""
+    from semoe.config import ParallelConfig, replace
+
+    base = offload_run(corpus_file, steps=8, budget_mb=1.2)  # float64: twice the float32 bytes
+    base = replace(base, train=replace(base.train, dtype="float64"), parallel=ParallelConfig(ep_size=0))
+    ref = Trainer(apply_overrides(base, ["storage.budget_mb=0"]), tmp_path / "ref", cache_dir,
+                  resume=None).fit().losses
+    runs = [base if s else apply_overrides(base, ["storage.budget_mb=0"]) for s in (store_first, store_second)]
+    out = str(tmp_path / "run")
+    part = (_part(0, 1, runs[0], out, str(cache_dir), 4) if first == 1 else
+            run_ranks(_part, first, tmp_path, runs[0], out, str(cache_dir), 4)[0])
+    assert part == pytest.approx(ref[:4], abs=1e-9)
+    after = (_resume(0, 1, runs[1], out, str(cache_dir)) if second == 1 else
+             run_ranks(_resume, second, tmp_path, runs[1], out, str(cache_dir))[0])
+    assert after == pytest.approx(ref[4:], abs=1e-9)

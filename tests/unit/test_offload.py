@@ -3,13 +3,21 @@ same stacked tensors), and the store behaves (budget, router-aware IO, bad input
 
 from __future__ import annotations
 
+import csv
 import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from semoe.config import apply_overrides
+from semoe.storage import checkpoint as ckpt
 from semoe.storage.expert_store import ExpertStore, StoreBudgetError
 from semoe.training.trainer import Trainer
 from tests.unit.test_train import tiny_run
@@ -110,7 +118,6 @@ def test_store_dir_not_writable(tmp_path, corpus_file, cache_dir) -> None:
 
 
 def test_store_disk_full_keeps_previous_checkpoint(tmp_path, corpus_file, cache_dir, monkeypatch) -> None:
-    from semoe.storage import checkpoint as ckpt
     from semoe.storage import expert_store
 
     run = offload_run(corpus_file, steps=4)
@@ -129,3 +136,104 @@ def test_store_disk_full_keeps_previous_checkpoint(tmp_path, corpus_file, cache_
     assert ckpt.find_latest(tmp_path / "run" / "checkpoints") == good
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before
     ckpt.read_manifest(good)
+
+
+def _probe(corpus_file: Path, out: Path, cache_dir: Path, budget_mb: float) -> dict:
+    # glibc's dynamic mmap threshold would serve the store's freed MiB-sized blocks from the heap and keep them
+    # resident after free; a fixed threshold returns every block of >= 64 KiB to the kernel when freed, so RSS
+    # measures live memory (the same setting for both runs)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "tests.unit.offload_rss_probe", str(corpus_file), str(out),
+                          str(cache_dir), str(budget_mb)], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).parents[2], timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_peak_rss_within_budget_plus_fixed_overhead(tmp_path, corpus_file, cache_dir) -> None:
+    """Expert state (W, G, m, v: 48 MiB) is 4x the 12 MiB budget. The fixed overhead (dense parameters,
+    gradients and moments, activations, autograd temporaries, allocator) is measured on the in-memory run of
+    the same model: its peak growth during training minus the expert state it allocates then (G, m, v; W
+    is already resident at the start). The offloaded run's peak growth must stay within budget + that
+    overhead + 4 MiB (two of the largest expert tensors, 2 MiB each: a gradient that autograd has produced
+    before it reaches the store)."""
+    budget = 12.0
+    mem = _probe(corpus_file, tmp_path / "mem", cache_dir, 0)
+    off = _probe(corpus_file, tmp_path / "off", cache_dir, budget)
+    assert off["expert_state"] >= 4 * budget * 2**20
+    overhead = mem["peak"] - mem["base"] - 0.75 * mem["expert_state"]
+    grown = off["peak"] - off["base"]
+    assert off["store_peak"] <= budget * 2**20
+    assert grown <= budget * 2**20 + overhead + 4 * 2**20, (grown / 2**20, overhead / 2**20)
+    assert mem["peak"] - mem["base"] > grown + 16 * 2**20  # the in-memory run does need the expert state
+
+
+def _losses(out: Path) -> dict[int, str]:
+    with open(out / "metrics.csv", newline="") as f:
+        return {int(r["step"]): r["loss"] for r in csv.DictReader(f) if r.get("loss")}
+
+
+def test_kill_during_offloaded_run_then_resume(tmp_path, corpus_file, cache_dir) -> None:
+    """``semoe train --set storage.budget_mb=...`` killed with SIGKILL after its step-10 checkpoint, then run
+    again (it resumes): its losses equal an uninterrupted run's bit for bit (metrics.csv keeps every digit)."""
+
+    def cmd(out: Path) -> list[str]:
+        return [sys.executable, "-m", "semoe", "train", "--recipe", "tiny", "--data", str(corpus_file), "--out",
+                str(out), "--cache-dir", str(cache_dir), "--sample", "", "--set", f"storage.budget_mb={BUDGET_MB}",
+                "--set", "train.dtype=float32", "--set", "train.steps=30", "--set", "train.ckpt_every=10",
+                "--set", "train.eval_every=100", "--set", "train.keep_last=10"]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = Path(__file__).parents[2]
+    out, log_file = tmp_path / "run", tmp_path / "train.log"
+    with open(log_file, "w") as log:
+        proc = subprocess.Popen(cmd(out), stdout=log, stderr=log, env=env, cwd=root)
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoints" / "step_00000010" / "manifest.json").exists():
+        assert proc.poll() is None, log_file.read_text()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert proc.poll() is None  # still training: the kill lands mid-run
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(_losses(out))
+    assert killed_at < 30
+    for o in (out, tmp_path / "ref"):
+        res = subprocess.run(cmd(o), capture_output=True, text=True, env=env, cwd=root, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert ("resumed from" in res.stdout + res.stderr) == (o == out)
+    got, ref = _losses(out), _losses(tmp_path / "ref")
+    assert sorted(got) == list(range(1, 31)) and got == ref
+
+
+@pytest.mark.numerics
+def test_resume_between_offloaded_and_in_memory_checkpoints(tmp_path, corpus_file, cache_dir) -> None:
+    """The one checkpoint format both ways: in-memory -> offloaded and offloaded -> in-memory, bit for bit."""
+    off_run = offload_run(corpus_file, steps=8)
+    mem_run = apply_overrides(off_run, ["storage.budget_mb=0"])
+    ref = Trainer(mem_run, tmp_path / "ref", cache_dir, resume=None).fit().losses
+    for first, second, name in ((mem_run, off_run, "m2o"), (off_run, mem_run, "o2m")):
+        t = Trainer(first, tmp_path / name, cache_dir, resume=None)
+        part = [t.train_step(s)["loss"] for s in range(4)]
+        t.save(4)
+        assert part == ref[:4]
+        resumed = Trainer(second, tmp_path / name, cache_dir, resume="auto")
+        assert resumed.start_step == 4 and (resumed.offload is not None) == (second is off_run)
+        assert resumed.fit().losses == ref[4:], name
+
+
+def test_offloaded_checkpoint_is_written_without_loading_all_experts(tmp_path, corpus_file, cache_dir) -> None:
+    run = offload_run(corpus_file, steps=3)
+    t = Trainer(run, tmp_path / "run", cache_dir, resume=None)
+    for s in range(2):
+        t.train_step(s)
+    t.offload.store.reset_stats()
+    path = t.save(2)
+    assert t.offload.store.stats.peak_resident <= t.offload.store.budget
+    from semoe.storage.safetensors_io import read_header
+
+    names = set(read_header(path / "model-experts-00000.safetensors").tensors)
+    assert {f"layers.{i}.moe.experts.{e}.{p}" for i in range(2) for e in range(4) for p in ("w1", "w2", "w3")} <= names
+    onames = set(read_header(path / "optim-experts-00000.safetensors").tensors)
+    assert "layers.1.moe.experts.3.w2.exp_avg_sq" in onames and "layers.0.moe.experts.0.w1.step" in onames
