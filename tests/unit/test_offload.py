@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import sys
 import time
 from pathlib import Path
@@ -237,3 +238,52 @@ def test_offloaded_checkpoint_is_written_without_loading_all_experts(tmp_path, c
     assert {f"layers.{i}.moe.experts.{e}.{p}" for i in range(2) for e in range(4) for p in ("w1", "w2", "w3")} <= names
     onames = set(read_header(path / "optim-experts-00000.safetensors").tensors)
     assert "layers.1.moe.experts.3.w2.exp_avg_sq" in onames and "layers.0.moe.experts.0.w1.step" in onames
+
+
+def test_router_aware_fetch_skips_experts_without_tokens(tmp_path, corpus_file, cache_dir) -> None:
+    """8 experts, top-1, capacity-limited: some experts get no tokens in a layer; their weights are not read
+    for forward or backward (bytes read in those phases = the routed experts' rows), yet they get their AdamW
+    update (weight decay moves them): the run still equals the in-memory one bit for bit."""
+    run = apply_overrides(offload_run(corpus_file, steps=6, budget_mb=2.0),
+                          ["model.moe.num_experts=8", "model.moe.router.top_k=1", "model.moe.router.capacity_factor=0.5",
+                           "train.batch_size=2", "train.seq_len=16"])
+    ref = Trainer(apply_overrides(run, ["storage.budget_mb=0"]), tmp_path / "ref", cache_dir, resume=None)
+    off = Trainer(run, tmp_path / "off", cache_dir, resume=None)
+    off.offload.trace = []
+    skipped = 0
+    for s in range(6):
+        assert ref.train_step(s)["loss"] == off.train_step(s)["loss"]
+    fetches = [t for t in off.offload.trace if t[0] in ("forward", "backward")]
+    skipped = sum(8 - len(experts) for _, _, experts in fetches)
+    assert skipped > 0  # some layer had experts without tokens
+    prev = {n: set(ex) for ph, n, ex in off.offload.trace if ph == "forward"}  # step 5's routing
+    before = params(off)
+    # one more step, counting the expert rows each fetch reads from disk
+    store = off.offload.store
+    store.evict_all()
+    off.offload.trace = []
+    reads = []
+    real = store._load_rows
+
+    def counting(e, want):
+        reads.append((e.key, threading.current_thread() is threading.main_thread(),
+                      {x for x in want if x not in e.zero and x in e.on_disk}))
+        return real(e, want)
+
+    store._load_rows = counting
+    ref.train_step(6)
+    off.train_step(6)
+    now = {n: set(ex) for ph, n, ex in off.offload.trace if ph == "forward"}
+    w_reads = [(k[:-2], main, rows) for k, main, rows in reads if k.endswith("/W") and rows]
+    optimizer_reads = [r for r in w_reads if len(r[2]) == 8]  # the optimizer reads every expert
+    assert optimizer_reads
+    for name, main, rows in w_reads:
+        if len(rows) < 8:  # a forward / backward fetch: routed experts only (demand), or predicted (prefetch)
+            assert rows <= (now[name] if main else now[name] | prev[name]), (name, rows)
+    after = params(off)
+    for n in after:
+        if ".experts." in n:
+            assert not torch.equal(before[n], after[n])  # every expert moved (AdamW with weight decay)
+    pa = params(ref)
+    for n in pa:
+        assert torch.equal(pa[n], after[n]), n

@@ -140,7 +140,7 @@ class ExpertOffload:
         self._opt = torch.optim.AdamW([self._opt_param], lr=lr, betas=betas, weight_decay=weight_decay,
                                       fused=False, foreach=True)
         self._ctx: list[Any] = []
-        self._current: _Layer | None = None
+        self.trace: list[tuple[str, str, tuple[int, ...]]] | None = None  # set to [] to record fetches (tests)
 
     # ------------------------------------------------------------------ forward / backward hooks
     def _pre_hook(self, layer: _Layer) -> Callable:
@@ -149,7 +149,9 @@ class ExpertOffload:
             routed = [i for i, c in enumerate(counts) if c]
             layer.routed_fwd = routed
             for k in layer.keys:
-                k.handle.data = self.store.acquire(f"{k.name}/W", routed)
+                k.handle.data = self._to_device(self.store.acquire(f"{k.name}/W", routed), k)
+                if self.trace is not None:
+                    self.trace.append(("forward", k.name, tuple(routed)))
             nxt = self.layers[layer.index + 1:layer.index + 1 + self.depth] if self.depth else []
             for other in nxt:
                 for k in other.keys:
@@ -187,7 +189,9 @@ class ExpertOffload:
             return saved
         _, k, routed = saved
         if not k.held_bwd:
-            k.handle.data = self.store.acquire(f"{k.name}/W", routed)
+            k.handle.data = self._to_device(self.store.acquire(f"{k.name}/W", routed), k)
+            if self.trace is not None:
+                self.trace.append(("backward", k.name, tuple(routed)))
             k.held_bwd = True
             k.bwd_routed = routed
             for other in reversed(self.layers[max(0, k.layer - self.depth):k.layer]):
@@ -203,6 +207,8 @@ class ExpertOffload:
             entry = self.store.entries[gkey]
             routed = set(range(k.shape[0]) if k.bwd_routed is None else k.bwd_routed)
             unrouted = set(range(k.shape[0])) - routed
+            if g.device.type != "cpu":  # CUDA: the gradient goes down to the host tier
+                g = g.to("cpu")
             if len(entry.zero) == k.shape[0]:  # first micro-batch of the step: the gradient itself
                 self.store.adopt(gkey, g.contiguous(), zero=unrouted)
             else:
@@ -215,6 +221,19 @@ class ExpertOffload:
                 k.held_bwd = False
             h.data = torch.empty(0, dtype=k.dtype, device=h.device)
         return hook
+
+    def _to_device(self, host: torch.Tensor, k: _Key) -> torch.Tensor:
+        """The weights where the model computes: the host tensor itself on a CPU; on CUDA a copy made on a
+        side stream from pinned memory that the compute stream waits for (not exercised by the CPU tests)."""
+        dev = k.handle.device
+        if dev.type == "cpu":
+            return host
+        stream = self._copy_stream = getattr(self, "_copy_stream", None) or torch.cuda.Stream(dev)
+        with torch.cuda.stream(stream):
+            out = host.to(dev, non_blocking=True)
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        out.record_stream(torch.cuda.current_stream(dev))
+        return out
 
     # ------------------------------------------------------------------ optimizer
     def _final_grad(self, k: _Key, G: torch.Tensor) -> torch.Tensor:
