@@ -245,8 +245,8 @@ def test_router_aware_fetch_skips_experts_without_tokens(tmp_path, corpus_file, 
     for forward or backward (bytes read in those phases = the routed experts' rows), yet they get their AdamW
     update (weight decay moves them): the run still equals the in-memory one bit for bit."""
     run = apply_overrides(offload_run(corpus_file, steps=6, budget_mb=2.0),
-                          ["model.moe.num_experts=8", "model.moe.router.top_k=1", "model.moe.router.capacity_factor=0.5",
-                           "train.batch_size=2", "train.seq_len=16"])
+                          ["model.moe.num_experts=8", "model.moe.router.top_k=1",
+                           "model.moe.router.capacity_factor=0.5", "train.batch_size=2", "train.seq_len=16"])
     ref = Trainer(apply_overrides(run, ["storage.budget_mb=0"]), tmp_path / "ref", cache_dir, resume=None)
     off = Trainer(run, tmp_path / "off", cache_dir, resume=None)
     off.offload.trace = []
