@@ -315,6 +315,40 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    """Hierarchical storage of the experts (``semoe.storage.expert_store`` / ``semoe.storage.offload``).
+
+    budget_mb:     host memory (MiB) this rank's expert state (weights, gradients, AdamW moments) may occupy;
+                   the rest lives on disk. 0 (default): no offload, everything in memory as usual.
+    dir:           the store directory (one sub-folder per rank); None: ``<out>/expert_store``.
+    prefetch_depth: the scheduler reads the experts of layers L+1..L+d (forward; L-1..L-d in backward; the next
+                   d tensors in the optimizer) while layer L computes.
+    io_threads:    reader/writer threads of the store.
+    device_budget_mb: CUDA only: device memory for expert tensors in use (0: no limit besides the host budget).
+    """
+
+    budget_mb: float = 0.0
+    dir: str | None = None
+    prefetch_depth: int = 1
+    io_threads: int = 2
+    device_budget_mb: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("budget_mb", "device_budget_mb"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ValueError(f"storage.{name} must be a number of MiB >= 0 (0 = off), got {v!r}")
+        for name, lo in (("prefetch_depth", 0), ("io_threads", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"storage.{name} must be an integer >= {lo}, got {v!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.budget_mb > 0
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything a training run needs. ``data``: a text file, folder or JSONL path; None = Shakespeare."""
 
@@ -322,6 +356,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: str | None = None
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
 
 def replace(cfg: Any, **changes: Any) -> Any:

@@ -61,28 +61,33 @@ def sync_gradients(model: nn.Module, mesh: DeviceMesh | None) -> None:
     _reduce_(expert, dp_group(mesh), 1.0 / world, communicate=mesh.size(0) > 1)
 
 
-def grad_norm(model: nn.Module, mesh: DeviceMesh | None) -> torch.Tensor:
+def grad_norm(model: nn.Module, mesh: DeviceMesh | None, expert_sq: torch.Tensor | None = None) -> torch.Tensor:
     """Global L2 norm of the (synchronised) gradients, each expert shard counted exactly once:
     dense gradients are identical on every rank and counted once; expert norms are summed over the ep
     group (each rank holds different experts; dp replicas are identical).
 
     Each parameter's norm is taken in its gradient's dtype (one call, as torch's clip_grad_norm_ does), and
     the squares of those norms are summed in float64: a float64 run is float64 throughout, and the sum over
-    parameters and ranks adds no rounding of its own."""
+    parameters and ranks adds no rounding of its own. ``expert_sq``: the experts' part computed elsewhere
+    (already summed over the ep group; ``semoe.storage.offload`` keeps the experts out of the model)."""
     dense, expert = split_params(model)
 
     def sq(ps: list[nn.Parameter]) -> torch.Tensor:
         vals = [torch.linalg.vector_norm(p.grad.detach()).double().square() for p in ps if p.grad is not None]
         return torch.stack(vals).sum() if vals else torch.zeros((), dtype=torch.float64)
-    dense_sq, expert_sq = sq(dense), sq(expert)
-    if mesh is not None and mesh.size(1) > 1:
-        dist.all_reduce(expert_sq, group=mesh.get_group("ep"))
+    dense_sq = sq(dense)
+    if expert_sq is None:
+        expert_sq = sq(expert)
+        if mesh is not None and mesh.size(1) > 1:
+            dist.all_reduce(expert_sq, group=mesh.get_group("ep"))
     return (dense_sq + expert_sq).sqrt()
 
 
-def clip_grad_norm_(model: nn.Module, max_norm: float, mesh: DeviceMesh | None) -> torch.Tensor:
-    """Scale all gradients so the global norm is at most ``max_norm``; returns the norm before."""
-    total = grad_norm(model, mesh)
+def clip_grad_norm_(model: nn.Module, max_norm: float, mesh: DeviceMesh | None,
+                    expert_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """Scale all gradients so the global norm is at most ``max_norm``; returns the norm before.
+    ``expert_sq``: see :func:`grad_norm` (the caller then scales those gradients itself)."""
+    total = grad_norm(model, mesh, expert_sq)
     if max_norm > 0 and math.isfinite(float(total)):
         coef = (max_norm / (float(total) + 1e-6))
         if coef < 1.0:

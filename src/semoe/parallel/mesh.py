@@ -188,3 +188,12 @@ def hierarchical_reduce_groups(partition: list[list[int]], rpn: int
             assert node is not None and rail is not None
             mine = (node, rail, len(parts[0]))
     return mine
+
+
+def dense_mesh(device_type: str | None = None) -> DeviceMesh | None:
+    """A 1-D ("fsdp",) DeviceMesh over the whole world: every rank is a data-parallel replica of the dense
+    parameters (each sees its own tokens), so FSDP shards them over all ranks. None in one process."""
+    if not dist.is_initialized():
+        return None
+    device_type = device_type or ("cuda" if dist.get_backend() == "nccl" else "cpu")
+    return init_device_mesh(device_type, (dist.get_world_size(),), mesh_dim_names=("fsdp",))

@@ -151,12 +151,15 @@ def step_dir(root: Path, step: int) -> Path:
 def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                     manifest: dict[str, Any], *, rank: int = 0, ep_rank: int = 0, dp_index: int = 0,
                     barrier: Callable[[], None] = lambda: None, keep_last: int = 0,
-                    extra_files: dict[str, Path] | None = None) -> Path:
+                    extra_files: dict[str, Path] | None = None,
+                    expert_writer: Callable[[Path], list[Path]] | None = None) -> Path:
     """Write a checkpoint of ``step`` under ``root`` atomically; every rank calls it.
 
     Global rank 0 writes the dense tensors and the manifest; the ranks of the first replica
     (``dp_index == 0``) write their experts. ``barrier`` synchronises ranks (a no-op in one process).
-    ``keep_last > 0`` removes older checkpoints after the new one is in place.
+    ``keep_last > 0`` removes older checkpoints after the new one is in place. ``expert_writer``: writes the
+    experts' files into the given folder itself and returns them (the expert store streams them, they are
+    not in ``model``).
     """
     root = Path(root)
     final = step_dir(root, step)
@@ -185,6 +188,8 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.op
         if oexpert:
             written.append(tmp / f"optim-experts-{ep_rank:05d}.safetensors")
             save_file(oexpert, str(written[-1]))
+    if dp_index == 0 and expert_writer is not None:
+        written += expert_writer(tmp)
     for path in written:
         _fsync_file(path)
     barrier()

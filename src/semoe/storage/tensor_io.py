@@ -188,3 +188,27 @@ def evict_file_cache(paths: Iterable[str | Path]) -> None:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+# ----------------------------------------------------------------------------- writes (the training expert store)
+class PositionalFile(PositionalReader):
+    """A file opened for positional reads *and* writes (created if missing): the expert store's disk tier.
+    Reads are :meth:`PositionalReader.readv` (+ :meth:`drop_cache`); :meth:`write` puts a buffer's bytes at
+    an offset with ``os.pwrite`` (no shared file position: IO threads may write one descriptor at once)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+
+    def write(self, offset: int, buf: torch.Tensor | memoryview) -> int:
+        """Write all of ``buf`` (a contiguous CPU tensor or a byte view) at ``offset``; returns the bytes written.
+        ``OSError`` (e.g. ``ENOSPC``) propagates."""
+        view = buf if isinstance(buf, memoryview) else byte_view(buf)
+        done = 0
+        while done < view.nbytes:
+            done += os.pwrite(self.fd, view[done:], offset + done)
+        return done
+
+    def sync(self) -> None:
+        """Make the written bytes durable (``fdatasync``)."""
+        (os.fdatasync if hasattr(os, "fdatasync") else os.fsync)(self.fd)

@@ -29,6 +29,7 @@ from semoe.parallel.grads import sync_router_bias
 from semoe.parallel.mesh import default_device, resolve_ranks_per_node
 from semoe.precision import autocast, dtype_name, resolve_dtype
 from semoe.storage import checkpoint as ckpt
+from semoe.storage.offload import ExpertOffload, offload_from_config
 from semoe.training.data import Batch, Corpus, GlobalBatchLoader, prepare_corpus
 from semoe.training.init import ModelInit, RandomInit
 from semoe.training.metrics import MetricsWriter, plot_expert_load, plot_loss
@@ -86,10 +87,13 @@ class Trainer:
     """Build everything from ``run`` and train: ``Trainer(run, out_dir).fit()``.
 
     ``init`` is where the model and its initial weights come from (``semoe.training.init``): random from the
-    seed (default), or a pretrained checkpoint (``PretrainedInit``, which also brings the tokenizer)."""
+    seed (default), or a pretrained checkpoint (``PretrainedInit``, which also brings the tokenizer).
+    ``offload``: the experts live in an expert store (``semoe.storage.offload``); built from ``run.storage``
+    when that is enabled and none is given."""
 
     def __init__(self, run: RunConfig, out_dir: Path, cache_dir: Path, resume: str | None = "auto",
-                 corpus: Corpus | None = None, init: ModelInit | None = None) -> None:
+                 corpus: Corpus | None = None, init: ModelInit | None = None,
+                 offload: ExpertOffload | None = None) -> None:
         self.out_dir, self.cache_dir = Path(out_dir), Path(cache_dir)
         self.init = init if init is not None else RandomInit()
         self.distributed = init_distributed()
@@ -126,12 +130,14 @@ class Trainer:
         self.ckpt_root = self.out_dir / "checkpoints"
         resume_from = self._resume_path(resume)
         self.init.materialize(self.model, self.device, param_dtype, load_weights=resume_from is None)
+        self.offload = offload if offload is not None else offload_from_config(self.model, self.mesh, run,
+                                                                               self.out_dir, self.rank)
         if self.rank == 0:
             log.info("compute dtype %s (train.dtype=%s), parameters and optimizer state %s",
                      dtype_name(self.compute_dtype), tc.dtype, dtype_name(param_dtype))
         self.optimizer = torch.optim.AdamW(param_groups(self.model, tc), lr=tc.lr, betas=tc.betas,
                                            fused=False, foreach=True)
-        use_fusion = pc.grad_fusion and self.mesh is not None
+        use_fusion = pc.grad_fusion and self.mesh is not None  # with an offload: the dense parameters only
         rpn = resolve_ranks_per_node(pc.ranks_per_node) if pc.hierarchical_grads else None
         self.fusion = GradFusion(self.model, self.mesh, pc.bucket_mb, rpn) if use_fusion else None
         win = self.corpus.windows(tc.seq_len, tc.val_fraction)
@@ -186,6 +192,8 @@ class Trainer:
             log.warning("resuming on different data than the checkpoint was trained on")
         ckpt.load_model(path, self.model)
         ckpt.load_optimizer(path, self.model, self.optimizer)
+        if self.offload is not None:
+            self.offload.load_checkpoint(path)
         ckpt.set_rng_state(manifest.get("rng", {}))
         self.start_step = int(manifest["data"]["step"])
         self.last_checkpoint = path
@@ -239,7 +247,8 @@ class Trainer:
             self.fusion.finish()
         else:
             sync_gradients(self.model, self.mesh)
-        norm = float(clip_grad_norm_(self.model, tc.grad_clip, self.mesh))
+        expert_sq = self.offload.expert_sq() if self.offload is not None else None
+        norm = float(clip_grad_norm_(self.model, tc.grad_clip, self.mesh, expert_sq))
         loss_mean = self._mean(loss_sum)
         if not math.isfinite(loss_mean) or not math.isfinite(norm):
             raise TrainingDiverged(
@@ -247,14 +256,17 @@ class Trainer:
                 f"{self.last_checkpoint or 'none (no checkpoint was written yet)'}. Lower train.lr, raise "
                 "train.warmup_steps or set train.grad_clip, then resume from it.")
         self.optimizer.step()
+        if self.offload is not None:
+            self.offload.step(lr, norm, tc.grad_clip)
         sync_router_bias(self.model, self.mesh)
         self.optimizer.zero_grad(set_to_none=self.fusion is None)  # fusion: grads are views into its buckets
         if loads is not None:
             self.expert_load.append(loads / np.maximum(loads.sum(-1, keepdims=True), 1))
             self.load_steps.append(step)
         # aux_loss: mean over MoE layers
+        io = self.offload.step_stats() if self.offload is not None else {}
         return {"loss": loss_mean, "aux_loss": self._mean(aux_sum), "lr": lr, "grad_norm": norm,
-                "drop_rate": self._mean(dropped / max(assigned, 1))}
+                "drop_rate": self._mean(dropped / max(assigned, 1)), **io}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -279,7 +291,9 @@ class Trainer:
                                     ep_rank=ep_rank, dp_index=dp_index, barrier=self._barrier,
                                     keep_last=self.run.train.keep_last,
                                     extra_files={"tokenizer.json": self.corpus.tokenizer_path,
-                                                 **self.init.extra_files()})
+                                                 **self.init.extra_files()},
+                                    expert_writer=None if self.offload is None else
+                                    lambda folder: self.offload.write_checkpoint(folder, ep_rank))
         if self.rank == 0 and self.expert_load:
             np.savez(self.out_dir / "expert_load.npz", steps=np.array(self.load_steps), load=np.stack(self.expert_load))
         self.last_checkpoint = path
@@ -315,8 +329,9 @@ class Trainer:
                 first_val = first_val if first_val is not None else last_val
             if metrics and (done % tc.log_every == 0 or "val_loss" in row):
                 metrics.log(row)
+            io = {"io_mb": f"{row['io_mb']:.1f}", "stall_ms": f"{row['stall_ms']:.0f}"} if "io_mb" in row else {}
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
-                            drop=f"{row['drop_rate']:.1%}", refresh=False)
+                            drop=f"{row['drop_rate']:.1%}", **io, refresh=False)
             if done % tc.ckpt_every == 0 or done == tc.steps:
                 self.save(done)
         bar.close()

@@ -1,0 +1,416 @@
+"""ExpertStore: the tensors of this rank's experts in tiers (host memory cache over a disk directory).
+
+Legend: L local experts of a layer; a tensor of the store is one stacked ``[L, ...]`` block (one layer's
+``w1`` weights, or their gradient, or an AdamW moment), contiguous, so expert ``l`` is the byte range
+``[l * s, (l + 1) * s)`` of its file and can be read alone (router-aware fetching).
+
+Tiers. On a CPU device and host are one tier, so there are two: host memory, bounded by ``budget_bytes``
+(everything resident counts: in use, cached, being prefetched), and disk (one raw file per tensor under
+``root``). On CUDA the host tier is pinned memory and tensors in use are copied to the device on a copy
+stream (guarded by ``torch.cuda.is_available()``; not exercised by the CPU tests).
+
+IO (``semoe.storage.tensor_io``, shared with the ring engine). Reads are positional (``os.preadv`` into the
+tensor's bytes, no memory map, no O_DIRECT: see that module), followed by ``posix_fadvise(DONTNEED)`` on the
+range just read, so the process never maps file pages (its RSS holds
+only the host tier) and the page cache does not keep a second copy; writes are ``os.pwrite`` (they stay
+in the page cache until the kernel writes them; :meth:`ExpertStore.flush` syncs). Reads for the prefetch
+scheduler run on ``io_threads`` threads; the training thread waits only for what is not there yet
+(``stall_s``). Experts known to be all zero (the gradient of an expert no token reached, fresh AdamW
+moments) are not stored and cost no IO.
+
+Eviction: least recently used first among tensors nobody holds; a modified (dirty) tensor is written back
+first. A request that cannot fit even after evicting everything evictable raises
+:class:`StoreBudgetError` naming the minimum budget.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from semoe.storage.tensor_io import PositionalFile, byte_view
+
+log = logging.getLogger(__name__)
+
+STORE_META = "store.json"
+
+
+class StoreBudgetError(ValueError):
+    """The host budget cannot hold the tensors one step needs at once; the message states the minimum."""
+
+
+class StoreIOError(OSError):
+    """The store directory cannot be written (permissions, full disk); the message says which and what to do."""
+
+
+@dataclass
+class _Entry:
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    path: Path
+    host: torch.Tensor | None = None
+    loaded: set[int] = field(default_factory=set)  # experts whose host rows are valid
+    zero: set[int] = field(default_factory=set)  # experts known to be all zero (nothing on disk)
+    on_disk: set[int] = field(default_factory=set)  # experts whose file rows are valid
+    dirty: set[int] = field(default_factory=set)  # loaded experts newer than the file
+    pins: int = 0
+    last_use: int = 0
+
+    @property
+    def experts(self) -> int:
+        return self.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def row_bytes(self) -> int:
+        return self.nbytes // self.shape[0]
+
+
+@dataclass
+class StoreStats:
+    """Counters since the last :meth:`ExpertStore.reset_stats`."""
+
+    bytes_read: int = 0
+    bytes_written: int = 0
+    reads: int = 0
+    writes: int = 0
+    stall_s: float = 0.0
+    peak_resident: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return {"bytes_read": self.bytes_read, "bytes_written": self.bytes_written, "stall_s": self.stall_s,
+                "peak_resident": self.peak_resident}
+
+
+class ExpertStore:
+    """Stacked expert tensors under a host-memory budget, spilled to files in ``root``.
+
+    ``declare`` a tensor (key, shape, dtype; it starts all zero), ``put`` values, ``acquire`` it (some experts
+    or all) for use and ``release`` it (``dirty=True`` when modified), ``prefetch`` it ahead of use.
+    ``fingerprint``: what the store holds (model config, rank, experts); a directory holding another
+    fingerprint is refused and left untouched."""
+
+    def __init__(self, root: str | Path, budget_bytes: int, fingerprint: dict[str, Any] | None = None,
+                 io_threads: int = 2) -> None:
+        self.root = Path(root)
+        self.budget = int(budget_bytes)
+        if self.budget <= 0:
+            raise ValueError(f"the store's host budget must be > 0 bytes, got {budget_bytes!r}")
+        self.fingerprint = fingerprint or {}
+        self._open_dir()
+        self.entries: dict[str, _Entry] = {}
+        self.resident = 0
+        self.stats = StoreStats()
+        self._clock = 0
+        self._lock = threading.RLock()
+        self._freed = threading.Condition(self._lock)
+        self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="semoe-store-io")
+        self._inflight: dict[str, Future] = {}
+        self.pinned = torch.cuda.is_available()  # host tier in pinned memory, for asynchronous copies
+        self._files: dict[str, PositionalFile] = {}
+
+    # ------------------------------------------------------------------ directory
+    def _open_dir(self) -> None:
+        meta_path = self.root / STORE_META
+        if meta_path.exists():
+            try:
+                old = json.loads(meta_path.read_text())
+            except (OSError, json.JSONDecodeError):
+                old = None
+            if old != self.fingerprint:
+                raise ValueError(f"{self.root} holds the expert store of another model or rank ({meta_path}: "
+                                 f"{old}); nothing was overwritten. Point storage.dir at an empty folder, or "
+                                 "delete that one if it is no longer needed")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / ".write-probe"
+            probe.write_bytes(b"0")
+            probe.unlink()
+            tmp = meta_path.with_name(STORE_META + ".tmp")
+            tmp.write_text(json.dumps(self.fingerprint, sort_keys=True))
+            os.replace(tmp, meta_path)
+        except OSError as e:
+            raise StoreIOError(e.errno, f"the expert store directory {self.root} is not writable ({e}); set "
+                               "storage.dir to a writable folder with room for the expert state") from e
+
+    # ------------------------------------------------------------------ declaring
+    def declare(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        """A new tensor of ``shape`` (``[L, ...]``), all zero until written."""
+        if key in self.entries:
+            raise KeyError(f"{key!r} is declared twice")
+        name = key.replace("/", "__")
+        e = _Entry(key, tuple(int(s) for s in shape), dtype, self.root / f"{name}.bin")
+        e.zero = set(range(e.experts))
+        self.entries[key] = e
+
+    def tensor_bytes(self, key: str) -> int:
+        return self.entries[key].nbytes
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        """Set the whole tensor (a copy is kept; it goes to disk when evicted)."""
+        t = self.acquire(key, experts=[], zero_fill=False)
+        t.copy_(value)
+        self.release(key, dirty=range(self.entries[key].experts))
+
+    def put_expert(self, key: str, expert: int, value: torch.Tensor) -> None:
+        """Set one expert's rows (an :class:`~semoe.training.init.ExpertSink`-style entry point)."""
+        t = self.acquire(key, experts=[])
+        t[expert].copy_(value)
+        self.release(key, dirty=[expert])
+
+    def adopt(self, key: str, value: torch.Tensor, zero: set[int]) -> None:
+        """Make ``value`` (contiguous, not used elsewhere) the tensor's contents without a copy; ``zero``:
+        experts whose rows are known to be zero (not written to disk)."""
+        with self._lock:
+            e = self.entries[key]
+            self._wait_inflight(key)
+            if e.pins:
+                raise RuntimeError(f"{key} is in use")
+            self._drop(e)
+            self._reserve(e.nbytes)
+            e.host = value
+            self.resident += e.nbytes
+            e.loaded = set(range(e.experts))
+            e.zero = set(zero)
+            e.dirty = e.loaded - e.zero
+            self._touch(e)
+
+    def set_zero(self, key: str) -> None:
+        """Forget the contents: all zero again (no IO; memory freed)."""
+        with self._lock:
+            e = self.entries[key]
+            self._wait_inflight(key)
+            if e.pins:
+                raise RuntimeError(f"{key} is in use")
+            self._drop(e)
+            e.zero = set(range(e.experts))
+            e.on_disk.clear()
+
+    # ------------------------------------------------------------------ using
+    def acquire(self, key: str, experts: list[int] | range | None = None, zero_fill: bool = True) -> torch.Tensor:
+        """The tensor in host memory with (at least) ``experts`` valid (None: all), held until
+        :meth:`release`. Rows of other experts are unspecified (zero when never loaded)."""
+        t0 = time.perf_counter()
+        fut = self._inflight.get(key)
+        if fut is not None:
+            fut.result()
+        with self._lock:
+            e = self.entries[key]
+            self._ensure_host(e, zero_fill)
+            e.pins += 1
+            self._touch(e)
+            want = [x for x in (range(e.experts) if experts is None else experts) if x not in e.loaded]
+        try:
+            self._load_rows(e, want)
+        except BaseException:
+            self.release(key)
+            raise
+        self.stats.stall_s += time.perf_counter() - t0
+        return e.host
+
+    def release(self, key: str, dirty: list[int] | range | set[int] | None = None) -> None:
+        """Done with the tensor; ``dirty``: the experts whose rows were modified."""
+        with self._lock:
+            e = self.entries[key]
+            if dirty is not None:
+                d = set(dirty)
+                e.dirty |= d
+                e.zero -= d
+                e.loaded |= d
+            e.pins -= 1
+            self._freed.notify_all()
+
+    def prefetch(self, key: str, experts: list[int] | range | None = None) -> None:
+        """Start reading ``experts`` (None: all) of ``key`` on an IO thread, if it fits without evicting
+        anything in use; otherwise do nothing (the later :meth:`acquire` reads it)."""
+        with self._lock:
+            e = self.entries[key]
+            if key in self._inflight:
+                return
+            want = [x for x in (range(e.experts) if experts is None else experts) if x not in e.loaded]
+            if e.host is not None and all(x in e.zero for x in want):
+                return
+            if e.host is None and not self._try_reserve(e.nbytes):
+                return
+            if e.host is None:
+                self._alloc(e, zero_fill=True, reserved=True)
+            e.pins += 1
+            self._touch(e)
+            self._inflight[key] = self._pool.submit(self._prefetch_job, e, want)
+
+    def _prefetch_job(self, e: _Entry, want: list[int]) -> None:
+        try:
+            self._load_rows(e, want)
+        finally:
+            with self._lock:
+                e.pins -= 1
+                self._inflight.pop(e.key, None)
+                self._freed.notify_all()
+
+    def _wait_inflight(self, key: str) -> None:
+        fut = self._inflight.get(key)
+        if fut is not None:
+            self._lock.release()
+            try:
+                fut.result()
+            finally:
+                self._lock.acquire()
+
+    # ------------------------------------------------------------------ internals
+    def _touch(self, e: _Entry) -> None:
+        self._clock += 1
+        e.last_use = self._clock
+
+    def _ensure_host(self, e: _Entry, zero_fill: bool) -> None:
+        if e.host is None:
+            self._reserve(e.nbytes)
+            self._alloc(e, zero_fill, reserved=True)
+
+    def _alloc(self, e: _Entry, zero_fill: bool, reserved: bool) -> None:
+        kw = {"pin_memory": True} if self.pinned else {}
+        e.host = torch.zeros(e.shape, dtype=e.dtype, **kw) if zero_fill else torch.empty(e.shape, dtype=e.dtype, **kw)
+        e.loaded = set(e.zero) if zero_fill else set()
+        self.resident += e.nbytes
+        self.stats.peak_resident = max(self.stats.peak_resident, self.resident)
+
+    def _try_reserve(self, nbytes: int) -> bool:
+        if nbytes > self.budget:
+            return False
+        while self.resident + nbytes > self.budget:
+            if not self._evict_one():
+                return False
+        return True
+
+    def _reserve(self, nbytes: int) -> None:
+        while not self._try_reserve(nbytes):
+            held = sum(x.nbytes for x in self.entries.values() if x.host is not None and x.pins)
+            if self._inflight:  # a prefetch holds memory for a moment: wait for it
+                self._freed.wait(timeout=1.0)
+                continue
+            raise StoreBudgetError(
+                f"the expert store's host budget ({self.budget / 2**20:.2f} MiB) cannot hold the tensors one step "
+                f"needs at once: {(held + nbytes) / 2**20:.2f} MiB in use plus this request. Raise "
+                f"storage.budget_mb to at least {self.minimum_hint(held + nbytes) / 2**20:.2f}")
+
+    def minimum_hint(self, need: int) -> int:
+        return max(need, getattr(self, "min_budget", 0))
+
+    def _evict_one(self) -> bool:
+        cands = [x for x in self.entries.values() if x.host is not None and x.pins == 0]
+        if not cands:
+            return False
+        victim = min(cands, key=lambda x: x.last_use)
+        self._write_back(victim)
+        self._drop(victim)
+        return True
+
+    def _drop(self, e: _Entry) -> None:
+        if e.host is not None:
+            self.resident -= e.nbytes
+        e.host = None
+        e.loaded = set()
+        e.dirty = set()
+
+    def _file(self, e: _Entry) -> PositionalFile:
+        f = self._files.get(e.key)
+        if f is None:
+            try:
+                f = PositionalFile(e.path)
+            except OSError as err:
+                raise StoreIOError(err.errno, f"cannot open {e.path} in the expert store ({err}); set storage.dir "
+                                   "to a writable folder") from err
+            self._files[e.key] = f
+        return f
+
+    def _write_back(self, e: _Entry) -> None:
+        rows = sorted(x for x in e.dirty if x not in e.zero)
+        if not rows:
+            e.dirty = set()
+            return
+        f, rb = self._file(e), e.row_bytes
+        flat = byte_view(e.host)
+        for x in rows:
+            try:
+                f.write(x * rb, flat[x * rb:(x + 1) * rb])
+            except OSError as err:
+                raise StoreIOError(err.errno, f"writing {e.path} failed ({err}): the disk under {self.root} is "
+                                   "full or failing; free space or set storage.dir elsewhere (checkpoints already "
+                                   "written are untouched)") from err
+            self.stats.bytes_written += rb
+            self.stats.writes += 1
+            e.on_disk.add(x)
+        e.dirty = set()
+
+    def _load_rows(self, e: _Entry, want: list[int]) -> None:
+        assert e.host is not None
+        todo = []
+        for x in want:
+            if x in e.zero:
+                e.host[x].zero_()
+            elif x in e.on_disk:
+                todo.append(x)
+            else:
+                raise RuntimeError(f"{e.key} expert {x} is neither in memory nor on disk")
+            e.loaded.add(x)
+        if not todo:
+            return
+        f, rb = self._file(e), e.row_bytes
+        flat = byte_view(e.host)
+        for x in todo:
+            f.readv(x * rb, [flat[x * rb:(x + 1) * rb]])
+            f.drop_cache(x * rb, rb)  # the bytes are in the host tier now; no second copy in the page cache
+            self.stats.bytes_read += rb
+            self.stats.reads += 1
+
+    # ------------------------------------------------------------------ bookkeeping
+    def reset_stats(self) -> StoreStats:
+        old = self.stats
+        self.stats = StoreStats(peak_resident=self.resident)
+        return old
+
+    def flush(self) -> None:
+        """Write every dirty tensor to disk (they stay cached) and fsync the files."""
+        with self._lock:
+            for e in self.entries.values():
+                if e.host is not None and e.dirty:
+                    self._write_back(e)
+            for f in self._files.values():
+                f.sync()
+
+    def drop_page_cache(self) -> None:
+        """Evict the store's files from the kernel page cache (a cold-cache measurement)."""
+        self.flush()
+        for f in self._files.values():
+            f.drop_cache()
+
+    def evict_all(self) -> None:
+        """Write back and drop every tensor nobody holds (host tier empty afterwards, if nothing is in use)."""
+        with self._lock:
+            for e in list(self.entries.values()):
+                self._wait_inflight(e.key)
+                if e.host is not None and e.pins == 0:
+                    self._write_back(e)
+                    self._drop(e)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def total_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())

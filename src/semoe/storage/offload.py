@@ -1,0 +1,428 @@
+"""Expert offload for training: the experts' weights, gradients and AdamW moments live in an ExpertStore.
+
+Legend: L local experts of a layer; a "key" is one stacked expert parameter of one MoE layer
+(``layers.3.moe.experts.w1``), stored as four ``[L, ...]`` tensors: ``/W`` (the float32 master weights,
+which are the parameters themselves: under bf16 autocast the experts cast them per use), ``/G`` (the
+gradient accumulated over the micro-batches), ``/m`` and ``/v`` (AdamW's exp_avg / exp_avg_sq).
+
+:func:`apply_expert_offload` takes the stacked expert parameters out of the model (so the dense optimizer,
+gradient sync / fusion and clipping of the trainer see the dense parameters only) and puts a leaf
+tensor in their place whose storage is swapped in around each use:
+
+* forward (pre-hook of each ``Experts``): the experts that received tokens are fetched (router-aware:
+  an expert without tokens is not read), the layers L+1..L+d are prefetched with the experts that were
+  routed to in the previous step (a prediction; a miss is read on demand when the router has decided);
+  autograd's saved copy of the weight is replaced by a key (``saved_tensors_hooks``), so nothing of the
+  layer stays in memory after its forward;
+* backward (unpacking that key): the weights of the routed experts are fetched again, layers L-1..L-d
+  prefetched with the routing of this micro-batch (exact); the gradient goes into ``/G`` when autograd
+  has accumulated it (``register_post_accumulate_grad_hook``: ``G += g``, or the first micro-batch's ``g``
+  itself), and the weights are released;
+* optimizer (:meth:`ExpertOffload.step`, after the trainer's dense AdamW step): key by key in forward
+  order, the next ``d`` keys prefetched, ``W, G, m, v`` are read, the gradient is synchronised and scaled
+  exactly as the in-memory trainer does it (sum over the expert's replicas, times 1/world, times the
+  clipping coefficient), AdamW runs (torch's own ``AdamW`` with ``foreach=True`` on the stacked tensor, the
+  same code on the same tensor as the in-memory trainer), and ``W, m, v`` are written back. Every expert
+  gets its update every step, with a zero gradient when no token reached it: exact, no lazy catch-up.
+
+The global gradient norm (:meth:`ExpertOffload.expert_sq`) is computed like
+``semoe.parallel.grads.grad_norm``: each key's norm in the gradient's dtype, squares summed in float64 in
+registration order, summed over the expert-parallel group.
+
+Checkpoints: :meth:`ExpertOffload.write_checkpoint` streams the experts into the one layout-free format
+(``model-experts-*.safetensors`` / ``optim-experts-*.safetensors``, one tensor per global expert id) one
+key at a time; :meth:`ExpertOffload.load_checkpoint` reads them back the same way, from any layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.optim.optimizer import _get_scalar_dtype
+
+from semoe.layers.experts import Experts
+from semoe.parallel.mesh import dp_group
+from semoe.storage.expert_store import ExpertStore, StoreBudgetError
+from semoe.storage.safetensors_io import SafetensorsReader, SafetensorsWriter, read_header
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ExpertOffload", "apply_expert_offload"]
+
+PARAMS = ("w1", "w3", "w2")  # registration order of Experts' parameters
+
+
+@dataclass
+class _Key:
+    name: str  # layers.3.moe.experts.w1
+    mname: str
+    pname: str
+    layer: int  # index among the MoE layers
+    mod: Experts
+    handle: torch.Tensor
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    step: torch.Tensor | None = None  # AdamW's step count (None before the first update)
+    held_bwd: bool = False
+    bwd_routed: list[int] | None = None  # experts fetched for this backward
+
+
+@dataclass
+class _Layer:
+    mname: str
+    mod: Experts
+    index: int
+    keys: list[_Key] = field(default_factory=list)
+    routed_fwd: list[int] | None = None  # experts that got tokens in the last forward
+    routed_prev: list[int] | None = None  # ... in the previous step (prefetch prediction)
+
+
+_SAVED = object()
+
+
+class ExpertOffload:
+    """The component a :class:`~semoe.training.trainer.Trainer` is given to keep experts in ``store``
+    (build it with :func:`apply_expert_offload`)."""
+
+    def __init__(self, model: nn.Module, store: ExpertStore, mesh: DeviceMesh | None, *, lr: float,
+                 betas: tuple[float, float], weight_decay: float, depth: int = 1) -> None:
+        self.store, self.mesh, self.depth = store, mesh, depth
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.scale = 1.0 / self.world if mesh is not None and dist.is_initialized() else None
+        self.dp = mesh.size(0) if mesh is not None else 1
+        self.ep = mesh.size(1) if mesh is not None else 1
+        self.layers: list[_Layer] = []
+        self.keys: list[_Key] = []
+        mods = [(n, m) for n, m in model.named_modules() if isinstance(m, Experts)]
+        if not mods:
+            raise ValueError("the model has no experts to offload (storage.budget_mb > 0 needs an MoE model)")
+        # the tensors one moment needs at once: a layer's weights + one gradient (backward), or W, G, m, v
+        # of one key (optimizer); checked before anything is moved
+        sizes = [[p.numel() * p.element_size() for p in m.parameters(recurse=False)] for _, m in mods]
+        self.min_budget = max(max(4 * max(s) for s in sizes), max(sum(s) + max(s) for s in sizes))
+        store.min_budget = self.min_budget
+        if store.budget < self.min_budget:
+            raise StoreBudgetError(
+                f"storage.budget_mb={store.budget / 2**20:.3f} is below one layer's working set: raise it to at "
+                f"least {self.min_budget / 2**20:.3f} MiB (the weights of one MoE layer's local experts plus one "
+                f"gradient, or weights, gradient and both AdamW moments of one expert parameter)")
+        for mname, mod in mods:
+            layer = _Layer(mname, mod, len(self.layers))
+            for pname in PARAMS:
+                p = mod._parameters.get(pname)
+                if p is None:
+                    continue
+                key = _Key(f"{mname}.{pname}", mname, pname, len(self.layers), mod,
+                           torch.empty(0, dtype=p.dtype, device=p.device).requires_grad_(),
+                           tuple(p.shape), p.dtype)
+                for kind in ("W", "G", "m", "v"):
+                    store.declare(f"{key.name}/{kind}", key.shape, p.dtype)
+                store.put(f"{key.name}/W", p.detach())
+                del mod._parameters[pname]
+                setattr(mod, pname, key.handle)
+                key.handle.register_post_accumulate_grad_hook(self._grad_hook(key))
+                layer.keys.append(key)
+                self.keys.append(key)
+            mod.workspace = None  # its reused weight-gradient buffers would hold a layer's gradients for good
+            mod.register_forward_pre_hook(self._pre_hook(layer))
+            mod.register_forward_hook(self._post_hook(layer))
+            self.layers.append(layer)
+        self._opt_param = nn.Parameter(torch.empty(0, dtype=self.keys[0].dtype))
+        self._opt = torch.optim.AdamW([self._opt_param], lr=lr, betas=betas, weight_decay=weight_decay,
+                                      fused=False, foreach=True)
+        self._ctx: list[Any] = []
+        self.trace: list[tuple[str, str, tuple[int, ...]]] | None = None  # set to [] to record fetches (tests)
+
+    # ------------------------------------------------------------------ forward / backward hooks
+    def _pre_hook(self, layer: _Layer) -> Callable:
+        def hook(mod: Experts, args: tuple) -> None:
+            counts = list(args[1])
+            routed = [i for i, c in enumerate(counts) if c]
+            layer.routed_fwd = routed
+            for k in layer.keys:
+                k.handle.data = self._to_device(self.store.acquire(f"{k.name}/W", routed), k)
+                if self.trace is not None:
+                    self.trace.append(("forward", k.name, tuple(routed)))
+            nxt = self.layers[layer.index + 1:layer.index + 1 + self.depth] if self.depth else []
+            for other in nxt:
+                for k in other.keys:
+                    self.store.prefetch(f"{k.name}/W", other.routed_prev)
+            if torch.is_grad_enabled():
+                ctx = torch.autograd.graph.saved_tensors_hooks(self._pack(layer, routed), self._unpack)
+                ctx.__enter__()
+                self._ctx.append(ctx)
+            else:
+                self._ctx.append(None)
+        return hook
+
+    def _post_hook(self, layer: _Layer) -> Callable:
+        def hook(mod: Experts, args: tuple, out: Any) -> None:
+            ctx = self._ctx.pop()
+            if ctx is not None:
+                ctx.__exit__(None, None, None)
+            for k in layer.keys:
+                self.store.release(f"{k.name}/W")
+                k.handle.data = torch.empty(0, dtype=k.dtype, device=k.handle.device)
+        return hook
+
+    def _pack(self, layer: _Layer, routed: list[int]) -> Callable:
+        ptrs = {k.handle.data_ptr(): k for k in layer.keys}
+
+        def pack(t: torch.Tensor) -> Any:
+            k = ptrs.get(t.data_ptr()) if t.numel() else None
+            if k is not None and tuple(t.shape) == k.shape and t.dtype == k.dtype:
+                return (_SAVED, k, routed)
+            return t
+        return pack
+
+    def _unpack(self, saved: Any) -> torch.Tensor:
+        if not (isinstance(saved, tuple) and len(saved) == 3 and saved[0] is _SAVED):
+            return saved
+        _, k, routed = saved
+        if not k.held_bwd:
+            k.handle.data = self._to_device(self.store.acquire(f"{k.name}/W", routed), k)
+            if self.trace is not None:
+                self.trace.append(("backward", k.name, tuple(routed)))
+            k.held_bwd = True
+            k.bwd_routed = routed
+            for other in reversed(self.layers[max(0, k.layer - self.depth):k.layer]):
+                for o in other.keys:
+                    self.store.prefetch(f"{o.name}/W", other.routed_fwd)
+        return k.handle
+
+    def _grad_hook(self, k: _Key) -> Callable:
+        def hook(h: torch.Tensor) -> None:
+            g = h.grad
+            h.grad = None
+            gkey = f"{k.name}/G"
+            entry = self.store.entries[gkey]
+            routed = set(range(k.shape[0]) if k.bwd_routed is None else k.bwd_routed)
+            unrouted = set(range(k.shape[0])) - routed
+            if g.device.type != "cpu":  # CUDA: the gradient goes down to the host tier
+                g = g.to("cpu")
+            if len(entry.zero) == k.shape[0]:  # first micro-batch of the step: the gradient itself
+                self.store.adopt(gkey, g.contiguous(), zero=unrouted)
+            else:
+                zero_before = set(entry.zero)
+                G = self.store.acquire(gkey)
+                G.add_(g)  # as autograd accumulates into .grad
+                self.store.release(gkey, dirty=set(range(k.shape[0])) - (zero_before & unrouted))
+            if k.held_bwd:
+                self.store.release(f"{k.name}/W")
+                k.held_bwd = False
+            h.data = torch.empty(0, dtype=k.dtype, device=h.device)
+        return hook
+
+    def _to_device(self, host: torch.Tensor, k: _Key) -> torch.Tensor:
+        """The weights where the model computes: the host tensor itself on a CPU; on CUDA a copy made on a
+        side stream from pinned memory that the compute stream waits for (not exercised by the CPU tests)."""
+        dev = k.handle.device
+        if dev.type == "cpu":
+            return host
+        stream = self._copy_stream = getattr(self, "_copy_stream", None) or torch.cuda.Stream(dev)
+        with torch.cuda.stream(stream):
+            out = host.to(dev, non_blocking=True)
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        out.record_stream(torch.cuda.current_stream(dev))
+        return out
+
+    # ------------------------------------------------------------------ optimizer
+    def _final_grad(self, k: _Key, G: torch.Tensor) -> torch.Tensor:
+        """The gradient as the in-memory trainer has it after its sync (unclipped)."""
+        return G.mul(self.scale) if self.scale is not None else G
+
+    def expert_sq(self) -> torch.Tensor:
+        """Synchronise the expert gradients over the replicas and return the sum of their squared norms
+        (float64, summed over the expert-parallel group): the expert part of the global gradient norm."""
+        vals = []
+        for i, k in enumerate(self.keys):
+            for nk in self.keys[i + 1:i + 1 + self.depth]:
+                self.store.prefetch(f"{nk.name}/G")
+            gkey = f"{k.name}/G"
+            G = self.store.acquire(gkey)
+            if self.dp > 1:
+                dist.all_reduce(G, group=dp_group(self.mesh))
+                self.store.release(gkey, dirty=range(k.shape[0]))
+            else:
+                self.store.release(gkey)
+            vals.append(torch.linalg.vector_norm(self._final_grad(k, G).detach()).double().square())
+        total = torch.stack(vals).sum()
+        if self.ep > 1:
+            dist.all_reduce(total, group=self.mesh.get_group("ep"))
+        return total
+
+    @torch.no_grad()
+    def step(self, lr: float, norm: float, max_norm: float) -> None:
+        """AdamW for every expert key, streamed: read W, G, m, v; update; write W, m, v back."""
+        coef = None
+        if max_norm > 0 and math.isfinite(norm):
+            c = max_norm / (norm + 1e-6)
+            coef = c if c < 1.0 else None
+        group = self._opt.param_groups[0]
+        group["lr"] = lr
+        p = self._opt_param
+        for i, k in enumerate(self.keys):
+            for nk in self.keys[i + 1:i + 1 + self.depth]:
+                for kind in ("G", "W", "m", "v"):
+                    self.store.prefetch(f"{nk.name}/{kind}")
+            names = [f"{k.name}/{kind}" for kind in ("W", "G", "m", "v")]
+            W, G, m, v = (self.store.acquire(n) for n in names)
+            g = self._final_grad(k, G)
+            if coef is not None:
+                g = g if g is not G else g.clone()
+                g.mul_(coef)
+            if k.step is None:
+                k.step = torch.tensor(0.0, dtype=_get_scalar_dtype())
+            p.data, p.grad = W, g
+            self._opt.state[p] = {"step": k.step, "exp_avg": m, "exp_avg_sq": v}
+            self._opt.step()
+            self._opt.state.clear()
+            p.grad = None
+            p.data = torch.empty(0, dtype=k.dtype)
+            every = range(k.shape[0])
+            self.store.release(names[0], dirty=every)
+            self.store.release(names[1])
+            self.store.release(names[2], dirty=every)
+            self.store.release(names[3], dirty=every)
+            self.store.set_zero(names[1])
+        for layer in self.layers:
+            layer.routed_prev = layer.routed_fwd
+
+    # ------------------------------------------------------------------ checkpoints
+    def _ckpt_name(self, k: _Key, gid: int) -> str:
+        return f"{k.mname}.{gid}.{k.pname}" if k.mname else f"{gid}.{k.pname}"
+
+    def write_checkpoint(self, folder: Path, ep_rank: int) -> list[Path]:
+        """Write this rank's experts (weights, and AdamW state once it exists) into ``folder`` in the
+        checkpoint format, one key at a time; returns the files written."""
+        folder = Path(folder)
+        mspecs, ospecs = {}, {}
+        for k in self.keys:
+            for l_ in range(k.shape[0]):
+                n = self._ckpt_name(k, k.mod.expert_offset + l_)
+                mspecs[n] = (k.dtype, k.shape[1:])
+                if k.step is not None:
+                    ospecs[f"{n}.exp_avg"] = (k.dtype, k.shape[1:])
+                    ospecs[f"{n}.exp_avg_sq"] = (k.dtype, k.shape[1:])
+                    ospecs[f"{n}.step"] = (k.step.dtype, ())
+        out = [folder / f"model-experts-{ep_rank:05d}.safetensors"]
+        with SafetensorsWriter(out[0], mspecs) as w:
+            for k in self.keys:
+                self._write_rows(w, k, "W", "")
+        if ospecs:
+            out.append(folder / f"optim-experts-{ep_rank:05d}.safetensors")
+            with SafetensorsWriter(out[1], ospecs) as w:
+                for k in self.keys:
+                    self._write_rows(w, k, "m", ".exp_avg")
+                    self._write_rows(w, k, "v", ".exp_avg_sq")
+                    for l_ in range(k.shape[0]):
+                        w.write(f"{self._ckpt_name(k, k.mod.expert_offset + l_)}.step", k.step.reshape(()))
+        return out
+
+    def _write_rows(self, w: SafetensorsWriter, k: _Key, kind: str, suffix: str) -> None:
+        t = self.store.acquire(f"{k.name}/{kind}")
+        try:
+            for l_ in range(k.shape[0]):
+                w.write(f"{self._ckpt_name(k, k.mod.expert_offset + l_)}{suffix}", t[l_])
+        finally:
+            self.store.release(f"{k.name}/{kind}")
+
+    @torch.no_grad()
+    def load_checkpoint(self, path: Path) -> None:
+        """Fill the store from a checkpoint folder (any layout that wrote it), one key at a time."""
+        from semoe.storage.checkpoint import CheckpointError
+
+        where: dict[str, Any] = {}
+        for f in sorted(Path(path).glob("*-experts-*.safetensors")):
+            h = read_header(f)
+            for name in h.tensors:
+                where[name] = h
+        readers: dict[Path, SafetensorsReader] = {}
+        try:
+            for k in self.keys:
+                for kind, suffix in (("W", ""), ("m", ".exp_avg"), ("v", ".exp_avg_sq")):
+                    names = [f"{self._ckpt_name(k, k.mod.expert_offset + l_)}{suffix}" for l_ in range(k.shape[0])]
+                    if kind != "W" and names[0] not in where:
+                        continue  # a checkpoint written before the first optimizer step
+                    t = self.store.acquire(f"{k.name}/{kind}", experts=[])
+                    try:
+                        for l_, n in enumerate(names):
+                            if n not in where:
+                                raise CheckpointError(f"tensor {n!r} is not in the checkpoint {path}; it was "
+                                                      "written for a different model")
+                            h = where[n]
+                            info = h[n]
+                            if tuple(info.shape) != k.shape[1:] or info.dtype != k.dtype:
+                                raise CheckpointError(
+                                    f"tensor {n!r} is {info.dtype} {tuple(info.shape)} in the checkpoint but the "
+                                    f"model expects {k.dtype} {k.shape[1:]}: the checkpoint is from a different "
+                                    "model config")
+                            r = readers.get(h.path)
+                            if r is None:
+                                r = readers[h.path] = SafetensorsReader(h.path, h)
+                            r.read_into(info, t[l_])
+                            r.drop_cache(info.offset, info.nbytes)
+                    finally:
+                        self.store.release(f"{k.name}/{kind}", dirty=range(k.shape[0]))
+                sname = f"{self._ckpt_name(k, k.mod.expert_offset)}.step"
+                if sname in where:
+                    h = where[sname]
+                    r = readers.get(h.path) or readers.setdefault(h.path, SafetensorsReader(h.path, h))
+                    k.step = r.read(sname).reshape(())
+                self.store.set_zero(f"{k.name}/G")
+        finally:
+            for r in readers.values():
+                r.close()
+        self.store.evict_all()
+
+    # ------------------------------------------------------------------ progress
+    def step_stats(self) -> dict[str, float]:
+        """Bytes moved (read + written) and seconds waited for IO since the last call."""
+        s = self.store.reset_stats()
+        return {"io_mb": (s.bytes_read + s.bytes_written) / 2**20, "io_read_mb": s.bytes_read / 2**20,
+                "io_write_mb": s.bytes_written / 2**20, "stall_ms": 1e3 * s.stall_s,
+                "store_peak_mb": s.peak_resident / 2**20}
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def apply_expert_offload(model: nn.Module, store: ExpertStore, mesh: DeviceMesh | None, *, lr: float,
+                         betas: tuple[float, float], weight_decay: float, depth: int = 1) -> ExpertOffload:
+    """Move every MoE layer's (local) experts of ``model`` into ``store`` (see the module docstring); returns
+    the component that runs their forward / backward fetches, their optimizer and their checkpoints."""
+    off = ExpertOffload(model, store, mesh, lr=lr, betas=betas, weight_decay=weight_decay, depth=depth)
+    for i, layer in enumerate(off.layers):
+        layer.index = i  # type: ignore[attr-defined]
+    return off
+
+
+def offload_from_config(model: nn.Module, mesh: DeviceMesh | None, run: Any, out_dir: Path,
+                        rank: int) -> ExpertOffload | None:
+    """The offload ``run.storage`` asks for (None when ``storage.budget_mb`` is 0). The store of this rank
+    is ``<storage.dir or out_dir/expert_store>/ep<E>-rank<r>``; it holds ``run.model``'s experts only."""
+    from semoe.config import to_dict
+
+    sc, tc = run.storage, run.train
+    if not sc.enabled:
+        return None
+    if run.parallel.a2a_chunks > 1:
+        raise ValueError("storage.budget_mb > 0 (expert offload) runs the experts whole: set parallel.a2a_chunks=1")
+    ep = mesh.size(1) if mesh is not None else 1
+    root = (Path(sc.dir) if sc.dir else Path(out_dir) / "expert_store") / f"ep{ep}-rank{rank:05d}"
+    store = ExpertStore(root, int(sc.budget_mb * 2**20), fingerprint={"model": to_dict(run.model)},
+                        io_threads=sc.io_threads)
+    off = apply_expert_offload(model, store, mesh, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay,
+                               depth=sc.prefetch_depth)
+    log.info("experts offloaded to %s: %.1f MiB of expert state, host budget %.1f MiB", root,
+             store.total_bytes() / 2**20, sc.budget_mb)
+    return off

@@ -1,0 +1,289 @@
+"""Expert offload: an offloaded run equals the all-in-memory run bit for bit (same ops, same order, on the
+same stacked tensors), and the store behaves (budget, router-aware IO, bad input)."""
+
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from semoe.config import apply_overrides
+from semoe.storage import checkpoint as ckpt
+from semoe.storage.expert_store import ExpertStore, StoreBudgetError
+from semoe.training.trainer import Trainer
+from tests.unit.test_train import tiny_run
+
+BUDGET_MB = 0.6  # the tiny model's expert state is ~3.1 MiB; one key's W, G, m, v ~0.5 MiB
+
+
+def offload_run(corpus_file: Path, steps: int, budget_mb: float = BUDGET_MB, **train):
+    run = tiny_run(corpus_file, steps=steps, ckpt_every=100, dtype="float32", **train)
+    return apply_overrides(run, [f"storage.budget_mb={budget_mb}"])
+
+
+def params(t: Trainer) -> dict[str, torch.Tensor]:
+    """Every parameter, experts read back from the store when offloaded (stacked as in the model)."""
+    out = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    if t.offload is not None:
+        for k in t.offload.keys:
+            out[k.name] = t.offload.store.acquire(f"{k.name}/W").clone()
+            t.offload.store.release(f"{k.name}/W")
+    return out
+
+
+@pytest.mark.numerics
+def test_offloaded_run_equals_in_memory_bitwise(tmp_path, corpus_file, cache_dir) -> None:
+    """20 steps, grad accumulation 2, clipping active, AdamW with weight decay and the LR schedule."""
+    run = offload_run(corpus_file, steps=20, grad_accum=2, grad_clip=0.5)
+    ref_run = apply_overrides(run, ["storage.budget_mb=0"])
+    ref = Trainer(ref_run, tmp_path / "ref", cache_dir, resume=None)
+    off = Trainer(run, tmp_path / "off", cache_dir, resume=None)
+    assert off.offload is not None and not any(".experts." in n for n, _ in off.model.named_parameters())
+    clipped = 0
+    for s in range(20):
+        a, b = ref.train_step(s), off.train_step(s)
+        assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"], s
+        clipped += a["grad_norm"] > 0.5
+        assert b["io_mb"] > 0  # the state does not fit: it moves every step
+    assert clipped >= 5
+    pa, pb = params(ref), params(off)
+    assert pa.keys() == pb.keys()
+    for n in pa:
+        assert torch.equal(pa[n], pb[n]), n
+    assert off.offload.store.stats.peak_resident <= off.offload.store.budget
+    assert ref.evaluate() == off.evaluate()
+
+
+def test_store_budget_lru_and_zero_experts(tmp_path) -> None:
+    st = ExpertStore(tmp_path / "s", 3 * 4 * 16 * 4)  # three [4, 16] float32 tensors
+    for i in range(5):
+        st.declare(f"k{i}", (4, 16), torch.float32)
+    vals = {f"k{i}": torch.randn(4, 16) for i in range(5)}
+    for k, v in vals.items():
+        st.put(k, v)
+    assert st.resident <= st.budget and st.stats.bytes_written > 0
+    st.reset_stats()
+    for k, v in vals.items():
+        assert torch.equal(st.acquire(k), v)
+        st.release(k)
+    assert st.stats.bytes_read > 0
+    st.reset_stats()
+    t = st.acquire("k0", experts=[1])  # router-aware: one expert's rows only
+    assert torch.equal(t[1], vals["k0"][1])
+    st.release("k0")
+    assert st.stats.bytes_read in (0, 64)
+    st.set_zero("k1")
+    st.reset_stats()
+    assert torch.equal(st.acquire("k1"), torch.zeros(4, 16)) and st.stats.bytes_read == 0
+    st.release("k1")
+    held = [st.acquire(f"k{i}") for i in range(3)]
+    with pytest.raises(StoreBudgetError, match="at least"):
+        st.acquire("k3")
+    assert len(held) == 3
+    st.close()
+
+
+def test_budget_below_one_layer_states_minimum(tmp_path, corpus_file, cache_dir) -> None:
+    run = offload_run(corpus_file, steps=2, budget_mb=0.1)
+    with pytest.raises(StoreBudgetError, match=r"at least 0\.5"):
+        Trainer(run, tmp_path / "run", cache_dir, resume=None)
+
+
+def test_store_of_another_model_is_refused(tmp_path, corpus_file, cache_dir) -> None:
+    run = offload_run(corpus_file, steps=2)
+    Trainer(run, tmp_path / "run", cache_dir, resume=None)
+    meta = next((tmp_path / "run" / "expert_store").glob("*/store.json"))
+    before = {p.name: p.read_bytes() for p in meta.parent.iterdir()}
+    other = apply_overrides(run, ["model.moe.d_ff=96"])
+    with pytest.raises(ValueError, match="another model"):
+        Trainer(other, tmp_path / "run", cache_dir, resume=None)
+    assert {p.name: p.read_bytes() for p in meta.parent.iterdir()} == before
+
+
+def test_store_dir_not_writable(tmp_path, corpus_file, cache_dir) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")  # a folder cannot be made under a file (root ignores permission bits)
+    run = apply_overrides(offload_run(corpus_file, steps=2), [f"storage.dir={blocker / 'store'}"])
+    with pytest.raises(OSError, match="not writable"):
+        Trainer(run, tmp_path / "run", cache_dir, resume=None)
+
+
+def test_store_disk_full_keeps_previous_checkpoint(tmp_path, corpus_file, cache_dir, monkeypatch) -> None:
+    from semoe.storage import expert_store
+
+    run = offload_run(corpus_file, steps=4)
+    t = Trainer(run, tmp_path / "run", cache_dir, resume=None)
+    t.train_step(0)
+    good = t.save(1)
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(expert_store.os, "pwrite", full)
+    with pytest.raises(OSError, match="full"):
+        t.train_step(1)
+    monkeypatch.undo()
+    assert ckpt.find_latest(tmp_path / "run" / "checkpoints") == good
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+    ckpt.read_manifest(good)
+
+
+def _probe(corpus_file: Path, out: Path, cache_dir: Path, budget_mb: float) -> dict:
+    # glibc's dynamic mmap threshold would serve the store's freed MiB-sized blocks from the heap and keep them
+    # resident after free; a fixed threshold returns every block of >= 64 KiB to the kernel when freed, so RSS
+    # measures live memory (the same setting for both runs)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "tests.unit.offload_rss_probe", str(corpus_file), str(out),
+                          str(cache_dir), str(budget_mb)], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).parents[2], timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_peak_rss_within_budget_plus_fixed_overhead(tmp_path, corpus_file, cache_dir) -> None:
+    """Expert state (W, G, m, v: 48 MiB) is 4x the 12 MiB budget. The fixed overhead (dense parameters,
+    gradients and moments, activations, autograd temporaries, allocator) is measured on the in-memory run of
+    the same model: its peak growth during training minus the expert state it allocates then (G, m, v; W
+    is already resident at the start). The offloaded run's peak growth must stay within budget + that
+    overhead + 4 MiB (two of the largest expert tensors, 2 MiB each: a gradient that autograd has produced
+    before it reaches the store)."""
+    budget = 12.0
+    mem = _probe(corpus_file, tmp_path / "mem", cache_dir, 0)
+    off = _probe(corpus_file, tmp_path / "off", cache_dir, budget)
+    assert off["expert_state"] >= 4 * budget * 2**20
+    overhead = mem["peak"] - mem["base"] - 0.75 * mem["expert_state"]
+    grown = off["peak"] - off["base"]
+    assert off["store_peak"] <= budget * 2**20
+    assert grown <= budget * 2**20 + overhead + 4 * 2**20, (grown / 2**20, overhead / 2**20)
+    assert mem["peak"] - mem["base"] > grown + 16 * 2**20  # the in-memory run does need the expert state
+
+
+def _losses(out: Path) -> dict[int, str]:
+    with open(out / "metrics.csv", newline="") as f:
+        return {int(r["step"]): r["loss"] for r in csv.DictReader(f) if r.get("loss")}
+
+
+def test_kill_during_offloaded_run_then_resume(tmp_path, corpus_file, cache_dir) -> None:
+    """``semoe train --set storage.budget_mb=...`` killed with SIGKILL after its step-10 checkpoint, then run
+    again (it resumes): its losses equal an uninterrupted run's bit for bit (metrics.csv keeps every digit)."""
+
+    def cmd(out: Path) -> list[str]:
+        return [sys.executable, "-m", "semoe", "train", "--recipe", "tiny", "--data", str(corpus_file), "--out",
+                str(out), "--cache-dir", str(cache_dir), "--sample", "", "--set", f"storage.budget_mb={BUDGET_MB}",
+                "--set", "train.dtype=float32", "--set", "train.steps=30", "--set", "train.ckpt_every=10",
+                "--set", "train.eval_every=100", "--set", "train.keep_last=10"]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = Path(__file__).parents[2]
+    out, log_file = tmp_path / "run", tmp_path / "train.log"
+    with open(log_file, "w") as log:
+        proc = subprocess.Popen(cmd(out), stdout=log, stderr=log, env=env, cwd=root)
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoints" / "step_00000010" / "manifest.json").exists():
+        assert proc.poll() is None, log_file.read_text()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert proc.poll() is None  # still training: the kill lands mid-run
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(_losses(out))
+    assert killed_at < 30
+    for o in (out, tmp_path / "ref"):
+        res = subprocess.run(cmd(o), capture_output=True, text=True, env=env, cwd=root, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert ("resumed from" in res.stdout + res.stderr) == (o == out)
+    got, ref = _losses(out), _losses(tmp_path / "ref")
+    assert sorted(got) == list(range(1, 31)) and got == ref
+
+
+@pytest.mark.numerics
+def test_resume_between_offloaded_and_in_memory_checkpoints(tmp_path, corpus_file, cache_dir) -> None:
+    """The one checkpoint format both ways: in-memory -> offloaded and offloaded -> in-memory, bit for bit."""
+    off_run = offload_run(corpus_file, steps=8)
+    mem_run = apply_overrides(off_run, ["storage.budget_mb=0"])
+    ref = Trainer(mem_run, tmp_path / "ref", cache_dir, resume=None).fit().losses
+    for first, second, name in ((mem_run, off_run, "m2o"), (off_run, mem_run, "o2m")):
+        t = Trainer(first, tmp_path / name, cache_dir, resume=None)
+        part = [t.train_step(s)["loss"] for s in range(4)]
+        t.save(4)
+        assert part == ref[:4]
+        resumed = Trainer(second, tmp_path / name, cache_dir, resume="auto")
+        assert resumed.start_step == 4 and (resumed.offload is not None) == (second is off_run)
+        assert resumed.fit().losses == ref[4:], name
+
+
+def test_offloaded_checkpoint_is_written_without_loading_all_experts(tmp_path, corpus_file, cache_dir) -> None:
+    run = offload_run(corpus_file, steps=3)
+    t = Trainer(run, tmp_path / "run", cache_dir, resume=None)
+    for s in range(2):
+        t.train_step(s)
+    t.offload.store.reset_stats()
+    path = t.save(2)
+    assert t.offload.store.stats.peak_resident <= t.offload.store.budget
+    from semoe.storage.safetensors_io import read_header
+
+    names = set(read_header(path / "model-experts-00000.safetensors").tensors)
+    assert {f"layers.{i}.moe.experts.{e}.{p}" for i in range(2) for e in range(4) for p in ("w1", "w2", "w3")} <= names
+    onames = set(read_header(path / "optim-experts-00000.safetensors").tensors)
+    assert "layers.1.moe.experts.3.w2.exp_avg_sq" in onames and "layers.0.moe.experts.0.w1.step" in onames
+
+
+def test_router_aware_fetch_skips_experts_without_tokens(tmp_path, corpus_file, cache_dir) -> None:
+    """8 experts, top-1, capacity-limited: some experts get no tokens in a layer; their weights are not read
+    for forward or backward (bytes read in those phases = the routed experts' rows), yet they get their AdamW
+    update (weight decay moves them): the run still equals the in-memory one bit for bit."""
+    run = apply_overrides(offload_run(corpus_file, steps=6, budget_mb=2.0),
+                          ["model.moe.num_experts=8", "model.moe.router.top_k=1",
+                           "model.moe.router.capacity_factor=0.5", "train.batch_size=2", "train.seq_len=16"])
+    ref = Trainer(apply_overrides(run, ["storage.budget_mb=0"]), tmp_path / "ref", cache_dir, resume=None)
+    off = Trainer(run, tmp_path / "off", cache_dir, resume=None)
+    off.offload.trace = []
+    skipped = 0
+    for s in range(6):
+        assert ref.train_step(s)["loss"] == off.train_step(s)["loss"]
+    fetches = [t for t in off.offload.trace if t[0] in ("forward", "backward")]
+    skipped = sum(8 - len(experts) for _, _, experts in fetches)
+    assert skipped > 0  # some layer had experts without tokens
+    prev = {n: set(ex) for ph, n, ex in off.offload.trace if ph == "forward"}  # step 5's routing
+    before = params(off)
+    # one more step, counting the expert rows each fetch reads from disk
+    store = off.offload.store
+    store.evict_all()
+    off.offload.trace = []
+    reads = []
+    real = store._load_rows
+
+    def counting(e, want):
+        reads.append((e.key, threading.current_thread() is threading.main_thread(),
+                      {x for x in want if x not in e.zero and x in e.on_disk}))
+        return real(e, want)
+
+    store._load_rows = counting
+    ref.train_step(6)
+    off.train_step(6)
+    now = {n: set(ex) for ph, n, ex in off.offload.trace if ph == "forward"}
+    w_reads = [(k[:-2], main, rows) for k, main, rows in reads if k.endswith("/W") and rows]
+    optimizer_reads = [r for r in w_reads if len(r[2]) == 8]  # the optimizer reads every expert
+    assert optimizer_reads
+    for name, main, rows in w_reads:
+        if len(rows) < 8:  # a forward / backward fetch: routed experts only (demand), or predicted (prefetch)
+            assert rows <= (now[name] if main else now[name] | prev[name]), (name, rows)
+    after = params(off)
+    for n in after:
+        if ".experts." in n:
+            assert not torch.equal(before[n], after[n])  # every expert moved (AdamW with weight decay)
+    pa = params(ref)
+    for n in pa:
+        assert torch.equal(pa[n], after[n]), n
