@@ -145,8 +145,9 @@ def row_semoe(args: argparse.Namespace, impl: str, cache: str) -> dict:
     tokens = args.batch * args.seq
     t_e = tokens * 2 / args.experts  # top-2, dropless: tokens per expert per step (balanced)
     step_ms = 1e3 * statistics.median(times)
-    out = {"impl": impl, "cache": cache if impl == "semoe-offload" else "warm", "tokens_per_s": tokens / (step_ms / 1e3),
-           "step_ms": step_ms, "peak_rss_mb": status("VmHWM") / 2**20, "budget_mb": budget_mb,
+    out = {"impl": impl, "cache": cache if impl == "semoe-offload" else "warm",
+           "tokens_per_s": tokens / (step_ms / 1e3), "step_ms": step_ms, "peak_rss_mb": status("VmHWM") / 2**20,
+           "budget_mb": budget_mb,
            "expert_state_mb": state / 2**20, "bytes_moved_per_step": statistics.median(io) if io else 0.0,
            "bytes_read_per_step": statistics.median(reads) if reads else 0.0,
            "bytes_written_per_step": statistics.median(writes) if writes else 0.0,
@@ -202,7 +203,10 @@ def row_deepspeed(args: argparse.Namespace) -> dict:
         base.update(step_ms=step_ms, tokens_per_s=args.batch * args.seq / (step_ms / 1e3),
                     peak_rss_mb=status("VmHWM") / 2**20)
     except BaseException as e:  # recorded, not raised: the row says why DeepSpeed does not run here
-        base["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+        import traceback
+
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        base["error"] = f"{type(e).__name__}: {str(e)[:300]} (at {Path(where.filename).name}:{where.lineno})"
     return base
 
 
