@@ -109,3 +109,23 @@ def test_finetune_smoke(tmp_path) -> None:
     assert summary["summary"] is True and summary["smoke"] is True and summary["errors"] is None
     assert summary["loss0_spread"] < 1e-4  # the same model and batch
     assert summary["speedup_vs_transformers"] > 0 and "target_1.5x_transformers_at_le_memory" in summary
+
+
+OFFLOAD_KEYS = {"impl", "cache", "tokens_per_s", "step_ms", "peak_rss_mb", "budget_mb", "expert_state_mb",
+                "bytes_moved_per_step", "bound_step_ms"}
+
+
+def test_offload_train_smoke() -> None:
+    """``bench_offload_train.py --smoke``: in-memory and semoe-offload warm/cold rows with the issue's fields,
+    expert state 4x the budget, bytes moved every offloaded step, and the summary's ratios."""
+    script = ROOT / "benchmarks" / "bench_offload_train.py"
+    lines = _run([sys.executable, str(script), "--smoke", "--peers", "none"], timeout=300)
+    rows, summary = lines[:-1], lines[-1]
+    assert [(r["impl"], r["cache"]) for r in rows] == [("in-memory", "warm"), ("semoe-offload", "warm"),
+                                                       ("semoe-offload", "cold")]
+    for r in rows:
+        assert OFFLOAD_KEYS <= r.keys() and "error" not in r, r
+        assert r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 0 and r["bound_step_ms"] > 0
+    for r in rows[1:]:
+        assert r["expert_state_mb"] >= 4 * r["budget_mb"] and r["bytes_moved_per_step"] > 0 and r["t_star"] > 0
+    assert summary["summary"] is True and summary["ratio_vs_in_memory_warm"] > 0

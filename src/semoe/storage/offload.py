@@ -27,7 +27,9 @@ tensor in their place whose storage is swapped in around each use:
 
 The global gradient norm (:meth:`ExpertOffload.expert_sq`) is computed like
 ``semoe.parallel.grads.grad_norm``: each key's norm in the gradient's dtype, squares summed in float64 in
-registration order, summed over the expert-parallel group.
+registration order, summed over the expert-parallel group. A key's gradient is complete after its
+``grad_accum``-th backward: there (still in memory) it is summed over the expert's replicas (one all-reduce
+per key, in backward order, the same on every rank) and its norm taken, so the optimizer reads it once.
 
 Checkpoints: :meth:`ExpertOffload.write_checkpoint` streams the experts into the one layout-free format
 (``model-experts-*.safetensors`` / ``optim-experts-*.safetensors``, one tensor per global expert id) one
@@ -74,6 +76,8 @@ class _Key:
     step: torch.Tensor | None = None  # AdamW's step count (None before the first update)
     held_bwd: bool = False
     bwd_routed: list[int] | None = None  # experts fetched for this backward
+    backwards: int = 0  # gradients received this step (the last of grad_accum completes it)
+    sq: torch.Tensor | None = None  # its squared norm once complete (float64)
 
 
 @dataclass
@@ -94,8 +98,8 @@ class ExpertOffload:
     (build it with :func:`apply_expert_offload`)."""
 
     def __init__(self, model: nn.Module, store: ExpertStore, mesh: DeviceMesh | None, *, lr: float,
-                 betas: tuple[float, float], weight_decay: float, depth: int = 1) -> None:
-        self.store, self.mesh, self.depth = store, mesh, depth
+                 betas: tuple[float, float], weight_decay: float, depth: int = 1, grad_accum: int = 1) -> None:
+        self.store, self.mesh, self.depth, self.grad_accum = store, mesh, depth, grad_accum
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.scale = 1.0 / self.world if mesh is not None and dist.is_initialized() else None
         self.dp = mesh.size(0) if mesh is not None else 1
@@ -209,13 +213,23 @@ class ExpertOffload:
             unrouted = set(range(k.shape[0])) - routed
             if g.device.type != "cpu":  # CUDA: the gradient goes down to the host tier
                 g = g.to("cpu")
+            k.backwards += 1
             if len(entry.zero) == k.shape[0]:  # first micro-batch of the step: the gradient itself
                 self.store.adopt(gkey, g.contiguous(), zero=unrouted)
+                G = None
             else:
                 zero_before = set(entry.zero)
                 G = self.store.acquire(gkey)
                 G.add_(g)  # as autograd accumulates into .grad
                 self.store.release(gkey, dirty=set(range(k.shape[0])) - (zero_before & unrouted))
+            if k.backwards == self.grad_accum:  # complete: sync over the replicas, take its norm while in memory
+                G = self.store.acquire(gkey)
+                if self.dp > 1:  # every rank reaches this key in the same backward order: one all-reduce each
+                    dist.all_reduce(G, group=dp_group(self.mesh))
+                    self.store.release(gkey, dirty=range(k.shape[0]))
+                else:
+                    self.store.release(gkey)
+                k.sq = torch.linalg.vector_norm(self._final_grad(k, G).detach()).double().square()
             if k.held_bwd:
                 self.store.release(f"{k.name}/W")
                 k.held_bwd = False
@@ -241,20 +255,15 @@ class ExpertOffload:
         return G.mul(self.scale) if self.scale is not None else G
 
     def expert_sq(self) -> torch.Tensor:
-        """Synchronise the expert gradients over the replicas and return the sum of their squared norms
-        (float64, summed over the expert-parallel group): the expert part of the global gradient norm."""
+        """The sum of the expert gradients' squared norms (float64, registration order, summed over the
+        expert-parallel group): the expert part of the global gradient norm. Each key's was taken when its
+        gradient became complete in backward (synchronised over the replicas there), so this reads nothing."""
         vals = []
-        for i, k in enumerate(self.keys):
-            for nk in self.keys[i + 1:i + 1 + self.depth]:
-                self.store.prefetch(f"{nk.name}/G")
-            gkey = f"{k.name}/G"
-            G = self.store.acquire(gkey)
-            if self.dp > 1:
-                dist.all_reduce(G, group=dp_group(self.mesh))
-                self.store.release(gkey, dirty=range(k.shape[0]))
-            else:
-                self.store.release(gkey)
-            vals.append(torch.linalg.vector_norm(self._final_grad(k, G).detach()).double().square())
+        for k in self.keys:
+            if k.sq is None or k.backwards != self.grad_accum:
+                raise RuntimeError(f"{k.name}: {k.backwards} gradients this step, expected grad_accum="
+                                   f"{self.grad_accum} (one backward per micro-batch)")
+            vals.append(k.sq)
         total = torch.stack(vals).sum()
         if self.ep > 1:
             dist.all_reduce(total, group=self.mesh.get_group("ep"))
@@ -294,6 +303,7 @@ class ExpertOffload:
             self.store.release(names[2], dirty=every)
             self.store.release(names[3], dirty=every)
             self.store.set_zero(names[1])
+            k.backwards, k.sq = 0, None
         for layer in self.layers:
             layer.routed_prev = layer.routed_fwd
 
@@ -397,13 +407,12 @@ class ExpertOffload:
 
 
 def apply_expert_offload(model: nn.Module, store: ExpertStore, mesh: DeviceMesh | None, *, lr: float,
-                         betas: tuple[float, float], weight_decay: float, depth: int = 1) -> ExpertOffload:
+                         betas: tuple[float, float], weight_decay: float, depth: int = 1,
+                         grad_accum: int = 1) -> ExpertOffload:
     """Move every MoE layer's (local) experts of ``model`` into ``store`` (see the module docstring); returns
     the component that runs their forward / backward fetches, their optimizer and their checkpoints."""
-    off = ExpertOffload(model, store, mesh, lr=lr, betas=betas, weight_decay=weight_decay, depth=depth)
-    for i, layer in enumerate(off.layers):
-        layer.index = i  # type: ignore[attr-defined]
-    return off
+    return ExpertOffload(model, store, mesh, lr=lr, betas=betas, weight_decay=weight_decay, depth=depth,
+                         grad_accum=grad_accum)
 
 
 def offload_from_config(model: nn.Module, mesh: DeviceMesh | None, run: Any, out_dir: Path,
@@ -422,7 +431,7 @@ def offload_from_config(model: nn.Module, mesh: DeviceMesh | None, run: Any, out
     store = ExpertStore(root, int(sc.budget_mb * 2**20), fingerprint={"model": to_dict(run.model)},
                         io_threads=sc.io_threads)
     off = apply_expert_offload(model, store, mesh, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay,
-                               depth=sc.prefetch_depth)
+                               depth=sc.prefetch_depth, grad_accum=tc.grad_accum)
     log.info("experts offloaded to %s: %.1f MiB of expert state, host budget %.1f MiB", root,
              store.total_bytes() / 2**20, sc.budget_mb)
     return off

@@ -1,0 +1,289 @@
+"""Training with the experts offloaded (semoe.storage.offload) vs all in memory vs DeepSpeed ZeRO-3 offload.
+
+One JSON line per row, each row in its own process (its peak RSS is its own: VmHWM of /proc/self/status,
+reset once the trainer is built, so it covers the timed steps):
+
+* ``in-memory``: the plain trainer, the compute side of the bound;
+* ``semoe-offload`` / ``warm``: expert state (W, G, m, v) >= 4x ``storage.budget_mb``, the store's files
+  served from the page cache where the kernel kept them;
+* ``semoe-offload`` / ``cold``: the same with the store's files dropped from the page cache before every
+  step (``posix_fadvise(DONTNEED)`` after an fsync, outside the timed region), so reads come from the disk;
+* ``deepspeed``: its nearest setup (the MoE block a ZeRO-3 leaf module, ``offload_param`` and
+  ``offload_optimizer`` to cpu); on a CPU-only machine it does not run, and the row carries its error.
+
+Also measured in the same run: the fp32 matmul rate F (one expert's ``[T_e, D] x [D, F]``) and the disk
+bandwidth B (pwrite + fdatasync, then pread after dropping the pages, in the store's directory), from which
+T* = b * F / (6 * B) with b the bytes moved per expert parameter per step, and the bound
+``bound_step_ms = max(in-memory step, bytes moved / B)``. Summary line: the ratios against the targets.
+
+Run timings alone: ``flock -x /tmp/semoe-cpu.lock python benchmarks/bench_offload_train.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ("the king and queen of our land shall speak to thee my lord good night sweet prince what news "
+         "from rome to be or not is question noble friends come hither").split()
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def write_corpus(path: Path, n_lines: int = 4000) -> None:
+    import random
+
+    rng = random.Random(0)
+    path.write_text("\n".join(f"{rng.choice(['ROMEO', 'JULIET', 'KING'])}: " +
+                              " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))) for _ in range(n_lines)))
+
+
+def overrides(args: argparse.Namespace) -> list[str]:
+    return [f"model.d_model={args.d_model}", f"model.moe.d_ff={args.d_ff}", f"model.moe.num_experts={args.experts}",
+            f"model.n_layers={args.layers}", f"model.max_seq_len={args.seq}", f"train.seq_len={args.seq}",
+            f"train.batch_size={args.batch}", "train.dtype=float32", f"train.steps={args.steps + 1}",
+            "train.eval_every=1000", "train.ckpt_every=1000", "model.moe.router.capacity_factor=none",
+            "model.moe.router.eval_capacity_factor=none"]
+
+
+def matmul_rate(t_e: int, d: int, f: int) -> float:
+    import torch
+
+    a, b = torch.randn(t_e, d), torch.randn(d, f)
+    torch.mm(a, b)
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 0.3:
+        torch.mm(a, b)
+        reps += 1
+    return 2.0 * t_e * d * f * reps / (time.perf_counter() - t0)
+
+
+def disk_bandwidth(folder: Path, nbytes: int) -> float:
+    """Bytes/s of writing then reading ``nbytes`` through the store's IO path, page cache dropped in between."""
+    import torch
+
+    from semoe.storage.tensor_io import PositionalFile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    buf = torch.randn(nbytes // 4)
+    f = PositionalFile(folder / "bandwidth.bin")
+    try:
+        t0 = time.perf_counter()
+        f.write(0, buf)
+        f.sync()
+        t_w = time.perf_counter() - t0
+        f.drop_cache()
+        t0 = time.perf_counter()
+        f.readv(0, [buf])
+        t_r = time.perf_counter() - t0
+        f.drop_cache()
+    finally:
+        f.close()
+        (folder / "bandwidth.bin").unlink()
+    return 2 * nbytes / (t_w + t_r)
+
+
+def row_semoe(args: argparse.Namespace, impl: str, cache: str) -> dict:
+    import torch
+
+    from semoe.config import apply_overrides, replace
+    from semoe.models.recipes import tiny
+    from semoe.training.trainer import Trainer
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.workdir)
+    corpus = work / "corpus.txt"
+    run = tiny()
+    run = replace(run, data=str(corpus), model=replace(run.model, vocab_size=320))
+    run = apply_overrides(run, overrides(args))
+    e_params = 3 * args.layers * args.experts * args.d_model * args.d_ff
+    state = 16 * e_params  # W, G, m, v in float32
+    budget_mb = state / 2**20 * args.budget_frac if impl == "semoe-offload" else 0.0
+    run = apply_overrides(run, [f"storage.budget_mb={budget_mb}"])
+    t = Trainer(run, work / f"{impl}-{cache}", work / "cache", resume=None)
+    t.train_step(0)  # warm-up (allocations, first reads)
+    if t.offload is not None and cache == "cold":
+        t.offload.store.drop_page_cache()
+    Path("/proc/self/clear_refs").write_text("5")
+    times, io, stalls, reads, writes = [], [], [], [], []
+    for s in range(1, args.steps + 1):
+        if t.offload is not None and cache == "cold":
+            t.offload.store.drop_page_cache()
+            t.offload.store.reset_stats()
+        t0 = time.perf_counter()
+        row = t.train_step(s)
+        times.append(time.perf_counter() - t0)
+        if t.offload is not None:
+            io.append(row["io_mb"] * 2**20)
+            reads.append(row["io_read_mb"] * 2**20)
+            writes.append(row["io_write_mb"] * 2**20)
+            stalls.append(row["stall_ms"])
+    tokens = args.batch * args.seq
+    t_e = tokens * 2 / args.experts  # top-2, dropless: tokens per expert per step (balanced)
+    step_ms = 1e3 * statistics.median(times)
+    out = {"impl": impl, "cache": cache if impl == "semoe-offload" else "warm",
+           "tokens_per_s": tokens / (step_ms / 1e3), "step_ms": step_ms, "peak_rss_mb": status("VmHWM") / 2**20,
+           "budget_mb": budget_mb,
+           "expert_state_mb": state / 2**20, "bytes_moved_per_step": statistics.median(io) if io else 0.0,
+           "bytes_read_per_step": statistics.median(reads) if reads else 0.0,
+           "bytes_written_per_step": statistics.median(writes) if writes else 0.0,
+           "stall_ms": statistics.median(stalls) if stalls else 0.0, "tokens_per_expert": t_e,
+           "expert_params": e_params, "steps": args.steps, "threads": args.threads, "cpu": cpu_model()}
+    if impl == "semoe-offload":
+        # the bytes the schedule must move: W read in forward and backward for the routed experts (all, here),
+        # G written once (+ read for accumulation), the optimizer's W, G, m, v read and W, m, v written
+        out["schedule_bytes_per_step"] = 4 * e_params * (2 + 1 + 4 + 3)
+        out["flops"] = matmul_rate(int(t_e), args.d_model, args.d_ff)
+        out["disk_bytes_per_s"] = disk_bandwidth(work / "bw", min(state, 256 * 2**20))
+    return out
+
+
+def row_deepspeed(args: argparse.Namespace) -> dict:
+    """ZeRO-3 with offload_param/offload_optimizer to cpu, the MoE block a leaf module."""
+    base = {"impl": "deepspeed", "cache": "warm", "tokens_per_s": None, "step_ms": None, "peak_rss_mb": None,
+            "budget_mb": None, "expert_state_mb": 16 * 3 * args.layers * args.experts * args.d_model * args.d_ff
+            / 2**20, "bytes_moved_per_step": None, "bound_step_ms": None, "cpu": cpu_model()}
+    try:
+        import deepspeed
+        import torch
+        from deepspeed.utils import set_z3_leaf_modules
+
+        from semoe.config import apply_overrides
+        from semoe.layers.moe import MoELayer
+        from semoe.models.recipes import tiny
+        from semoe.models.transformer import MoETransformer
+
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29531")
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        deepspeed.init_distributed(dist_backend="gloo")
+        cfg = apply_overrides(tiny(), overrides(args)).model
+        model = MoETransformer(cfg)
+        set_z3_leaf_modules(model, [MoELayer])
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config={
+            "train_micro_batch_size_per_gpu": args.batch, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+            "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"},
+                                  "offload_optimizer": {"device": "cpu"}}})
+        x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
+        times = []
+        for _ in range(args.steps + 1):
+            t0 = time.perf_counter()
+            out = engine(x)
+            loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), x.flatten())
+            engine.backward(loss)
+            engine.step()
+            times.append(time.perf_counter() - t0)
+        step_ms = 1e3 * statistics.median(times[1:])
+        base.update(step_ms=step_ms, tokens_per_s=args.batch * args.seq / (step_ms / 1e3),
+                    peak_rss_mb=status("VmHWM") / 2**20)
+    except BaseException as e:  # recorded, not raised: the row says why DeepSpeed does not run here
+        import traceback
+
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        base["error"] = f"{type(e).__name__}: {str(e)[:300]} (at {Path(where.filename).name}:{where.lineno})"
+    return base
+
+
+def child(args: argparse.Namespace) -> None:
+    if args.row == "deepspeed":
+        res = row_deepspeed(args)
+    else:
+        impl, cache = args.row.split(":")
+        res = row_semoe(args, impl, cache)
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, 2 steps (CI)")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--d-model", type=int, default=128)
+    ap.add_argument("--d-ff", type=int, default=1024)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--budget-frac", type=float, default=0.25, help="host budget / expert state (<= 0.25)")
+    ap.add_argument("--peers", default="auto", choices=["auto", "none"])
+    ap.add_argument("--row", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.smoke:
+        args.steps, args.d_model, args.d_ff, args.experts, args.batch, args.seq = 2, 32, 128, 4, 4, 32
+    if args.row is not None:
+        child(args)
+        return
+    rows = ["in-memory:warm", "semoe-offload:warm", "semoe-offload:cold"] + (["deepspeed"] if args.peers == "auto"
+                                                                              else [])
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench_offload_") as work:
+        write_corpus(Path(work) / "corpus.txt")
+        fwd = [a for a in sys.argv[1:] if a not in ("--peers", "auto", "none")]
+        for row in rows:
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(args.threads)}
+            res = subprocess.run([sys.executable, __file__, *fwd, "--row", row, "--workdir", work],
+                                 capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+            line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
+            if not line:
+                r = {"impl": row.split(":")[0], "cache": "warm", "error": res.stderr[-600:]}
+            else:
+                r = json.loads(line[-1][len("RESULT "):])
+            results.append(r)
+    mem = next(r for r in results if r["impl"] == "in-memory")
+    for r in results:
+        if r["impl"] == "semoe-offload" and "error" not in r:
+            b = r["bytes_moved_per_step"] / r["expert_params"]
+            r["bytes_per_expert_param"] = b
+            r["t_star"] = b * r["flops"] / (6 * r["disk_bytes_per_s"])
+            io_floor_ms = 1e3 * r["bytes_moved_per_step"] / r["disk_bytes_per_s"]
+            r["io_floor_ms"] = io_floor_ms
+            r["bound_step_ms"] = max(mem["step_ms"], io_floor_ms)
+        elif "error" not in r and r.get("step_ms") is not None:
+            r.setdefault("bound_step_ms", r["step_ms"])
+        print(json.dumps(r), flush=True)
+    offs = {r["cache"]: r for r in results if r["impl"] == "semoe-offload" and "error" not in r}
+    ds = next((r for r in results if r["impl"] == "deepspeed"), None)
+    summary = {"summary": True, "smoke": args.smoke, "cpu": cpu_model(),
+               "errors": [r["error"][:200] for r in results if "error" in r] or None}
+    for cache, r in offs.items():
+        summary[f"ratio_vs_in_memory_{cache}"] = r["step_ms"] / mem["step_ms"]
+        summary[f"ratio_vs_bound_{cache}"] = r["step_ms"] / r["bound_step_ms"]
+        summary[f"tokens_per_expert_over_t_star_{cache}"] = r["tokens_per_expert"] / r["t_star"]
+        summary[f"moved_over_schedule_{cache}"] = r["bytes_moved_per_step"] / r["schedule_bytes_per_step"]
+        summary[f"rss_over_budget_mb_{cache}"] = r["peak_rss_mb"] - r["budget_mb"]
+    summary["ratio_vs_deepspeed"] = (offs["warm"]["tokens_per_s"] / ds["tokens_per_s"]
+                                     if ds and ds.get("tokens_per_s") and "warm" in offs else None)
+    summary["targets"] = {"ratio_vs_in_memory": 1.3, "ratio_vs_bound": 1.15, "moved_over_schedule": 1.05,
+                          "ratio_vs_deepspeed": 2.0, "tokens_per_expert_over_t_star": 1.5}
+    print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()
