@@ -188,3 +188,15 @@ def hierarchical_reduce_groups(partition: list[list[int]], rpn: int
             assert node is not None and rail is not None
             mine = (node, rail, len(parts[0]))
     return mine
+
+
+def task_groups(task_ranks: list[list[int]]) -> list[dist.ProcessGroup | None]:
+    """One process group per task of an elastic plan (``semoe.elastic.planner``): the ranks that hold the
+    task's parameters; None where this rank is not among them. Collective: every rank calls it with the same
+    lists, in the same order."""
+    me = dist.get_rank()
+    out: list[dist.ProcessGroup | None] = []
+    for ranks in task_ranks:
+        g = dist.new_group(sorted(ranks))
+        out.append(g if me in ranks else None)
+    return out
