@@ -88,7 +88,7 @@ def synthetic(name: str, n_samples: int, tokens: int, features: int, classes: in
 
         x, y = make_classification(n_samples=n_samples, n_features=tokens * features,
                                    n_informative=min(tokens * features, 3 * classes), n_redundant=0,
-                                   n_classes=classes, n_clusters_per_class=2, class_sep=1.5, random_state=seed)
+                                   n_classes=classes, n_clusters_per_class=1, class_sep=2.0, random_state=seed)
         return _split(name, x, y, tokens, seed)
     return make
 

@@ -200,3 +200,8 @@ def task_groups(task_ranks: list[list[int]]) -> list[dist.ProcessGroup | None]:
         g = dist.new_group(sorted(ranks))
         out.append(g if me in ranks else None)
     return out
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process is a torchrun worker (even a single one: elastic restarts need the agent)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or "MASTER_ADDR" in os.environ
