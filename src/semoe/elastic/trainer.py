@@ -9,6 +9,7 @@ a run resumes on any world size and re-plans. ``replan_every`` re-plans from mea
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -159,7 +160,8 @@ class ElasticTrainer:
             ce = F.cross_entropy(logits, ys[t], reduction="sum")
             value = value + ce / self.batches[t]
             i = self.plan.index(t)
-            stats[i] = torch.tensor([float(ce.detach()), float((logits.argmax(-1) == ys[t]).sum()), len(ys[t])])
+            stats[i] = torch.tensor([float(ce.detach()), float((logits.argmax(-1) == ys[t]).sum()), len(ys[t])],
+                                    dtype=torch.float64)
         return value, out, stats
 
     def train_step(self, step: int) -> dict[str, float]:
@@ -215,8 +217,9 @@ class ElasticTrainer:
         stats = torch.zeros(len(self.plan.tasks), 3, dtype=torch.float64)
         out = self.model(xs)
         for t, logits in out.logits.items():
-            stats[self.plan.index(t)] = torch.tensor([float(F.cross_entropy(logits, ys[t], reduction="sum")),
-                                                      float((logits.argmax(-1) == ys[t]).sum()), len(ys[t])])
+            ce = float(F.cross_entropy(logits, ys[t], reduction="sum"))
+            stats[self.plan.index(t)] = torch.tensor([ce, float((logits.argmax(-1) == ys[t]).sum()), len(ys[t])],
+                                                     dtype=torch.float64)
         if self.distributed:
             dist.all_reduce(stats)
         return {t: (float(stats[i, 0] / stats[i, 2]), float(stats[i, 1] / stats[i, 2]))
@@ -265,6 +268,7 @@ class ElasticTrainer:
         tc = self.run.train
         main = self.rank == 0
         metrics = MetricsWriter(self.out_dir / "metrics.csv", resume_step=self.start_step) if main else None
+        exact = _ExactLog(self.out_dir / "losses.jsonl", self.start_step) if main else None
         result = ElasticResult(self.out_dir, self.plan)
         samples = sum(self.batches.values())
         bar = tqdm(range(self.start_step, tc.steps), initial=self.start_step, total=tc.steps, disable=not main,
@@ -285,8 +289,9 @@ class ElasticTrainer:
             if done % tc.ckpt_every == 0 or done == tc.steps:
                 self.save(done)
                 result.stalls_s.append(self.checkpointer.stalls_s[-1])
-            if metrics:
+            if metrics and exact:
                 metrics.log(row)
+                exact.log(done, row["loss"])
             bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
             self.maybe_replan(done)
         bar.close()
@@ -294,12 +299,37 @@ class ElasticTrainer:
         self._barrier()
         result.plan, result.checkpoint = self.plan, self.checkpointer.last_path
         result.accuracy = {t: a for t, (_, a) in self.evaluate().items()}
-        if metrics:
+        if metrics and exact:
             metrics.close()
+            exact.close()
             from semoe.elastic.plots import plot_tasks
 
             plot_tasks(self.out_dir / "metrics.csv", self.out_dir)
         return result
+
+
+class _ExactLog:
+    """``losses.jsonl``: step and loss at full precision (metrics.csv keeps 6 digits), continued on resume."""
+
+    def __init__(self, path: Path, resume_step: int) -> None:
+        kept = []
+        if path.exists():
+            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+        path.write_text("".join(f"{ln}\n" for ln in kept))
+        self._f = open(path, "a")  # closed in close()
+
+    def log(self, step: int, loss: float) -> None:
+        self._f.write(json.dumps({"step": step, "loss": loss}) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_losses(out_dir: Path) -> dict[int, float]:
+    """{step: loss} of a run's ``losses.jsonl``."""
+    rows = [json.loads(ln) for ln in (Path(out_dir) / "losses.jsonl").read_text().splitlines() if ln]
+    return {r["step"]: r["loss"] for r in rows}
 
 
 def load_multitask_config(checkpoint: Path) -> MultiTaskRunConfig:
