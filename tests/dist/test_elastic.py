@@ -138,3 +138,31 @@ def test_every_task_split_over_ranks_without_token_moe(tmp_path) -> None:
     own = plan_tasks(_costs(run), 4, share=False)
     assert sorted(r for rs in own.ranks for r in rs) == [0, 1, 2, 3]
     _check(run, own, tmp_path / "own")
+
+
+def _replan(rank: int, world: int, run: MultiTaskRunConfig, out: str):
+    import numpy as np
+
+    t = ElasticTrainer(run, Path(out), resume=None)
+    before = t.plan
+    losses = [t.train_step(s)["loss"] for s in range(2)]
+    loads = before.rank_loads()
+    t.busy = [np.where(np.arange(world) == 0, 3.0, 1.0) * loads / loads.max()]  # rank 0's tasks: 3x as costly
+    moved = t.maybe_replan(2)
+    losses += [t.train_step(s)["loss"] for s in range(2, 4)]
+    return {"moved": moved, "before": before.to_json(), "after": t.plan.to_json(), "losses": losses}
+
+
+def test_replan_from_measured_times_moves_tasks_and_training_goes_on(tmp_path) -> None:
+    """Re-planning mid-run (from measured per-rank times) moves a task to another rank through a checkpoint;
+    the losses go on as in one process that never re-planned (float64)."""
+    from dataclasses import replace
+
+    run = small_run(token_moe=False, steps=4)
+    run = replace(run, elastic=replace(run.elastic, replan_every=2))
+    ref = ElasticTrainer(run, tmp_path / "ref", resume=None)
+    want = [ref.train_step(s)["loss"] for s in range(4)]
+    got = run_ranks(_replan, 2, tmp_path, run, str(tmp_path / "out"))
+    assert got[0]["moved"] and got[0]["after"]["ranks"] != got[0]["before"]["ranks"]
+    assert got[0]["after"]["costs"] != got[0]["before"]["costs"]  # measured costs replaced the token counts
+    assert got[0]["losses"] == pytest.approx(want, rel=0, abs=TOL)
