@@ -109,3 +109,17 @@ def test_finetune_smoke(tmp_path) -> None:
     assert summary["summary"] is True and summary["smoke"] is True and summary["errors"] is None
     assert summary["loss0_spread"] < 1e-4  # the same model and batch
     assert summary["speedup_vs_transformers"] > 0 and "target_1.5x_transformers_at_le_memory" in summary
+
+
+def test_elastic_smoke() -> None:
+    """``bench_elastic.py --smoke``: elastic and uniform placement at 2 ranks on the same multi-task workload; the
+    issue's fields, the elastic plan's busy max/mean within its target, the summary with the bound ratio."""
+    lines = _run([sys.executable, str(ROOT / "benchmarks" / "bench_elastic.py"), "--smoke"], timeout=300)
+    rows, summary = lines[:-1], lines[-1]
+    assert [r["placement"] for r in rows] == ["elastic", "uniform"]
+    for r in rows:
+        assert {"placement", "world", "samples_per_s", "busy_max_over_mean", "peak_rss_mb", "bound_ratio"} <= r.keys()
+        assert r["world"] == 2 and r["samples_per_s"] > 0 and r["peak_rss_mb"] > 0 and r["busy_max_over_mean"] >= 1
+    assert summary["summary"] is True and summary["errors"] is None
+    assert summary["bound_ratio"] == pytest.approx(2 * 16 * 8 / (16 * 8 + 8 * 4 + 4 * 2 + 2 * 1))
+    assert summary["elastic_over_uniform"] > 0
