@@ -58,7 +58,7 @@ def reference(run: MultiTaskRunConfig, steps: int):
         opt.zero_grad()
         loss.backward()
         if first is None:
-            first = ({t: v.detach().clone() for t, v in out.logits.items()}, float(loss),
+            first = ({t: v.detach().clone() for t, v in out.logits.items()}, float(loss.detach()),
                      {n: p.grad.clone() for n, p in model.named_parameters()})
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         for g in opt.param_groups:
