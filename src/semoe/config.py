@@ -438,7 +438,7 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
-def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
     """Apply ``section.field=value`` overrides (e.g. ``train.lr=1e-3``, ``model.moe.router.top_k=1``).
     An unknown key or a value of the wrong type raises ValueError naming it."""
     data = to_dict(cfg)
@@ -459,9 +459,94 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
             else:
                 node = node[part]
     keys = {item.split("=", 1)[0].strip() for item in overrides}
-    if "model.d_model" in keys and "model.moe.d_model" not in keys:  # one knob for the width
+    if "model.d_model" in keys and "model.moe.d_model" not in keys and data["model"].get("moe"):  # one knob
         data["model"]["moe"]["d_model"] = data["model"]["d_model"]
     try:
-        return from_dict(RunConfig, data)
+        return from_dict(type(cfg), data)
     except TypeError as e:  # e.g. a list where a number belongs
         raise ValueError(f"ill-typed override in {overrides}: {e}") from e
+
+
+# ----------------------------------------------------------------------------- multi-task (elastic) training
+@dataclass(frozen=True)
+class MultiTaskModelConfig:
+    """The multi-task MoE model (``semoe.models.multitask``): a per-task input stem (samples are short
+    sequences of feature vectors), ``n_blocks`` residual MLP blocks, a task-routed MoE layer (UFO style: a
+    shared expert plus one expert per task, mixed by a learned per-task policy) after every
+    ``task_moe_every``-th block, an optional token-gated MoE layer (``token_moe``, the standard MoELayer)
+    after the last block, mean pooling and a per-task head."""
+
+    d_model: int = 64
+    n_blocks: int = 2
+    d_ff: int = 128
+    task_moe_every: int = 1
+    task_expert_d_ff: int = 128
+    token_moe: MoEConfig | None = None
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_blocks", "d_ff", "task_moe_every", "task_expert_d_ff"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"model.{name} must be a positive integer, got {v!r}")
+        if self.token_moe is not None and self.token_moe.d_model != self.d_model:
+            raise ValueError(f"model.token_moe.d_model={self.token_moe.d_model} must equal model.d_model="
+                             f"{self.d_model}")
+
+
+@dataclass(frozen=True)
+class ElasticConfig:
+    """Elastic placement of a multi-task run (``semoe.elastic``).
+
+    tasks:         ``name=global_batch`` pairs, comma separated, e.g. ``synth=64,digits=32,cancer=16,wine=8``
+                   (names from ``semoe.elastic.data.TASKS``).
+    share_ranks:   small tasks may share a rank (False: every task needs ranks of its own).
+    replan_every:  re-plan from the measured per-task step times every N steps (0: only at start and when the
+                   world size changes).
+    replan_gain:   re-plan only if the new plan's predicted busiest rank is this much lighter (fraction).
+    max_restarts:  torchrun restarts of the whole job after a lost rank (``semoe train --max-restarts``).
+    """
+
+    tasks: str = "synth=64,digits=32,cancer=16,wine=8"
+    share_ranks: bool = True
+    replan_every: int = 0
+    replan_gain: float = 0.1
+    max_restarts: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.replan_every, int) or self.replan_every < 0:
+            raise ValueError(f"elastic.replan_every must be an integer >= 0 (0: never), got {self.replan_every!r}")
+        if not isinstance(self.max_restarts, int) or self.max_restarts < 0:
+            raise ValueError(f"--max-restarts must be >= 0 (restarts of the job after a lost rank), got "
+                             f"{self.max_restarts!r}")
+        if not 0 <= self.replan_gain < 1:
+            raise ValueError(f"elastic.replan_gain must be in [0, 1), got {self.replan_gain!r}")
+
+    def task_batches(self) -> dict[str, int]:
+        """{task: global batch} from ``tasks``; a malformed entry or a batch below 1 raises ValueError."""
+        out: dict[str, int] = {}
+        for item in (s.strip() for s in self.tasks.split(",")):
+            name, sep, raw = item.partition("=")
+            if not sep or not name.strip():
+                raise ValueError(f"elastic.tasks entry {item!r} must look like name=batch, e.g. digits=32")
+            try:
+                batch = int(raw)
+            except ValueError:
+                raise ValueError(f"elastic.tasks: the batch of {name!r} must be an integer, got {raw!r}") from None
+            if batch < 1:
+                raise ValueError(f"elastic.tasks: task {name!r} has global batch {batch}; every task needs a batch "
+                                 ">= 1 (drop the task from elastic.tasks instead)")
+            if name.strip() in out:
+                raise ValueError(f"elastic.tasks names task {name!r} twice")
+            out[name.strip()] = batch
+        return out
+
+
+@dataclass(frozen=True)
+class MultiTaskRunConfig:
+    """A multi-task run: model, optimisation (``train``: steps, lr, ... ; batch_size and seq_len are unused,
+    the per-task batches are in ``elastic.tasks``) and the elastic placement."""
+
+    model: MultiTaskModelConfig = field(default_factory=MultiTaskModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)

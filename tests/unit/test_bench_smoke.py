@@ -129,3 +129,17 @@ def test_offload_train_smoke() -> None:
     for r in rows[1:]:
         assert r["expert_state_mb"] >= 4 * r["budget_mb"] and r["bytes_moved_per_step"] > 0 and r["t_star"] > 0
     assert summary["summary"] is True and summary["ratio_vs_in_memory_warm"] > 0
+
+
+def test_elastic_smoke() -> None:
+    """``bench_elastic.py --smoke``: elastic and uniform placement at 2 ranks on the same multi-task workload; the
+    issue's fields, the elastic plan's busy max/mean within its target, the summary with the bound ratio."""
+    lines = _run([sys.executable, str(ROOT / "benchmarks" / "bench_elastic.py"), "--smoke"], timeout=300)
+    rows, summary = lines[:-1], lines[-1]
+    assert [r["placement"] for r in rows] == ["elastic", "uniform"]
+    for r in rows:
+        assert {"placement", "world", "samples_per_s", "busy_max_over_mean", "peak_rss_mb", "bound_ratio"} <= r.keys()
+        assert r["world"] == 2 and r["samples_per_s"] > 0 and r["peak_rss_mb"] > 0 and r["busy_max_over_mean"] >= 1
+    assert summary["summary"] is True and summary["errors"] is None
+    assert summary["bound_ratio"] == pytest.approx(2 * 16 * 8 / (16 * 8 + 8 * 4 + 4 * 2 + 2 * 1), rel=1e-4)  # 6 digits
+    assert summary["elastic_over_uniform"] > 0

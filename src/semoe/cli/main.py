@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from semoe.cli import convert, generate, train
+from semoe.cli import convert, extract, generate, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,7 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (train, generate, convert):
+    for module in (train, generate, convert, extract):
         module.add_parser(sub)
     return parser
 

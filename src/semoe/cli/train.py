@@ -44,6 +44,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "'none' (refuse if --out has checkpoints), or a checkpoint path")
     p.add_argument("--cache-dir", type=Path, default=None, help="data/tokenizer cache (default: ~/.cache/semoe)")
     p.add_argument("--sample", default="ROMEO:", help="prompt for the sample printed at the end ('' to skip)")
+    p.add_argument("--max-restarts", type=int, default=None, help="--recipe multitask: restarts of the whole job "
+                   "after a lost rank (torchrun elastic; resumes from the last checkpoint, re-plans on a new world "
+                   "size); multi-node: run torchrun --nnodes MIN:MAX yourself, see docs/elastic.md")
+    p.add_argument("--plan", type=Path, default=None, help="--recipe multitask: a plan file (JSON) to use instead "
+                   "of the planner's")
     p.set_defaults(func=run)
 
 
@@ -140,6 +145,12 @@ def print_sample(ckpt_path: Path, prompt: str) -> None:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
+    if recipe_name(args) == "multitask":
+        from semoe.cli.train_multitask import run_multitask
+
+        return run_multitask(args, argv)
+    if args.max_restarts is not None or args.plan is not None:
+        raise ValueError("--max-restarts and --plan belong to elastic multi-task training: use --recipe multitask")
     init = None
     if args.init_from is not None:
         from semoe.training.init import PretrainedInit

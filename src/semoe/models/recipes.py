@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
-from semoe.config import ModelConfig, MoEConfig, ParallelConfig, RouterConfig, RunConfig, TrainConfig
+from semoe.config import (
+    ElasticConfig,
+    ModelConfig,
+    MoEConfig,
+    MultiTaskModelConfig,
+    MultiTaskRunConfig,
+    ParallelConfig,
+    RouterConfig,
+    RunConfig,
+    TrainConfig,
+)
 
 
 def tiny() -> RunConfig:
@@ -49,11 +60,23 @@ def finetune() -> RunConfig:
     return RunConfig(model=tiny().model, train=train, parallel=ParallelConfig())
 
 
-RECIPES: dict[str, Callable[[], RunConfig]] = {"tiny": tiny, "small": small, "base100m": base100m,
-                                               "finetune": finetune}
+def multitask() -> MultiTaskRunConfig:
+    """The elastic multi-task demo (``semoe.elastic``): 4 offline tasks with global batches 8:4:2:1 (synth 64 x
+    8 tokens, digits 32 x 4, cancer 16 x 2, wine 8 x 1), a 2-block MLP backbone with a task-routed MoE layer
+    per block and a token-gated MoE layer (4 experts, top-2, dropless); a couple of minutes on 2 CPU ranks."""
+    moe = MoEConfig(d_model=64, d_ff=64, num_experts=4, activation="gelu",
+                    router=RouterConfig(top_k=2, capacity_factor=None, eval_capacity_factor=None))
+    model = MultiTaskModelConfig(d_model=64, n_blocks=2, d_ff=128, task_expert_d_ff=128, token_moe=moe)
+    train = TrainConfig(steps=300, lr=3e-3, min_lr=3e-4, warmup_steps=20, weight_decay=0.01, eval_every=50,
+                        ckpt_every=50, keep_last=2, dtype="float32")
+    return MultiTaskRunConfig(model=model, train=train, elastic=ElasticConfig())
 
 
-def get_recipe(name: str) -> RunConfig:
+RECIPES: dict[str, Callable[[], Any]] = {"tiny": tiny, "small": small, "base100m": base100m,
+                                         "finetune": finetune, "multitask": multitask}
+
+
+def get_recipe(name: str) -> Any:
     """The recipe called ``name``; an unknown name raises ValueError listing the known ones."""
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")

@@ -70,7 +70,17 @@ def init_distributed(timeout_s: float = 600.0) -> bool:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(default_device())
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's agent keeps one store across restarts, so restarted workers would read the keys of the
+        # attempt before (a dead worker's gloo address: "connection refused", cf. pytorch#167288); a prefix per
+        # attempt keeps them apart
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(backend, store=dist.PrefixStore(f"semoe/attempt_{restart}", store),
+                                rank=env["rank"], world_size=env["world_size"], timeout=timedelta(seconds=timeout_s))
+    else:
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     log.info("initialised %s: rank %d of %d", backend, dist.get_rank(), dist.get_world_size())
     return True
 
@@ -197,3 +207,20 @@ def dense_mesh(device_type: str | None = None) -> DeviceMesh | None:
         return None
     device_type = device_type or ("cuda" if dist.get_backend() == "nccl" else "cpu")
     return init_device_mesh(device_type, (dist.get_world_size(),), mesh_dim_names=("fsdp",))
+
+
+def task_groups(task_ranks: list[list[int]]) -> list[dist.ProcessGroup | None]:
+    """One process group per task of an elastic plan (``semoe.elastic.planner``): the ranks that hold the
+    task's parameters; None where this rank is not among them. Collective: every rank calls it with the same
+    lists, in the same order."""
+    me = dist.get_rank()
+    out: list[dist.ProcessGroup | None] = []
+    for ranks in task_ranks:
+        g = dist.new_group(sorted(ranks))
+        out.append(g if me in ranks else None)
+    return out
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process is a torchrun worker (even a single one: elastic restarts need the agent)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or "MASTER_ADDR" in os.environ

@@ -8,7 +8,6 @@ Rank 0 shows progress, writes ``metrics.csv``, checkpoints and, at the end, ``lo
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -33,6 +32,7 @@ from semoe.storage.offload import ExpertOffload, offload_from_config
 from semoe.training.data import Batch, Corpus, GlobalBatchLoader, prepare_corpus
 from semoe.training.init import ModelInit, RandomInit
 from semoe.training.metrics import MetricsWriter, plot_expert_load, plot_loss
+from semoe.training.step import optimizer_step
 
 log = logging.getLogger(__name__)
 
@@ -224,42 +224,60 @@ class Trainer:
         return loss, out
 
     def train_step(self, step: int) -> dict[str, float]:
-        """One optimizer step; returns logged scalars (averaged over ranks)."""
+        """One optimizer step (``semoe.training.step.optimizer_step``); returns logged scalars (averaged over ranks)."""
         self.model.train()
         tc = self.run.train
         lr = lr_at(step, tc)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        loss_sum, aux_sum, dropped, assigned = 0.0, 0.0, 0, 0
+
+        def objective(batch: Batch):
+            loss, out = self._forward_loss(batch)
+            return (loss + out.router_loss) / tc.grad_accum, (float(loss.detach()), out)
+
+        def sync() -> None:
+            if self.fusion is not None:
+                self.fusion.finish()
+            else:
+                sync_gradients(self.model, self.mesh)
+
+        loss_mean = math.nan
+
+        def check(kept: list, norm: float) -> None:
+            nonlocal loss_mean
+            loss_mean = self._mean(sum(v for v, _ in kept) / tc.grad_accum)
+            if not math.isfinite(loss_mean) or not math.isfinite(norm):
+                raise TrainingDiverged(
+                    f"loss became {loss_mean} (grad norm {norm}) at step {step}; the last good checkpoint is "
+                    f"{self.last_checkpoint or 'none (no checkpoint was written yet)'}. Lower train.lr, raise "
+                    "train.warmup_steps or set train.grad_clip, then resume from it.")
+
+        def clip() -> torch.Tensor:
+            expert_sq = self.offload.expert_sq() if self.offload is not None else None  # offloaded experts' part
+            return clip_grad_norm_(self.model, tc.grad_clip, self.mesh, expert_sq)
+
+        def after() -> None:
+            if self.offload is not None:  # the experts' AdamW, streamed through the store, same clip scale
+                self.offload.step(lr, clip_norm, tc.grad_clip)
+            sync_router_bias(self.model, self.mesh)
+
+        def check_and_keep(kept: list, norm: float) -> None:
+            nonlocal clip_norm
+            clip_norm = norm
+            check(kept, norm)
+
+        clip_norm = math.nan
+        kept, norm = optimizer_step(
+            self.optimizer, self.loader.get(step), objective, lr=lr, sync=sync, clip=clip, check=check_and_keep,
+            after=after,
+            no_sync=self.fusion.no_sync if self.fusion is not None else None,
+            set_to_none=self.fusion is None)  # fusion: grads are views into its buckets
+        aux_sum, dropped, assigned = 0.0, 0, 0
         loads = None
-        for i, batch in enumerate(self.loader.get(step)):
-            last = i == tc.grad_accum - 1
-            with self.fusion.no_sync() if self.fusion is not None and not last else contextlib.nullcontext():
-                loss, out = self._forward_loss(batch)
-                ((loss + out.router_loss) / tc.grad_accum).backward()
-            loss_sum += float(loss.detach()) / tc.grad_accum
+        for _, out in kept:
             aux_sum += float(out.aux_loss.detach()) / tc.grad_accum / max(1, len(out.moe_stats))
             dropped += sum(s.dropped for s in out.moe_stats)
             assigned += sum(s.assignments for s in out.moe_stats)
             cur = np.stack([s.tokens_per_expert.numpy() for s in out.moe_stats]) if out.moe_stats else None
             loads = cur if loads is None else loads + cur
-        if self.fusion is not None:
-            self.fusion.finish()
-        else:
-            sync_gradients(self.model, self.mesh)
-        expert_sq = self.offload.expert_sq() if self.offload is not None else None
-        norm = float(clip_grad_norm_(self.model, tc.grad_clip, self.mesh, expert_sq))
-        loss_mean = self._mean(loss_sum)
-        if not math.isfinite(loss_mean) or not math.isfinite(norm):
-            raise TrainingDiverged(
-                f"loss became {loss_mean} (grad norm {norm}) at step {step}; the last good checkpoint is "
-                f"{self.last_checkpoint or 'none (no checkpoint was written yet)'}. Lower train.lr, raise "
-                "train.warmup_steps or set train.grad_clip, then resume from it.")
-        self.optimizer.step()
-        if self.offload is not None:
-            self.offload.step(lr, norm, tc.grad_clip)
-        sync_router_bias(self.model, self.mesh)
-        self.optimizer.zero_grad(set_to_none=self.fusion is None)  # fusion: grads are views into its buckets
         if loads is not None:
             self.expert_load.append(loads / np.maximum(loads.sum(-1, keepdims=True), 1))
             self.load_steps.append(step)

@@ -1,0 +1,337 @@
+"""The elastic multi-task trainer: one process or many under torchrun, ranks placed by the planner.
+
+Each rank holds the shared backbone, the tasks of its plan (stems, heads, task experts, policies) and its
+share of the token-gated experts; it trains on its slices of its tasks' global batches. The optimizer step
+is ``semoe.training.step.optimizer_step`` (the Trainer's), with the gradient rules of
+``semoe.elastic.layout``. Checkpoints are asynchronous (``semoe.elastic.checkpoint``) and layout independent:
+a run resumes on any world size and re-plans. ``replan_every`` re-plans from measured per-rank busy times.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from semoe.config import MultiTaskRunConfig, from_dict, to_dict
+from semoe.elastic.checkpoint import AsyncCheckpointer, clean_partial, owned_tensors
+from semoe.elastic.data import TaskData, load_tasks, task_batch
+from semoe.elastic.layout import ElasticLayout, token_ep_size
+from semoe.elastic.planner import Plan, plan_tasks, replan
+from semoe.models.multitask import MultiTaskMoE, TaskSpec, param_task
+from semoe.parallel import apply_expert_parallel, build_mesh, init_distributed
+from semoe.storage import checkpoint as ckpt
+from semoe.training.metrics import MetricsWriter
+from semoe.training.step import optimizer_step
+from semoe.training.trainer import TrainingDiverged, lr_at, param_groups
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ElasticResult:
+    out_dir: Path
+    plan: Plan
+    losses: list[float] = field(default_factory=list)
+    accuracy: dict[str, float] = field(default_factory=dict)  # held-out, at the end
+    checkpoint: Path | None = None
+    stalls_s: list[float] = field(default_factory=list)
+    step_s: list[float] = field(default_factory=list)
+
+
+def task_specs(data: dict[str, TaskData]) -> list[TaskSpec]:
+    return [TaskSpec(t.name, t.tokens, t.features, t.num_classes) for t in data.values()]
+
+
+def check_task_set(manifest: dict, batches: dict[str, int], path: Path) -> None:
+    """A checkpoint of another task set (or other batches) cannot be resumed: say so."""
+    saved = manifest.get("tasks")
+    if saved != batches:
+        raise ckpt.CheckpointError(f"checkpoint {path} was trained on tasks {saved}, this run has {batches}; "
+                                   "use the same elastic.tasks to resume, or another --out to start afresh")
+
+
+class ElasticTrainer:
+    """``ElasticTrainer(run, out_dir).fit()``; ``plan``: a fixed plan (else the planner's for this world)."""
+
+    def __init__(self, run: MultiTaskRunConfig, out_dir: Path, resume: str | None = "auto",
+                 plan: Plan | None = None) -> None:
+        self.run, self.out_dir = run, Path(out_dir)
+        self.distributed = init_distributed()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+        self.batches = run.elastic.task_batches()
+        self.data = load_tasks(list(self.batches), seed=0)
+        self.specs = task_specs(self.data)
+        self.dtype = torch.float64 if run.train.dtype == "float64" else torch.float32
+        self.ckpt_root = self.out_dir / "checkpoints"
+        resume_from = None
+        if resume is not None:
+            resume_from = ckpt.find_latest(self.ckpt_root if resume == "auto" else Path(resume))
+            if resume_from is None and resume != "auto":
+                raise ckpt.CheckpointError(f"no checkpoint found at {resume}")
+        manifest = ckpt.read_manifest(resume_from) if resume_from is not None else None
+        if manifest is not None:
+            check_task_set(manifest, self.batches, resume_from)
+        if plan is not None:
+            if plan.world != self.world:
+                raise ValueError(f"the plan is for {plan.world} ranks but this run has {self.world}; re-plan for "
+                                 f"{self.world} ranks (omit the plan)")
+            if dict(zip(plan.tasks, plan.batches)) != self.batches:
+                raise ValueError(f"the plan is for tasks {dict(zip(plan.tasks, plan.batches))}, this run trains "
+                                 f"{self.batches}")
+        elif manifest is not None:  # the checkpoint's measured costs, re-planned for this world
+            old = Plan.from_json(manifest["plan"])
+            plan = replan(old, world=self.world, share=run.elastic.share_ranks) if old.world != self.world else old
+        else:
+            costs = {t: (b, float(self.data[t].tokens)) for t, b in self.batches.items()}
+            plan = plan_tasks(costs, self.world, share=run.elastic.share_ranks)
+        self.attempt = self._attempt_token()
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            clean_partial(self.ckpt_root)
+        self._barrier()
+        self.checkpointer = AsyncCheckpointer(self.ckpt_root, self.rank, self.world, self.attempt,
+                                              keep_last=run.train.keep_last)
+        self.start_step = 0
+        self._build(plan)
+        if resume_from is not None:
+            self._load(resume_from)
+            self.start_step = int(manifest["data"]["step"])
+            if self.rank == 0:
+                log.info("resumed from %s at step %d on %d ranks (written on %s)", resume_from, self.start_step,
+                         self.world, manifest.get("world_size"))
+        self.busy: list[np.ndarray] = []  # per-step per-rank busy seconds since the last (re-)plan
+
+    # ------------------------------------------------------------------ setup
+    def _barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def _attempt_token(self) -> str:
+        t = torch.tensor([random.SystemRandom().randrange(1 << 40)], dtype=torch.int64)
+        if self.distributed:
+            dist.broadcast(t, 0)
+        return f"{int(t):x}"
+
+    def _build(self, plan: Plan) -> None:
+        self.plan = plan
+        cfg, tc = self.run.model, self.run.train
+        self.model = MultiTaskMoE(cfg, self.specs, plan.holds(self.rank), seed=tc.seed).to(self.dtype)
+        self.mesh = None
+        if cfg.token_moe is not None and self.distributed:
+            self.mesh = build_mesh(token_ep_size(self.world, cfg.token_moe.num_experts))
+            apply_expert_parallel(self.model, self.mesh)
+        self.layout = ElasticLayout(plan, self.rank, self.mesh, self.distributed)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, tc), lr=tc.lr, betas=tc.betas, foreach=True)
+        if self.rank == 0:
+            log.info("%s", plan.describe())
+
+    def _load(self, path: Path) -> None:
+        ckpt.load_model(path, self.model)
+        ckpt.load_optimizer(path, self.model, self.optimizer)
+
+    # ------------------------------------------------------------------ steps
+    def local_batch(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """This rank's slices of its tasks' global batches at ``step``."""
+        xs, ys = {}, {}
+        for t, lo, hi in self.plan.local(self.rank):
+            x, y = task_batch(self.data[t], self.batches[t], step, self.run.train.seed, self.plan.index(t), lo, hi)
+            xs[t], ys[t] = x.to(self.dtype), y
+        return xs, ys
+
+    def objective(self, xs: dict[str, torch.Tensor], ys: dict[str, torch.Tensor]):
+        """This rank's share of the objective (sum over tasks of the mean loss over each global batch) and
+        per-task [loss sum, correct, rows] of its rows."""
+        out = self.model(xs)
+        value = out.router_loss / self.world
+        stats = torch.zeros(len(self.plan.tasks), 3, dtype=torch.float64)
+        for t, logits in out.logits.items():
+            ce = F.cross_entropy(logits, ys[t], reduction="sum")
+            value = value + ce / self.batches[t]
+            i = self.plan.index(t)
+            stats[i] = torch.tensor([float(ce.detach()), float((logits.argmax(-1) == ys[t]).sum()), len(ys[t])],
+                                    dtype=torch.float64)
+        return value, out, stats
+
+    def train_step(self, step: int) -> dict[str, float]:
+        self.model.train()
+        tc = self.run.train
+        xs, ys = self.local_batch(step)
+
+        def objective(_):
+            value, _, stats = self.objective(xs, ys)
+            return value, (value, stats)
+
+        def check(kept: list, norm: float) -> None:
+            if not math.isfinite(float(kept[0][0].detach())) or not math.isfinite(norm):
+                raise TrainingDiverged(f"loss or grad norm ({norm}) not finite at step {step}; the last checkpoint "
+                                       f"is {self.checkpointer.last_path}. Lower train.lr and resume from it.")
+
+        t0 = time.perf_counter()
+        kept, norm = optimizer_step(self.optimizer, [None], objective, lr=lr_at(step, tc),
+                                    sync=lambda: self._record_busy(t0),
+                                    clip=lambda: self.layout.clip_(self.model, tc.grad_clip), check=check)
+        stats = kept[0][1]
+        if self.distributed:
+            dist.all_reduce(stats)
+        row: dict[str, float] = {"loss": 0.0, "grad_norm": norm, "lr": lr_at(step, tc)}
+        for i, t in enumerate(self.plan.tasks):
+            loss_t = float(stats[i, 0] / stats[i, 2])
+            row["loss"] += loss_t
+            row[f"loss_{t}"] = loss_t
+            row[f"acc_{t}"] = float(stats[i, 1] / stats[i, 2])
+        return row
+
+    def _record_busy(self, t0: float) -> None:
+        """Forward + backward time of this rank (its busy time), gathered, then the gradient sync."""
+        t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        if self.distributed:
+            all_t = [torch.zeros_like(t) for _ in range(self.world)]
+            dist.all_gather(all_t, t)
+            t = torch.cat(all_t)
+        self.busy.append(t.numpy())
+        self.layout.sync_gradients(self.model)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, tuple[float, float]]:
+        """{task: (held-out loss, held-out accuracy)}: each task's test split divided over its ranks."""
+        self.model.eval()
+        xs, ys = {}, {}
+        for i, t in enumerate(self.plan.tasks):
+            on = self.plan.experts_on[i]
+            if self.rank in on:
+                d = self.data[t]
+                idx = np.array_split(np.arange(len(d.y_test)), len(on))[on.index(self.rank)]
+                xs[t], ys[t] = torch.from_numpy(d.x_test[idx]).to(self.dtype), torch.from_numpy(d.y_test[idx])
+        stats = torch.zeros(len(self.plan.tasks), 3, dtype=torch.float64)
+        out = self.model(xs)
+        for t, logits in out.logits.items():
+            ce = float(F.cross_entropy(logits, ys[t], reduction="sum"))
+            stats[self.plan.index(t)] = torch.tensor([ce, float((logits.argmax(-1) == ys[t]).sum()), len(ys[t])],
+                                                     dtype=torch.float64)
+        if self.distributed:
+            dist.all_reduce(stats)
+        return {t: (float(stats[i, 0] / stats[i, 2]), float(stats[i, 1] / stats[i, 2]))
+                for i, t in enumerate(self.plan.tasks)}
+
+    # ------------------------------------------------------------------ checkpoints
+    def _owns(self, key: str) -> bool:
+        t = param_task(key)
+        if t is not None:
+            return self.plan.experts_on[self.plan.index(t)][0] == self.rank
+        return self.rank == 0
+
+    def manifest(self, step: int) -> dict:
+        return {"config": to_dict(self.run), "data": {"step": step,
+                "fingerprints": {t: d.fingerprint() for t, d in self.data.items()}},
+                "tasks": self.batches, "plan": self.plan.to_json(), "world_size": self.world}
+
+    def save(self, step: int, wait: bool = False) -> Path:
+        t0 = time.perf_counter()
+        write_experts = self.mesh is None or self.mesh.get_local_rank("dp") == 0
+        model_t, optim_t = owned_tensors(self.model, self.optimizer, self._owns, write_experts)
+        path = self.checkpointer.save(step, model_t, optim_t, self.manifest(step), t0=t0)
+        if wait:
+            self.checkpointer.wait()
+            self._barrier()
+        return path
+
+    def maybe_replan(self, step: int) -> bool:
+        """Every ``replan_every`` steps: re-plan from the measured busy times; move to the new plan through a
+        checkpoint (written synchronously) when it is better by ``replan_gain``."""
+        ec = self.run.elastic
+        if not ec.replan_every or not self.busy or (step % ec.replan_every):
+            return False
+        times = np.median(np.stack(self.busy), 0)
+        new = replan(self.plan, times, share=ec.share_ranks, gain=ec.replan_gain)
+        self.busy = []
+        if new == self.plan:
+            return False
+        path = self.save(step, wait=True)
+        self._build(new)
+        self._load(path)
+        return True
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> ElasticResult:
+        tc = self.run.train
+        main = self.rank == 0
+        metrics = MetricsWriter(self.out_dir / "metrics.csv", resume_step=self.start_step) if main else None
+        exact = _ExactLog(self.out_dir / "losses.jsonl", self.start_step) if main else None
+        result = ElasticResult(self.out_dir, self.plan)
+        samples = sum(self.batches.values())
+        bar = tqdm(range(self.start_step, tc.steps), initial=self.start_step, total=tc.steps, disable=not main,
+                   desc="train", unit="step", dynamic_ncols=True)
+        for step in bar:
+            t0 = time.perf_counter()
+            row = self.train_step(step)
+            dt = time.perf_counter() - t0
+            done = step + 1
+            result.losses.append(row["loss"])
+            result.step_s.append(dt)
+            busy = self.busy[-1]
+            row = {"step": done, **row, "step_ms": 1e3 * dt, "samples_per_s": samples / dt,
+                   "busy_max_over_mean": float(busy.max() / busy.mean())}
+            if done % tc.eval_every == 0 or done == tc.steps:
+                for t, (vl, va) in self.evaluate().items():
+                    row[f"val_loss_{t}"], row[f"val_acc_{t}"] = vl, va
+            if done % tc.ckpt_every == 0 or done == tc.steps:
+                self.save(done)
+                result.stalls_s.append(self.checkpointer.stalls_s[-1])
+            if metrics and exact:
+                metrics.log(row)
+                exact.log(done, row["loss"])
+            bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
+            self.maybe_replan(done)
+        bar.close()
+        self.checkpointer.wait()
+        self._barrier()
+        result.plan, result.checkpoint = self.plan, self.checkpointer.last_path
+        result.accuracy = {t: a for t, (_, a) in self.evaluate().items()}
+        if metrics and exact:
+            metrics.close()
+            exact.close()
+            from semoe.elastic.plots import plot_tasks
+
+            plot_tasks(self.out_dir / "metrics.csv", self.out_dir)
+        return result
+
+
+class _ExactLog:
+    """``losses.jsonl``: step and loss at full precision (metrics.csv keeps 6 digits), continued on resume."""
+
+    def __init__(self, path: Path, resume_step: int) -> None:
+        kept = []
+        if path.exists():
+            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+        path.write_text("".join(f"{ln}\n" for ln in kept))
+        self._f = open(path, "a")  # closed in close()
+
+    def log(self, step: int, loss: float) -> None:
+        self._f.write(json.dumps({"step": step, "loss": loss}) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_losses(out_dir: Path) -> dict[int, float]:
+    """{step: loss} of a run's ``losses.jsonl``."""
+    rows = [json.loads(ln) for ln in (Path(out_dir) / "losses.jsonl").read_text().splitlines() if ln]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def load_multitask_config(checkpoint: Path) -> MultiTaskRunConfig:
+    """The run config stored in an elastic checkpoint's manifest."""
+    return from_dict(MultiTaskRunConfig, ckpt.read_manifest(checkpoint, verify=False)["config"])
