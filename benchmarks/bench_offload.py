@@ -223,7 +223,8 @@ def run_semoe(spec: dict[str, Any]) -> dict[str, Any]:
     from semoe.inference.ring import RingEngine
 
     engine = RingEngine(spec["model"], max_memory=spec["budget"], batch_size=spec["batch_size"],
-                        drop_page_cache=spec["cache"] == "cold", device=spec.get("device", "cpu"))
+                        drop_page_cache=spec["cache"] == "cold", device=spec.get("device", "cpu"),
+                        strategy="layer" if spec["budget"] is not None else "auto")  # whole layers: the bound's model
     files = model_files(Path(spec["model"]))
     runs, stats = [], []
     try:

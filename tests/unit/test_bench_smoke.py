@@ -143,3 +143,32 @@ def test_elastic_smoke() -> None:
     assert summary["summary"] is True and summary["errors"] is None
     assert summary["bound_ratio"] == pytest.approx(2 * 16 * 8 / (16 * 8 + 8 * 4 + 4 * 2 + 2 * 1), rel=1e-4)  # 6 digits
     assert summary["elastic_over_uniform"] > 0
+
+
+EXPERT_OFFLOAD_KEYS = {"impl", "model", "batch", "cache", "tokens_per_s", "bound_tokens_per_s", "bytes_read_per_token",
+                       "peak_rss_mb", "x_of_bound", "budget_mb", "model_mb"}
+
+
+def test_expert_offload_smoke(tmp_path) -> None:
+    """``bench_expert_offload.py --smoke``: both tiny models at B = 1 and 4, every semoe row (whole-layer, routed,
+    auto) and accelerate where installed; at B = 1 routed rows read < 0.6x the file bytes per token of whole-layer
+    rows, and every semoe row's greedy tokens equal the whole-layer ring's."""
+    pytest.importorskip("transformers")
+    script = ROOT / "benchmarks" / "bench_expert_offload.py"
+    lines = _run([sys.executable, str(script), "--smoke", "--workdir", str(tmp_path), "--impls",
+                  "semoe-layer,semoe-routed,semoe-auto,accelerate"], timeout=300)
+    rows, summary = lines[:-1], lines[-1]
+    semoe = {(r["impl"], r["model"], r["batch"]) for r in rows if r["impl"].startswith("semoe")}
+    assert semoe == {(i, m, b) for i in ("semoe-layer", "semoe-routed", "semoe-auto")
+                     for m in ("mixtral-e8k2", "many-e32k4") for b in (1, 4)}
+    for r in rows:
+        assert EXPERT_OFFLOAD_KEYS <= r.keys() and r["tokens_per_s"] > 0 and r["bound_tokens_per_s"] > 0
+        assert r["cache"] == "cold" and r["peak_rss_mb"] > 0
+    by = {(r["impl"], r["model"], r["batch"]): r for r in rows}
+    for m in ("mixtral-e8k2", "many-e32k4"):
+        assert by[("semoe-routed", m, 1)]["semoe_bytes_per_token"] < 0.6 * by[("semoe-layer", m, 1)][
+            "semoe_bytes_per_token"]
+    assert summary["summary"] is True and summary["smoke"] is True
+    # the semoe rows run the same ops on the same batch shapes: the same tokens (accelerate: other op orders)
+    assert all(ok for v in summary["greedy_tokens_equal_semoe_layer"].values() for impl, ok in v.items()
+               if impl.startswith("semoe")), summary

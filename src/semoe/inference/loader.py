@@ -23,6 +23,7 @@ experts that were not loaded hold stale but finite weights of another section, w
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -122,6 +123,10 @@ class SlotRing:
         self._copy_events: list[tuple[Any, Any, int]] = []
         self._stall_events: list[tuple[Any, Any]] = []
         self.readers = {f: SafetensorsReader(f) for f in plan.source.files}
+        # single experts are read through their own descriptors, marked random access: no kernel readahead past an
+        # expert's bytes (with the page cache dropped, read ahead pages are read from disk for nothing), while the
+        # section reads keep theirs
+        self.expert_readers: dict[Any, PositionalReader] = {}
         self._programs: dict[tuple[int, int], list[tuple[Any, ...]]] = {}
         # page-cache drops not yet done (reader, offset, nbytes, section): done by whichever thread would
         # otherwise wait (deque append/popleft are atomic), at the latest before the section is read again
@@ -191,15 +196,16 @@ class SlotRing:
 
     def prefetch_experts(self, ticket: int, layer: ExpertLayer, experts: list[int]) -> None:
         """Load these experts of ``layer`` into ``ticket``'s slot when the loader has nothing more urgent (a
-        prediction: they may not be needed)."""
+        prediction: they may not be needed); one job, its disk reads in parallel through the reader pool."""
         with self.cv:
             table = self.experts.setdefault(ticket, {})
             section = self._section_of(ticket)
-            for e in experts:
-                if (layer.layer, e) not in table:
-                    table[(layer.layer, e)] = _Expert(prefetched=True)
-                    self.prefetch.append(_Job(ticket, section, layer, [e]))
-                    self.stats.experts_prefetched += 1
+            new = [e for e in experts if (layer.layer, e) not in table]
+            for e in new:
+                table[(layer.layer, e)] = _Expert(prefetched=True)
+            if new:
+                self.prefetch.append(_Job(ticket, section, layer, new))
+                self.stats.experts_prefetched += len(new)
             self.cv.notify_all()
 
     def _section_of(self, ticket: int) -> Section:
@@ -268,9 +274,10 @@ class SlotRing:
         while self._drop_one():
             pass
         self.pool.close()
-        for r in self.readers.values():
+        for r in [*self.readers.values(), *self.expert_readers.values()]:
             r.close()
         self.readers.clear()
+        self.expert_readers.clear()
 
     # loader side ----------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -339,11 +346,12 @@ class SlotRing:
         regions = {r.key: r for r in section.regions}
         prog: list[ReadRun | tuple[Any, ...]] = []
         direct: list[tuple[PositionalReader, int, memoryview, Any]] = []
+        readers = self.readers if not (isinstance(what, tuple) and what[0] == "expert") else self._expert_readers()
         for rd in section.reads if reads is None else reads:
             reg = regions[rd.region]
             start = reg.byte_offset + rd.elem_offset * dtype.itemsize
             if rd.src_dtype == dtype:
-                direct.append((self.readers[rd.path], rd.offset, byte_view(target[start:start + rd.nbytes]), rd))
+                direct.append((readers[rd.path], rd.offset, byte_view(target[start:start + rd.nbytes]), rd))
                 continue
             prog.extend(coalesce(direct))
             direct = []
@@ -353,11 +361,19 @@ class SlotRing:
             for lo in range(0, rd.numel, step):
                 n = min(step, rd.numel - lo) * rd.src_dtype.itemsize
                 raw = self.staging[:n]
-                prog.append(("cast", self.readers[rd.path], rd.offset + lo * rd.src_dtype.itemsize, n, rd.src_dtype,
+                prog.append(("cast", readers[rd.path], rd.offset + lo * rd.src_dtype.itemsize, n, rd.src_dtype,
                              typed[lo:lo + step], (raw, byte_view(raw)), rd))
         prog.extend(coalesce(direct))
         self._programs[key] = prog
         return prog
+
+    def _expert_readers(self) -> dict[Any, PositionalReader]:
+        if not self.expert_readers:
+            for f in self.plan.source.files:
+                r = self.expert_readers[f] = PositionalReader(f)
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(r.fd, 0, 0, os.POSIX_FADV_RANDOM)
+        return self.expert_readers
 
     def _run_program(self, prog: list[ReadRun | tuple[Any, ...]], section: Section, parallel: bool = False) -> int:
         """Run a program; with ``parallel`` its direct runs go through the reader pool at once (casts share the
@@ -465,7 +481,8 @@ class SlotRing:
         self.content[slot] = -1
         if not self.cuda:
             n = self._read_section(section, slot, self.slots[slot], mode)
-            self.bw_section.add(n, time.perf_counter() - t0)
+            if mode == "full":
+                self.bw_section.add(n, time.perf_counter() - t0)
         else:
             assert mode == "full", "routed-only loading runs on a CPU device"
             p = self.pin_next

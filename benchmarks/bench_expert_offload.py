@@ -1,0 +1,432 @@
+"""Decode within a memory budget with the page cache cold: semoe's whole-layer ring, its routed-only ring with the
+expert cache (and the cost model choosing), HF accelerate and llama.cpp, on the same random HF checkpoints.
+
+Run (from the repository root; timings under ``flock -x /tmp/semoe-cpu.lock`` on a shared machine):
+
+    python benchmarks/bench_expert_offload.py --models mixtral-e8k2      # one model, B = 1, 4, 16 (~2 min)
+    python benchmarks/bench_expert_offload.py --models many-e32k4
+    python benchmarks/bench_expert_offload.py --smoke                    # tiny models, one process each (CI)
+
+Models (random weights, float32, made once under --workdir with transformers, offline): ``mixtral-e8k2`` (Mixtral,
+8 experts, top-2) and ``many-e32k4`` (Mixtral layout, 32 experts, top-4: the many-experts regime of OLMoE /
+Qwen-MoE, f(1) = 0.125). Each folder also gets a SentencePiece ``tokenizer.model`` (trained offline; the GGUF
+converter needs a vocabulary) and, when the llama.cpp converter is found (``--llama-cpp-src``: a folder with
+``convert_hf_to_gguf.py`` and ``gguf-py``, e.g. ``vendor/llama.cpp`` of the llama-cpp-python sdist), a GGUF in
+f32 made by it from the same folder (no quantisation).
+
+Rows (``impl``), each in its own process, the budget --budget-frac of the weights (1/4):
+  semoe-layer   ``RingEngine(strategy="layer")``: every pass streams every section (today's ring)
+  semoe-routed  ``RingEngine(strategy="routed")``: the dense part, then only the experts the routers pick (the
+                next layer's predicted ahead), the expert cache in what the budget leaves
+  semoe-auto    ``RingEngine(strategy="auto")``: the cost model picks per layer and pass
+  accelerate    ``from_pretrained(device_map="auto", max_memory={"cpu": budget}, offload_folder=...)``
+  llama.cpp     llama-cpp-python (built from source), the GGUF memory-mapped (llama.cpp's default), batched
+                decode through ``llama_decode`` with one sequence id per prompt, f32 KV cache; no budget exists
+                in llama.cpp: it maps the whole file and populates the mapping on load (the whole model is read
+                then, ``cold_load_s``, and stays mapped: ``peak_file_mb``), so its decode runs from memory;
+                ``tokens_per_s_incl_load`` adds that cold load to the timed call
+Decode: B prompts (B = 1, 4, 16) of --prompt-len tokens, --new tokens each, greedy; tokens_per_s counts new tokens
+(the prefill pass is inside the timed call). Page cache cold: the model's files are evicted
+(``posix_fadvise(DONTNEED)``) before every timed call, semoe drops each range after reading it (every pass reads
+from disk), accelerate's files are evicted before every forward, llama.cpp's GGUF is evicted after it is
+mapped (the pages it touches stay mapped for that call: mmap's behaviour). Each timed call uses other prompts
+(the expert cache cannot replay a previous call's routing); one warm-up call first.
+
+Per row (JSON lines on stdout): impl, model, batch, cache, tokens_per_s, bound_tokens_per_s, x_of_bound,
+bytes_read_per_token (``/proc/self/io`` read_bytes of the timed calls: what storage delivered), semoe's own
+file bytes per token, peak_rss_mb, base_rss_mb, budget_mb, model_mb, hit rates (semoe), read_gb_per_s.
+Bound: per pass max(bytes the policy must read / measured cold read rate, resident compute per pass), summed over
+the passes; bytes = everything (semoe-layer, accelerate) or the dense part + f(T) of the expert bytes not in the
+expert cache, f(T) = 1 - (1 - k/E)^T for the pass's T tokens (routed rows, llama.cpp; uniform random routers make
+it exact in expectation). Resident compute: semoe with no budget, same prompts. The summary line gives the targets
+of issue #14 (B=1 routed >= 0.7/f(1) x whole-layer; every semoe row within 1.3x of its bound; >= 1.3x llama.cpp
+at B=1 and B=16; peak RSS <= base + budget + 24 MiB) and whatever failed (e.g. llama.cpp not built: the error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench_offload import MemorySampler, _status, evict, read_bandwidth
+from common import emit_json, log, median, stdout_to_stderr
+
+MiB = 2**20
+OVERHEAD_MIB = 24  # documented fixed overhead above the post-import RSS (docs/inference.md)
+BASE = dict(vocab_size=1024, hidden_size=256, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=1,
+            max_position_embeddings=256)
+MODELS = {
+    "mixtral-e8k2": dict(BASE, intermediate_size=512, num_local_experts=8, num_experts_per_tok=2),
+    "many-e32k4": dict(BASE, intermediate_size=256, num_local_experts=32, num_experts_per_tok=4),
+}
+TINY = dict(vocab_size=128, hidden_size=64, num_hidden_layers=12, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=64)
+SMOKE = {
+    "mixtral-e8k2": dict(TINY, intermediate_size=64, num_local_experts=8, num_experts_per_tok=2),
+    "many-e32k4": dict(TINY, intermediate_size=32, num_local_experts=32, num_experts_per_tok=4),
+}
+IMPLS = ("semoe-layer", "semoe-routed", "semoe-auto", "accelerate", "llama.cpp")
+WORDS = ("the king and queen of our land shall speak to thee my lord good night sweet prince what news from rome "
+         "to be or not is question noble friends come hither answer one two three four five").split()
+
+
+# ------------------------------------------------------------------------------------------ set-up
+def sentencepiece_model(path: Path) -> None:
+    """A small SentencePiece BPE ``tokenizer.model`` (trained offline on a fixed word list)."""
+    import sentencepiece as spm
+
+    rng = random.Random(0)
+    text = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(400)]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=buf, vocab_size=96, model_type="bpe",
+                                   minloglevel=2)
+    (path / "tokenizer.model").write_bytes(buf.getvalue())
+
+
+def ensure_model(workdir: Path, name: str, cfg: dict[str, Any]) -> Path:
+    """The HF folder of ``name`` (random Mixtral-layout weights, routers spread wide), made once."""
+    path = workdir / f"{name}-{hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]}"
+    if (path / "config.json").is_file():
+        return path
+    import torch
+    import transformers
+
+    log(f"making {path} ...")
+    torch.manual_seed(0)
+    with stdout_to_stderr():
+        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**cfg))
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if "gate" in pname and "proj" not in pname:
+                    p.normal_(std=0.3)
+        tmp = workdir / f".tmp-{path.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+    if importlib.util.find_spec("sentencepiece") is not None:
+        sentencepiece_model(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def ensure_gguf(model: Path, src: Path | None) -> tuple[Path | None, str | None]:
+    """(the f32 GGUF of ``model`` made by llama.cpp's converter, None) or (None, why not)."""
+    gguf = model / "model-f32.gguf"
+    if gguf.is_file():
+        return gguf, None
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None, "llama_cpp is not installed (pip install llama-cpp-python builds it from source)"
+    if src is None or not (src / "convert_hf_to_gguf.py").is_file():
+        return None, ("llama.cpp's convert_hf_to_gguf.py not found: pass --llama-cpp-src (vendor/llama.cpp of the "
+                      "llama-cpp-python sdist)")
+    if not (model / "tokenizer.model").is_file():
+        return None, "no tokenizer.model for the converter (pip install sentencepiece)"
+    env = {**os.environ, "PYTHONPATH": str(src / "gguf-py")}
+    proc = subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(model), "--outtype", "f32",
+                           "--outfile", str(gguf)], capture_output=True, text=True, env=env, timeout=600)
+    if proc.returncode != 0:
+        return None, f"convert_hf_to_gguf.py failed: {proc.stderr.strip().splitlines()[-1:]}"
+    return gguf, None
+
+
+def prompt_sets(batch: int, prompt_len: int, reps: int, vocab: int) -> list[list[list[int]]]:
+    """reps + 1 different prompt batches (the first for the warm-up)."""
+    rng = random.Random(batch * 1000 + prompt_len)
+    return [[[rng.randrange(3, vocab) for _ in range(prompt_len)] for _ in range(batch)] for _ in range(reps + 1)]
+
+
+def read_bytes() -> int:
+    with open("/proc/self/io") as f:
+        for line in f:
+            if line.startswith("read_bytes"):
+                return int(line.split()[1])
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ workers
+def run_semoe(spec: dict[str, Any]) -> dict[str, Any]:
+    from semoe.inference.ring import RingEngine
+
+    strategy = spec["impl"].removeprefix("semoe-") if spec["budget"] is not None else "auto"
+    engine = RingEngine(spec["model"], max_memory=spec["budget"], strategy=strategy, dtype="float32",
+                        batch_size=len(spec["prompts"][0]), drop_page_cache=spec["budget"] is not None)
+    files = sorted(Path(spec["model"]).glob("*.safetensors"))
+    times, stats, io_bytes = [], [], 0
+    try:
+        for rep, prompts in enumerate(spec["prompts"]):
+            if spec["budget"] is not None:
+                evict(files)
+            b0, t0 = read_bytes(), time.perf_counter()
+            result = engine.generate(prompts, spec["new"])
+            if rep:
+                times.append(time.perf_counter() - t0)
+                io_bytes += read_bytes() - b0
+                stats.append(result.stats)
+        new = sum(s.new_tokens for s in stats)
+        out = {"times": times, "tokens_out": result.tokens, "passes": stats[-1].passes, "resident": engine.resident,
+               "io_bytes_per_token": io_bytes / new, "semoe_bytes_per_token": sum(s.bytes_read for s in stats) / new,
+               "cache_hit_rate": sum(s.expert_cache_hits for s in stats) / max(1, sum(s.experts_needed for s in stats)),
+               "prefetch_hit_rate": sum(s.expert_prefetch_hits for s in stats) / max(1, sum(s.experts_needed
+                                                                                          for s in stats)),
+               "routed_layer_loads": sum(s.routed_layer_loads for s in stats),
+               "full_layer_loads": sum(s.full_layer_loads for s in stats),
+               "cache_mb": engine.cache.capacity_bytes / MiB if engine.cache is not None else 0.0,
+               "cache_fraction": (engine.cache.capacity / max(1, sum(len(x.reads) for s in engine.plan.sections
+                                                                     for x in s.experts))
+                                  if engine.cache is not None else 0.0),
+               "load_s": median([s.load_s for s in stats]), "wait_s": median([s.wait_s for s in stats]),
+               "compute_s": median([s.compute_s for s in stats])}
+    finally:
+        engine.close()
+    return out
+
+
+def run_accelerate(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    offload = Path(spec["workdir"]) / "offload"
+    shutil.rmtree(offload, ignore_errors=True)
+    with stdout_to_stderr():
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            spec["model"], device_map="auto", max_memory={"cpu": spec["budget"]}, offload_folder=str(offload),
+            dtype=torch.float32)
+    model.eval()
+    files = sorted(Path(spec["model"]).glob("*.safetensors")) + sorted(p for p in offload.rglob("*") if p.is_file())
+    model.register_forward_pre_hook(lambda *_: evict(files))
+    times, io_bytes = [], 0
+    with torch.no_grad():
+        for rep, prompts in enumerate(spec["prompts"]):
+            x = torch.tensor(prompts)
+            b0, t0 = read_bytes(), time.perf_counter()
+            out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=spec["new"],
+                                 min_new_tokens=spec["new"], eos_token_id=None, pad_token_id=0)
+            if rep:
+                times.append(time.perf_counter() - t0)
+                io_bytes += read_bytes() - b0
+    new = len(spec["prompts"][0]) * spec["new"] * (len(spec["prompts"]) - 1)
+    return {"times": times, "tokens_out": out[:, x.shape[1]:].tolist(), "passes": spec["new"],
+            "io_bytes_per_token": io_bytes / new}
+
+
+def run_llama(spec: dict[str, Any]) -> dict[str, Any]:
+    import llama_cpp
+    import numpy as np
+
+    gguf = Path(spec["gguf"])
+    B, P, N = len(spec["prompts"][0]), len(spec["prompts"][0][0]), spec["new"]
+    times, loads, io_bytes, out = [], [], 0, []
+    for rep, prompts in enumerate(spec["prompts"]):
+        evict([gguf])
+        t_load = time.perf_counter()
+        with stdout_to_stderr():  # llama.cpp maps the file and populates the mapping: this reads the whole model
+            llm = llama_cpp.Llama(str(gguf), n_ctx=16, n_threads=spec["threads"], use_mmap=True, verbose=False)
+        t_load = time.perf_counter() - t_load
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = B * (P + N) + 16, B * P, B * P, B
+        cp.n_threads = cp.n_threads_batch = spec["threads"]
+        cp.kv_unified, cp.type_k, cp.type_v = True, 0, 0  # f32 KV cache, like semoe's float32 runs
+        ctx = llama_cpp.llama_init_from_model(llm._model.model, cp)
+        batch = llama_cpp.llama_batch_init(B * P, 0, B)
+        V = llm.n_vocab()
+
+        def decode(items: list[tuple[int, int, int, bool]], ctx: Any = ctx, batch: Any = batch,
+                   V: int = V) -> list[int]:
+            batch.n_tokens = len(items)
+            for i, (t, p, s, want) in enumerate(items):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, p, 1, want
+                batch.seq_id[i][0] = s
+            if llama_cpp.llama_decode(ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed")
+            return [int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(V,))))
+                    for i, it in enumerate(items) if it[3]]
+
+        evict([gguf])  # drops what is not mapped (with a populated mapping: nothing)
+        b0, t0 = read_bytes(), time.perf_counter()
+        nxt = decode([(t, p, b, p == P - 1) for b, pr in enumerate(prompts) for p, t in enumerate(pr)])
+        toks = [[x] for x in nxt]
+        for step in range(1, N):
+            nxt = decode([(nxt[b], P + step - 1, b, True) for b in range(B)])
+            for b in range(B):
+                toks[b].append(nxt[b])
+        if rep:
+            times.append(time.perf_counter() - t0)
+            loads.append(t_load)
+            io_bytes += read_bytes() - b0
+        out = toks
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+        llm.close()
+    return {"times": times, "tokens_out": out, "passes": N, "io_bytes_per_token": io_bytes / (B * N * len(times)),
+            "cold_load_s": median(loads), "tokens_per_s_incl_load": B * N / (median(times) + median(loads))}
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    if spec["impl"] == "accelerate":
+        import accelerate  # noqa: F401
+        import transformers  # noqa: F401
+    elif spec["impl"] == "llama.cpp":
+        import llama_cpp  # noqa: F401
+    else:
+        import semoe.inference.ring  # noqa: F401
+    base = _status()["VmRSS"]
+    with MemorySampler() as mem:
+        fn = {"accelerate": run_accelerate, "llama.cpp": run_llama}.get(spec["impl"], run_semoe)
+        res = fn(spec)
+    res.update(base_rss_mb=base, peak_rss_mb=_status()["VmHWM"], peak_anon_mb=mem.anon, peak_file_mb=mem.file,
+               wall_s=median(res["times"]))
+    return res
+
+
+def run_worker(spec: dict[str, Any], isolated: bool) -> dict[str, Any]:
+    if not isolated:
+        return worker(spec)
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
+                          timeout=1200)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {spec['impl']} B={len(spec['prompts'][0])} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------ main
+def pass_bytes(T: int, dense: int, experts: int, E: int, k: int, cached: float, whole: bool) -> float:
+    """Bytes a pass over T tokens must read: everything (whole layers), or the dense part and the expected routed
+    share f(T) = 1 - (1 - k/E)^T of the expert bytes not in the expert cache (``cached``: its share of experts)."""
+    if whole:
+        return dense + experts
+    return dense + (1 - (1 - k / E) ** T) * experts * (1 - cached)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny models, B = 1 and 4, one repetition, one process")
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "semoe-bench-expert-offload")
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma list of {list(MODELS)}")
+    ap.add_argument("--batches", default="1,4,16", help="decode batch sizes (default 1,4,16)")
+    ap.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {list(IMPLS)}")
+    ap.add_argument("--budget-frac", type=float, default=0.25, help="budget as a fraction of the weights' bytes")
+    ap.add_argument("--prompt-len", type=int, default=4)
+    ap.add_argument("--new", type=int, default=8, help="new tokens per sequence (default 8)")
+    ap.add_argument("--reps", type=int, default=None, help="timed calls per row (default 2; smoke 1)")
+    ap.add_argument("--threads", type=int, default=1, help="compute threads per process (default 1)")
+    ap.add_argument("--llama-cpp-src", type=Path, default=Path(tempfile.gettempdir()) / "semoe-llama-src",
+                    help="folder with llama.cpp's convert_hf_to_gguf.py and gguf-py")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker is not None:
+        print(json.dumps(worker(json.loads(args.worker))), flush=True)
+        return 0
+
+    import torch
+
+    from semoe.inference.sections import open_model, plan_sections
+
+    reps = args.reps or (1 if args.smoke else 2)
+    batches = [1, 4] if args.smoke else [int(b) for b in args.batches.split(",")]
+    impls = [i for i in args.impls.split(",") if i]
+    notes: dict[str, str] = {}
+    if "accelerate" in impls and importlib.util.find_spec("accelerate") is None:
+        impls.remove("accelerate")
+        notes["accelerate"] = "not installed"
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    for name in args.models.split(","):
+        cfg = (SMOKE if args.smoke else MODELS)[name]
+        model = ensure_model(args.workdir, name, cfg)
+        gguf, why = ensure_gguf(model, args.llama_cpp_src) if "llama.cpp" in impls else (None, None)
+        if why:
+            notes[f"llama.cpp/{name}"] = why
+            log(f"llama.cpp skipped for {name}: {why}")
+        source = open_model(model)
+        plan = plan_sections(source)
+        weights = source.param_bytes(torch.float32)
+        budget = int(args.budget_frac * weights)
+        files = sorted(model.glob("*.safetensors"))
+        E, k = cfg["num_local_experts"], cfg["num_experts_per_tok"]
+        dense = sum(s.dense_bytes_read for s in plan.sections)
+        experts = sum(x.disk_bytes * x.num_experts for s in plan.sections for x in s.experts)
+        log(f"{name}: {weights / MiB:.1f} MiB weights ({experts / MiB:.1f} MiB experts), budget {budget / MiB:.1f} MiB")
+        for B in batches:
+            prompts = prompt_sets(B, args.prompt_len, reps, cfg["vocab_size"])
+            common = dict(model=str(model), prompts=prompts, new=args.new, threads=args.threads, reps=reps,
+                          workdir=str(args.workdir))
+            bw = read_bandwidth(files, True, 3)
+            res = run_worker({**common, "impl": "semoe-auto", "budget": None}, not args.smoke)
+            compute_pass = res["wall_s"] / res["passes"]
+            for impl in impls:
+                if impl == "llama.cpp" and gguf is None:
+                    continue
+                r = run_worker({**common, "impl": impl, "budget": budget, "gguf": str(gguf)}, not args.smoke)
+                c = r.get("cache_fraction", 0.0) if impl in ("semoe-routed", "semoe-auto") else 0.0
+                whole = impl in ("semoe-layer", "accelerate")
+                per_pass = [pass_bytes(T, dense, experts, E, k, c, whole)
+                            for T in [B * args.prompt_len] + [B] * (args.new - 1)]
+                bound_s = sum(max(b / bw, compute_pass) for b in per_pass)
+                new = B * args.new
+                tps = new / r["wall_s"]
+                row = {"impl": impl, "model": name, "batch": B, "cache": "cold", "tokens_per_s": tps,
+                       "bound_tokens_per_s": new / bound_s, "x_of_bound": new / bound_s / tps,
+                       "bytes_read_per_token": r["io_bytes_per_token"], "peak_rss_mb": r["peak_rss_mb"],
+                       "base_rss_mb": r["base_rss_mb"], "peak_anon_mb": r["peak_anon_mb"],
+                       "peak_file_mb": r["peak_file_mb"], "budget_mb": budget / MiB, "model_mb": weights / MiB,
+                       "experts": E, "top_k": k, "f_B": 1 - (1 - k / E) ** B, "read_gb_per_s": bw / 1e9,
+                       "resident_compute_s_per_pass": compute_pass, "wall_s": r["wall_s"], "new_tokens": new,
+                       "tokens_out": r["tokens_out"]}
+                for key in ("semoe_bytes_per_token", "cache_hit_rate", "prefetch_hit_rate", "routed_layer_loads",
+                            "full_layer_loads", "cache_mb", "cache_fraction", "load_s", "wait_s", "compute_s",
+                            "cold_load_s", "tokens_per_s_incl_load"):
+                    if key in r:
+                        row[key] = r[key]
+                rows.append(row)
+                emit_json({k2: v for k2, v in row.items() if k2 != "tokens_out"})
+                log(f"{name} B={B:2d} {impl:12s} {tps:8.2f} tok/s  bound {row['bound_tokens_per_s']:8.2f}  "
+                    f"{row['bytes_read_per_token'] / MiB:7.2f} MiB/token  peak RSS {row['peak_rss_mb']:.0f} MiB")
+
+    def tps(impl: str, model: str, B: int) -> float | None:
+        return next((r["tokens_per_s"] for r in rows if (r["impl"], r["model"], r["batch"]) == (impl, model, B)), None)
+
+    models = sorted({r["model"] for r in rows})
+    targets: dict[str, Any] = {}
+    for m in models:
+        layer1, routed1 = tps("semoe-layer", m, 1), tps("semoe-routed", m, 1)
+        f1 = next(r["f_B"] for r in rows if r["model"] == m and r["batch"] == 1)
+        if layer1 and routed1:
+            targets[f"{m}/B1_routed_over_layer"] = {"ratio": routed1 / layer1, "target": 0.7 / f1,
+                                                    "met": routed1 / layer1 >= 0.7 / f1}
+        for B in (1, 16):
+            best = max((tps(i, m, B) or 0) for i in ("semoe-routed", "semoe-auto", "semoe-layer"))
+            ll = tps("llama.cpp", m, B)
+            if ll and best:
+                targets[f"{m}/B{B}_semoe_over_llama.cpp"] = {"ratio": best / ll, "target": 1.3, "met": best / ll >= 1.3}
+    semoe_rows = [r for r in rows if r["impl"].startswith("semoe")]
+    targets["semoe_within_1.3x_of_bound"] = all(r["x_of_bound"] <= 1.3 for r in semoe_rows)
+    targets["semoe_peak_rss_le_base_budget_overhead"] = all(
+        r["peak_rss_mb"] <= r["base_rss_mb"] + r["budget_mb"] + OVERHEAD_MIB for r in semoe_rows)
+    agree = {}
+    for m in models:
+        for B in batches:
+            outs = {r["impl"]: r["tokens_out"] for r in rows if r["model"] == m and r["batch"] == B}
+            ref = outs.get("semoe-layer")
+            agree[f"{m}/B{B}"] = {i: o == ref for i, o in outs.items()} if ref is not None else None
+    emit_json({"summary": True, "smoke": args.smoke, "targets": targets, "greedy_tokens_equal_semoe_layer": agree,
+               "notes": notes, "reps": reps, "threads": args.threads, "prompt_len": args.prompt_len,
+               "new_tokens": args.new, "budget_frac": args.budget_frac})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
