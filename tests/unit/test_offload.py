@@ -292,3 +292,16 @@ def test_router_aware_fetch_skips_experts_without_tokens(tmp_path, corpus_file, 
     pa = params(ref)
     for n in pa:
         assert torch.equal(pa[n], after[n]), n
+
+
+@pytest.mark.numerics
+def test_offloaded_bf16_run_equals_in_memory(tmp_path, corpus_file, cache_dir) -> None:
+    """bf16 autocast over float32 master weights (the op saves the bf16 copies): 3 steps, bit for bit."""
+    run = apply_overrides(offload_run(corpus_file, steps=3), ["train.dtype=bfloat16"])
+    ref = Trainer(apply_overrides(run, ["storage.budget_mb=0"]), tmp_path / "ref", cache_dir, resume=None)
+    off = Trainer(run, tmp_path / "off", cache_dir, resume=None)
+    for s in range(3):
+        assert ref.train_step(s)["loss"] == off.train_step(s)["loss"]
+    pa, pb = params(ref), params(off)
+    for n in pa:
+        assert torch.equal(pa[n], pb[n]), n

@@ -133,6 +133,7 @@ class ExpertOffload:
                 store.put(f"{key.name}/W", p.detach())
                 del mod._parameters[pname]
                 setattr(mod, pname, key.handle)
+                key.handle.register_hook(self._shape_hook(key))
                 key.handle.register_post_accumulate_grad_hook(self._grad_hook(key))
                 layer.keys.append(key)
                 self.keys.append(key)
@@ -153,6 +154,7 @@ class ExpertOffload:
             routed = [i for i, c in enumerate(counts) if c]
             layer.routed_fwd = routed
             for k in layer.keys:
+                k.bwd_routed = routed
                 k.handle.data = self._to_device(self.store.acquire(f"{k.name}/W", routed), k)
                 if self.trace is not None:
                     self.trace.append(("forward", k.name, tuple(routed)))
@@ -202,6 +204,15 @@ class ExpertOffload:
                 for o in other.keys:
                     self.store.prefetch(f"{o.name}/W", other.routed_fwd)
         return k.handle
+
+    def _shape_hook(self, k: _Key) -> Callable:
+        """Before autograd accumulates the gradient into the leaf, the leaf must have its shape: under bf16
+        autocast the op saved the bf16 copies, not the leaf, so no unpack restored it. A stride-0 expanded
+        scalar gives it the shape without memory (autograd then keeps the incoming gradient as it is)."""
+        def hook(g: torch.Tensor) -> None:
+            if k.handle.numel() == 0:
+                k.handle.data = torch.zeros((), dtype=k.dtype, device=k.handle.device).expand(k.shape)
+        return hook
 
     def _grad_hook(self, k: _Key) -> Callable:
         def hook(h: torch.Tensor) -> None:
