@@ -186,6 +186,13 @@ class SlotRing:
                 self.urgent.append(_Job(ticket, self._section_of(ticket), layer, new))
                 self.cv.notify_all()
             while self.error is None and not all(table[(layer.layer, e)].done for e in experts):
+                if self._drops:  # the compute thread would only wait: it does a pending page-cache drop meanwhile
+                    self.cv.release()
+                    try:
+                        self._drop_one()
+                    finally:
+                        self.cv.acquire()
+                    continue
                 self.cv.wait()
             if self.error is not None:
                 raise self.error
@@ -461,8 +468,8 @@ class SlotRing:
         return True
 
     def _drop_pending_reads(self) -> None:
-        """At most K sections' worth of page-cache drops stay pending."""
-        while len(self._drops) > 4 * self.K * max(1, len(self.plan.sections[0].reads)):
+        """At most a few hundred page-cache drops stay pending (each section's are done before it is read again)."""
+        while len(self._drops) > 256:
             self._drop_one()
 
     def _drop_pending(self, section_idx: int) -> None:

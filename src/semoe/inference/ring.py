@@ -24,11 +24,18 @@ meta device, and before a section runs, its parameters and buffers are pointed a
 Nothing is allocated by the ring in the steady state: slots, the staging area and the pinned buffers are
 allocated once; KV caches once per wave.
 
+Routed-only loading (CPU, ``strategy``): an MoE layer's section may load its dense part only; attention and
+the router run over the whole wave, then only the union of the picked experts is loaded (those the next
+layer's router predicted from this layer's output are loaded ahead, misses on demand, hot ones copied from the
+:class:`~semoe.inference.expert_cache.ExpertCache`), then the MoE layer: the same ops as ``Block.forward``, so
+the output is bit-identical to the resident model. :meth:`RingEngine._mode_for` chooses per section and pass.
+
 Memory budget (``max_memory``): K slots of the largest section + the staging area (only for a dtype
 cast) + the resident set of a wave (KV caches, hidden states, the activation estimate of
-:func:`activation_bytes`) must fit; otherwise the wave is made smaller, and if not even one sequence
-fits, ``ValueError`` states the minimum. The process's fixed overhead (interpreter, torch, code) is
-outside the budget; ``docs/inference.md`` gives its measured size.
+:func:`activation_bytes`) + an explicit expert cache must fit; otherwise the wave is made smaller, and if not
+even one sequence fits, ``ValueError`` states the minimum; an "auto" expert cache gets what is left. The
+process's fixed overhead (interpreter, torch, code) is outside the budget; ``docs/inference.md`` gives its
+measured size.
 """
 
 from __future__ import annotations
