@@ -69,7 +69,9 @@ class AsyncCheckpointer:
         t0 = time.perf_counter() if t0 is None else t0
         self.wait()
         final = ckpt.step_dir(self.root, step)
-        self._thread = threading.Thread(target=self._write, args=(step, model_t, optim_t, manifest), daemon=False,
+        # a daemon: a worker that torchrun stops after a peer died must not wait for markers that never come
+        # (the trainer waits for its last save explicitly; an unfinished write is only a .tmp-* folder)
+        self._thread = threading.Thread(target=self._write, args=(step, model_t, optim_t, manifest), daemon=True,
                                         name=f"ckpt-{step}")
         self._thread.start()
         self.stalls_s.append(time.perf_counter() - t0)
