@@ -118,9 +118,8 @@ def _uniform_step(args, run, rank: int, world: int):
     import torch.nn.functional as F
     from torch import nn
 
-    from semoe.elastic.data import load_tasks, task_batch
+    from semoe.elastic.data import load_tasks, task_batch, task_specs
     from semoe.elastic.planner import uniform_plan
-    from semoe.elastic.trainer import task_specs
     from semoe.models.multitask import MultiTaskMoE
     from semoe.parallel.all_to_all import all_to_all
     from semoe.training.step import optimizer_step
@@ -205,9 +204,8 @@ def _deepspeed_step(args, run, rank: int, world: int):
     from deepspeed.utils import logger as ds_logger
     from torch import nn
 
-    from semoe.elastic.data import load_tasks, task_batch
+    from semoe.elastic.data import load_tasks, task_batch, task_specs
     from semoe.elastic.planner import uniform_plan
-    from semoe.elastic.trainer import task_specs
     from semoe.models.multitask import FFN, MultiTaskMoE
     from semoe.training.step import optimizer_step
     from semoe.training.trainer import param_groups
@@ -272,7 +270,7 @@ def _deepspeed_step(args, run, rank: int, world: int):
 
 
 def _elastic_step(args, run, rank: int, world: int, out_dir: str):
-    from semoe.elastic.trainer import ElasticTrainer
+    from semoe.training.elastic_trainer import ElasticTrainer
 
     trainer = ElasticTrainer(run, Path(out_dir), resume=None)
 

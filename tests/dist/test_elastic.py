@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from semoe.config import ElasticConfig, MoEConfig, MultiTaskModelConfig, MultiTaskRunConfig, RouterConfig, TrainConfig
 from semoe.elastic.data import load_tasks, task_batch
 from semoe.elastic.planner import Plan, plan_tasks
-from semoe.elastic.trainer import ElasticTrainer, task_specs
+from semoe.elastic.data import task_specs
+from semoe.training.elastic_trainer import ElasticTrainer
 from semoe.models.multitask import MultiTaskMoE
 from semoe.training.trainer import lr_at, param_groups
 from tests.dist.launcher import run_ranks

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from semoe.config import replace
-from semoe.elastic.trainer import ElasticTrainer, read_losses
+from semoe.training.elastic_trainer import ElasticTrainer, read_losses
 from semoe.storage import checkpoint as ckpt
 from tests.dist.launcher import run_ranks
 from tests.dist.test_elastic import small_run

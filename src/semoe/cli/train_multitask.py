@@ -46,7 +46,7 @@ def preflight(run: MultiTaskRunConfig, args: argparse.Namespace, out: Path, worl
     if existing is not None:
         if args.resume == "none":
             raise ValueError(f"{out} already holds checkpoint {existing}; choose another --out or --resume auto")
-        from semoe.elastic.trainer import check_task_set
+        from semoe.elastic.checkpoint import check_task_set
 
         check_task_set(ckpt.read_manifest(existing, verify=False), batches, existing)
     return plan
@@ -82,7 +82,7 @@ def run_multitask(args: argparse.Namespace, argv: list[str]) -> int:
         if rc != 0:
             print(f"semoe train: {args.nproc} ranks failed (exit {rc}); see the messages above", file=sys.stderr)
         return rc
-    from semoe.elastic.trainer import ElasticTrainer
+    from semoe.training.elastic_trainer import ElasticTrainer
 
     trainer = ElasticTrainer(run, out, resume=None if args.resume == "none" else args.resume, plan=plan)
     result = trainer.fit()

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from semoe.config import MultiTaskRunConfig, from_dict
 from semoe.storage import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,9 @@ class AsyncCheckpointer:
         t0 = time.perf_counter() if t0 is None else t0
         self.wait()
         final = ckpt.step_dir(self.root, step)
-        self._thread = threading.Thread(target=self._write, args=(step, model_t, optim_t, manifest), daemon=False,
+        # a daemon: a worker that torchrun stops after a peer died must not wait for markers that never come
+        # (the trainer waits for its last save explicitly; an unfinished write is only a .tmp-* folder)
+        self._thread = threading.Thread(target=self._write, args=(step, model_t, optim_t, manifest), daemon=True,
                                         name=f"ckpt-{step}")
         self._thread.start()
         self.stalls_s.append(time.perf_counter() - t0)
@@ -135,3 +138,16 @@ def clean_partial(root: Path) -> None:
     """Remove ``.tmp-*`` folders left by a killed run (call on rank 0 before any rank saves)."""
     for p in Path(root).glob(".tmp-*"):
         shutil.rmtree(p, ignore_errors=True)
+
+
+def check_task_set(manifest: dict, batches: dict[str, int], path: Path) -> None:
+    """A checkpoint of another task set (or other batches) cannot be resumed: say so."""
+    saved = manifest.get("tasks")
+    if saved != batches:
+        raise ckpt.CheckpointError(f"checkpoint {path} was trained on tasks {saved}, this run has {batches}; "
+                                   "use the same elastic.tasks to resume, or another --out to start afresh")
+
+
+def load_multitask_config(checkpoint: Path) -> MultiTaskRunConfig:
+    """The run config stored in an elastic checkpoint's manifest."""
+    return from_dict(MultiTaskRunConfig, ckpt.read_manifest(checkpoint, verify=False)["config"])

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from semoe.models.multitask import TaskSpec
+
 
 @dataclass(frozen=True)
 class TaskData:
@@ -131,3 +133,8 @@ def task_batch(task: TaskData, batch: int, step: int, seed: int, task_index: int
     """Rows ``lo:hi`` of the global batch of ``task`` at ``step``: (x [n, tokens, features], y [n])."""
     idx = batch_indices(len(task.y_train), batch, step, seed, task_index)[lo:hi]
     return torch.from_numpy(task.x_train[idx]), torch.from_numpy(task.y_train[idx])
+
+
+def task_specs(data: dict[str, TaskData]) -> list[TaskSpec]:
+    """The model's view of the tasks: shapes and classes."""
+    return [TaskSpec(t.name, t.tokens, t.features, t.num_classes) for t in data.values()]

@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from semoe.config import MultiTaskModelConfig, from_dict
-from semoe.elastic.data import TaskData, load_tasks
-from semoe.elastic.trainer import load_multitask_config, task_specs
+from semoe.elastic.checkpoint import load_multitask_config
+from semoe.elastic.data import TaskData, load_tasks, task_specs
 from semoe.models.multitask import MultiTaskMoE, TaskSpec
 from semoe.storage import checkpoint as ckpt
 

@@ -1,4 +1,4 @@
-"""One optimizer step, shared by every trainer (``Trainer`` and ``semoe.elastic.trainer.ElasticTrainer``).
+"""One optimizer step, shared by every trainer (``Trainer`` and ``semoe.training.elastic_trainer.ElasticTrainer``).
 
 The step: set the learning rate, forward + loss + backward over the micro-batches (gradient sync held
 back until the last one when the caller has a ``no_sync``), gradient sync, global-norm clipping, a

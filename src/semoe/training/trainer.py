@@ -231,7 +231,9 @@ class Trainer:
 
         def objective(batch: Batch):
             loss, out = self._forward_loss(batch)
-            return (loss + out.router_loss) / tc.grad_accum, (float(loss.detach()), out)
+            # keep scalars and stats only: holding `out` would keep every micro-batch's logits until the step ends
+            return (loss + out.router_loss) / tc.grad_accum, (float(loss.detach()), float(out.aux_loss.detach()),
+                                                              out.moe_stats)
 
         def sync() -> None:
             if self.fusion is not None:
@@ -243,7 +245,7 @@ class Trainer:
 
         def check(kept: list, norm: float) -> None:
             nonlocal loss_mean
-            loss_mean = self._mean(sum(v for v, _ in kept) / tc.grad_accum)
+            loss_mean = self._mean(sum(k[0] for k in kept) / tc.grad_accum)
             if not math.isfinite(loss_mean) or not math.isfinite(norm):
                 raise TrainingDiverged(
                     f"loss became {loss_mean} (grad norm {norm}) at step {step}; the last good checkpoint is "
@@ -272,11 +274,11 @@ class Trainer:
             set_to_none=self.fusion is None)  # fusion: grads are views into its buckets
         aux_sum, dropped, assigned = 0.0, 0, 0
         loads = None
-        for _, out in kept:
-            aux_sum += float(out.aux_loss.detach()) / tc.grad_accum / max(1, len(out.moe_stats))
-            dropped += sum(s.dropped for s in out.moe_stats)
-            assigned += sum(s.assignments for s in out.moe_stats)
-            cur = np.stack([s.tokens_per_expert.numpy() for s in out.moe_stats]) if out.moe_stats else None
+        for _, aux, moe_stats in kept:
+            aux_sum += aux / tc.grad_accum / max(1, len(moe_stats))
+            dropped += sum(s.dropped for s in moe_stats)
+            assigned += sum(s.assignments for s in moe_stats)
+            cur = np.stack([s.tokens_per_expert.numpy() for s in moe_stats]) if moe_stats else None
             loads = cur if loads is None else loads + cur
         if loads is not None:
             self.expert_load.append(loads / np.maximum(loads.sum(-1, keepdims=True), 1))

@@ -1,4 +1,5 @@
-"""The elastic multi-task trainer: one process or many under torchrun, ranks placed by the planner.
+"""The elastic multi-task trainer (the components of ``semoe.elastic``, trained with the shared step): one
+process or many under torchrun, ranks placed by the planner.
 
 Each rank holds the shared backbone, the tasks of its plan (stems, heads, task experts, policies) and its
 share of the token-gated experts; it trains on its slices of its tasks' global batches. The optimizer step
@@ -23,12 +24,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from semoe.config import MultiTaskRunConfig, from_dict, to_dict
-from semoe.elastic.checkpoint import AsyncCheckpointer, clean_partial, owned_tensors
-from semoe.elastic.data import TaskData, load_tasks, task_batch
+from semoe.config import MultiTaskRunConfig, to_dict
+from semoe.elastic.checkpoint import AsyncCheckpointer, check_task_set, clean_partial, owned_tensors
+from semoe.elastic.data import load_tasks, task_batch, task_specs
 from semoe.elastic.layout import ElasticLayout, token_ep_size
 from semoe.elastic.planner import Plan, plan_tasks, replan
-from semoe.models.multitask import MultiTaskMoE, TaskSpec, param_task
+from semoe.models.multitask import MultiTaskMoE, param_task
 from semoe.parallel import apply_expert_parallel, build_mesh, init_distributed
 from semoe.storage import checkpoint as ckpt
 from semoe.training.metrics import MetricsWriter
@@ -47,18 +48,6 @@ class ElasticResult:
     checkpoint: Path | None = None
     stalls_s: list[float] = field(default_factory=list)
     step_s: list[float] = field(default_factory=list)
-
-
-def task_specs(data: dict[str, TaskData]) -> list[TaskSpec]:
-    return [TaskSpec(t.name, t.tokens, t.features, t.num_classes) for t in data.values()]
-
-
-def check_task_set(manifest: dict, batches: dict[str, int], path: Path) -> None:
-    """A checkpoint of another task set (or other batches) cannot be resumed: say so."""
-    saved = manifest.get("tasks")
-    if saved != batches:
-        raise ckpt.CheckpointError(f"checkpoint {path} was trained on tasks {saved}, this run has {batches}; "
-                                   "use the same elastic.tasks to resume, or another --out to start afresh")
 
 
 class ElasticTrainer:
@@ -302,7 +291,7 @@ class ElasticTrainer:
         if metrics and exact:
             metrics.close()
             exact.close()
-            from semoe.elastic.plots import plot_tasks
+            from semoe.training.task_plots import plot_tasks
 
             plot_tasks(self.out_dir / "metrics.csv", self.out_dir)
         return result
@@ -330,8 +319,3 @@ def read_losses(out_dir: Path) -> dict[int, float]:
     """{step: loss} of a run's ``losses.jsonl``."""
     rows = [json.loads(ln) for ln in (Path(out_dir) / "losses.jsonl").read_text().splitlines() if ln]
     return {r["step"]: r["loss"] for r in rows}
-
-
-def load_multitask_config(checkpoint: Path) -> MultiTaskRunConfig:
-    """The run config stored in an elastic checkpoint's manifest."""
-    return from_dict(MultiTaskRunConfig, ckpt.read_manifest(checkpoint, verify=False)["config"])
