@@ -50,7 +50,7 @@ import time
 import traceback
 from pathlib import Path
 
-from common import stdout_to_stderr
+from common import cpu_model, stdout_to_stderr
 
 HERE = Path(__file__).resolve().parent
 ALL_IMPLS = ("semoe", "transformers", "transformers-eager", "deepspeed-zero2", "deepspeed-zero3")
@@ -92,17 +92,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.impls = "semoe,transformers"
     return args
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
 
 
 # ============================================================================ the model

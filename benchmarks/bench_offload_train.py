@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -32,19 +31,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("the king and queen of our land shall speak to thee my lord good night sweet prince what news "
          "from rome to be or not is question noble friends come hither").split()
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def status(field: str) -> int:

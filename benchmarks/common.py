@@ -11,6 +11,7 @@ import ctypes
 import json
 import math
 import os
+import platform
 import resource
 import statistics
 import sys
@@ -20,6 +21,24 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+
+
+def cpu_model() -> str:
+    """The CPU for the record, e.g. "AMD EPYC (family 25 model 17; avx512_bf16)": /proc/cpuinfo's model name
+    (which on some VMs is only the vendor's line) with the family/model numbers and the matmul-relevant flags
+    (amx_bf16 / avx512_bf16 / avx512f / avx2: the best one present)."""
+    fields: dict[str, str] = {}
+    try:
+        for line in open("/proc/cpuinfo").read().split("\n\n", 1)[0].splitlines():
+            k, _, v = line.partition(":")
+            fields[k.strip()] = v.strip()
+    except OSError:
+        return platform.processor() or "unknown"
+    flags = set(fields.get("flags", "").split())
+    isa = next((f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags), "no avx2")
+    name = fields.get("model name", platform.processor() or "unknown")
+    return f"{name} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')}; {isa})"
+
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
