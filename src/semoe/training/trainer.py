@@ -140,9 +140,17 @@ class Trainer:
         param_dtype = torch.float64 if self.compute_dtype == torch.float64 else torch.float32
         self.ckpt_root = self.out_dir / "checkpoints"
         resume_from = self._resume_path(resume)
-        self.init.materialize(self.model, self.device, param_dtype, load_weights=resume_from is None)
-        self.offload = offload if offload is not None else offload_from_config(self.model, self.mesh, run,
-                                                                               self.out_dir, self.rank)
+        load = resume_from is None
+        if offload is None and run.storage.enabled and getattr(self.init, "streams_experts", False):
+            # the experts go from the files straight into the store, expert by expert: never all in memory
+            self.model.to(dtype=param_dtype)  # still on the meta device: no memory
+            self.offload = offload_from_config(self.model, self.mesh, run, self.out_dir, self.rank, self.device)
+            self.init.materialize(self.model, self.device, param_dtype, load_weights=load,
+                                  experts=self.offload.sink())
+        else:
+            self.init.materialize(self.model, self.device, param_dtype, load_weights=load)
+            self.offload = offload if offload is not None else offload_from_config(self.model, self.mesh, run,
+                                                                                   self.out_dir, self.rank)
         self.fsdp = pc.fsdp and self.distributed  # dense parameters sharded over all ranks (experts left out)
         if self.fsdp:
             apply_fsdp(self.model, dense_mesh())
