@@ -176,6 +176,11 @@ class ParallelConfig:
                       experts of the previous one, forward and backward (1: no overlap).
     a2a_wire_dtype:   "same" (rows travel in their own dtype) or "bfloat16": float32 tokens and their
                       gradients cross the all-to-all in bfloat16 (half the bytes; lossy, ~3 significant digits).
+    fsdp:             shard the dense parameters, their gradients and AdamW moments over all ranks with FSDP2
+                      (``semoe.parallel.fsdp.apply_fsdp``; the experts stay out of it, sharded over ``ep`` or in
+                      the expert store). FSDP reduce-scatters the dense gradients itself, so ``grad_fusion`` then
+                      covers nothing dense and is not used (the experts are reduced after backward). No-op in one
+                      process. Checkpoints stay the one layout-free format (full dense tensors).
     """
 
     ep_size: int = 0
@@ -186,6 +191,7 @@ class ParallelConfig:
     hierarchical_a2a: bool = False
     a2a_chunks: int = 1
     a2a_wire_dtype: Literal["same", "bfloat16"] = "same"
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         def is_int(v: object) -> bool:
@@ -203,6 +209,9 @@ class ParallelConfig:
         if self.hierarchical_grads and not self.grad_fusion:
             raise ValueError("parallel.hierarchical_grads reduces the fusion buckets: set parallel.grad_fusion=true "
                              "(or parallel.hierarchical_grads=false)")
+        if self.hierarchical_grads and self.fsdp:
+            raise ValueError("parallel.hierarchical_grads reduces the fusion buckets, but under parallel.fsdp FSDP "
+                             "reduce-scatters the dense gradients itself: set one of them to false")
         _check_choice("parallel.a2a_wire_dtype", self.a2a_wire_dtype, ("same", "bfloat16"))
         if not is_int(self.a2a_chunks) or self.a2a_chunks < 1:
             raise ValueError(f"parallel.a2a_chunks must be an integer >= 1 (1 = no overlap), got {self.a2a_chunks!r}")

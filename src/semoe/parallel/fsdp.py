@@ -8,6 +8,7 @@ Explicit prefetch: block L+1's all-gather is issued while block L computes in fo
 (``set_modules_to_forward_prefetch``), block L-1's in backward (``set_modules_to_backward_prefetch``).
 Expert parameters are left out (``ignored_params``): they are sharded over ``ep`` already and reduced
 over their replicas by ``semoe.parallel.grads`` (or kept in the expert store).
+The Trainer calls it when ``parallel.fsdp`` is true (docs/storage.md, "Dimension 1").
 """
 
 from __future__ import annotations

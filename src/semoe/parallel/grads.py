@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 
 from semoe.parallel.mesh import dp_group
 
@@ -52,11 +53,13 @@ def _reduce_(params: list[nn.Parameter], group: dist.ProcessGroup | None, scale:
 
 
 def sync_gradients(model: nn.Module, mesh: DeviceMesh | None) -> None:
-    """Average gradients across ranks following the rules above. No-op without a mesh."""
+    """Average gradients across ranks following the rules above. No-op without a mesh. Parameters sharded by
+    FSDP (``semoe.parallel.fsdp``, DTensors) are skipped: FSDP reduce-scattered (and averaged) them in backward."""
     if mesh is None or not dist.is_initialized():
         return
     world = dist.get_world_size()
     dense, expert = split_params(model)
+    dense = [p for p in dense if not isinstance(p, DTensor)]
     _reduce_(dense, None, 1.0 / world, communicate=True)  # None: the whole world
     _reduce_(expert, dp_group(mesh), 1.0 / world, communicate=mesh.size(0) > 1)
 
@@ -69,13 +72,20 @@ def grad_norm(model: nn.Module, mesh: DeviceMesh | None, expert_sq: torch.Tensor
     Each parameter's norm is taken in its gradient's dtype (one call, as torch's clip_grad_norm_ does), and
     the squares of those norms are summed in float64: a float64 run is float64 throughout, and the sum over
     parameters and ranks adds no rounding of its own. ``expert_sq``: the experts' part computed elsewhere
-    (already summed over the ep group; ``semoe.storage.offload`` keeps the experts out of the model)."""
+    (already summed over the ep group; ``semoe.storage.offload`` keeps the experts out of the model).
+    Dense gradients sharded by FSDP (DTensors): each rank's shards' squares, summed over the shards' mesh."""
     dense, expert = split_params(model)
 
     def sq(ps: list[nn.Parameter]) -> torch.Tensor:
         vals = [torch.linalg.vector_norm(p.grad.detach()).double().square() for p in ps if p.grad is not None]
         return torch.stack(vals).sum() if vals else torch.zeros((), dtype=torch.float64)
-    dense_sq = sq(dense)
+    sharded = [p for p in dense if isinstance(p.grad, DTensor)]
+    dense_sq = sq([p for p in dense if not isinstance(p.grad, DTensor)])
+    if sharded:
+        vals = [torch.linalg.vector_norm(p.grad.to_local().detach()).double().square() for p in sharded]
+        shard_sq = torch.stack(vals).sum()
+        dist.all_reduce(shard_sq, group=sharded[0].grad.device_mesh.get_group())
+        dense_sq = dense_sq + shard_sq
     if expert_sq is None:
         expert_sq = sq(expert)
         if mesh is not None and mesh.size(1) > 1:

@@ -32,6 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from semoe.layers.experts import Experts
 
@@ -64,6 +65,21 @@ def _expert_key(mname: str, gid: int, pname: str) -> str:
     return f"{mname}.{gid}.{pname}" if mname else f"{gid}.{pname}"
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A tensor sharded by FSDP (DTensor) gathered to its full value (collective: every rank calls it, in the
+    same order); any other tensor as it is. Checkpoints hold full dense tensors whatever the layout."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` for a full ``src``; a DTensor ``dst`` takes its own shard of it (no communication)."""
+    if isinstance(dst, DTensor):
+        src = distribute_tensor(src.to(dst.device, dst.dtype), dst.device_mesh, dst.placements, src_data_rank=None)
+        dst.to_local().copy_(src.to_local())
+    else:
+        dst.copy_(src)
+
+
 def model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(dense, expert) tensors of this rank in checkpoint naming (experts split per global id)."""
     experts = _expert_param_names(model)
@@ -75,7 +91,7 @@ def model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
             for i in range(mod.num_local_experts):
                 expert[_expert_key(mname, mod.expert_offset + i, pname)] = t[i].detach().contiguous().cpu()
         else:
-            dense[name] = t.detach().contiguous().cpu()
+            dense[name] = _full(t).detach().contiguous().cpu()
     return dense, expert
 
 
@@ -89,7 +105,7 @@ def optimizer_tensors(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dic
         if not state:
             continue
         for sname, v in state.items():
-            v = torch.as_tensor(v).detach().cpu()
+            v = torch.as_tensor(_full(v)).detach().cpu()
             if name in experts and v.dim() > 0 and v.shape == p.shape:
                 mname, mod, pname = experts[name]
                 for i in range(mod.num_local_experts):
@@ -301,7 +317,7 @@ def load_model(path: Path, model: nn.Module, strict: bool = True) -> None:
         elif name in reader or strict:
             src = reader.get(name)
             _check_shape(name, src, tuple(t.shape))
-            t.copy_(src)
+            _copy_into(t, src)
 
 
 @torch.no_grad()
@@ -331,6 +347,8 @@ def load_optimizer(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> 
             if v.dim() > 0:
                 _check_shape(f"{name}.{sname}", v, tuple(p.shape))
                 v = v.to(p.device, p.dtype)
+                if isinstance(p, DTensor):  # FSDP: this rank's shard of the full moment
+                    v = distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None)
             state[sname] = v
         if state:
             opt.state[p] = state

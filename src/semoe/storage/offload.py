@@ -98,7 +98,8 @@ class ExpertOffload:
     (build it with :func:`apply_expert_offload`)."""
 
     def __init__(self, model: nn.Module, store: ExpertStore, mesh: DeviceMesh | None, *, lr: float,
-                 betas: tuple[float, float], weight_decay: float, depth: int = 1, grad_accum: int = 1) -> None:
+                 betas: tuple[float, float], weight_decay: float, depth: int = 1, grad_accum: int = 1,
+                 device: torch.device | None = None) -> None:
         self.store, self.mesh, self.depth, self.grad_accum = store, mesh, depth, grad_accum
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.scale = 1.0 / self.world if mesh is not None and dist.is_initialized() else None
@@ -125,12 +126,16 @@ class ExpertOffload:
                 p = mod._parameters.get(pname)
                 if p is None:
                     continue
+                dev = device if device is not None else p.device
+                if dev.type == "meta":
+                    raise ValueError("the experts are on the meta device: pass the training device (device=...)")
                 key = _Key(f"{mname}.{pname}", mname, pname, len(self.layers), mod,
-                           torch.empty(0, dtype=p.dtype, device=p.device).requires_grad_(),
+                           torch.empty(0, dtype=p.dtype, device=dev).requires_grad_(),
                            tuple(p.shape), p.dtype)
                 for kind in ("W", "G", "m", "v"):
                     store.declare(f"{key.name}/{kind}", key.shape, p.dtype)
-                store.put(f"{key.name}/W", p.detach())
+                if not p.is_meta:  # meta: the weights come later, expert by expert, through sink()
+                    store.put(f"{key.name}/W", p.detach())
                 del mod._parameters[pname]
                 setattr(mod, pname, key.handle)
                 key.handle.register_hook(self._shape_hook(key))
@@ -146,6 +151,11 @@ class ExpertOffload:
                                       fused=False, foreach=True)
         self._ctx: list[Any] = []
         self.trace: list[tuple[str, str, tuple[int, ...]]] | None = None  # set to [] to record fetches (tests)
+
+    def sink(self) -> ExpertStoreSink:
+        """An ``ExpertSink`` (``semoe.training.init``) writing each expert straight into the store's weights:
+        ``PretrainedInit.fill`` reads the experts one at a time from the files, none of them is held in the model."""
+        return ExpertStoreSink(self.store, {k.name: k for k in self.keys})
 
     # ------------------------------------------------------------------ forward / backward hooks
     def _pre_hook(self, layer: _Layer) -> Callable:
@@ -417,19 +427,40 @@ class ExpertOffload:
         self.store.close()
 
 
+class ExpertStoreSink:
+    """``ExpertSink`` into an expert store: expert ``e`` of ``param`` becomes row ``e - expert_offset`` of
+    ``<param>/W`` (the store's copy casts to the stored dtype, as the in-memory ``copy_`` does)."""
+
+    def __init__(self, store: ExpertStore, keys: dict[str, _Key]) -> None:
+        self.store, self.keys = store, keys
+
+    def put(self, param: str, expert: int, value: torch.Tensor) -> None:
+        k = self.keys.get(param)
+        if k is None:
+            raise ValueError(f"{param!r} is not an offloaded expert parameter (offloaded: {sorted(self.keys)[:4]})")
+        if tuple(value.shape) != k.shape[1:]:
+            raise ValueError(f"{param} expert {expert}: the checkpoint's tensor has shape {tuple(value.shape)}, the "
+                             f"model expects {k.shape[1:]}; the model config (with its --set overrides) does not "
+                             "match the checkpoint")
+        self.store.put_expert(f"{param}/W", expert - k.mod.expert_offset, value)
+
+
 def apply_expert_offload(model: nn.Module, store: ExpertStore, mesh: DeviceMesh | None, *, lr: float,
                          betas: tuple[float, float], weight_decay: float, depth: int = 1,
-                         grad_accum: int = 1) -> ExpertOffload:
+                         grad_accum: int = 1, device: torch.device | None = None) -> ExpertOffload:
     """Move every MoE layer's (local) experts of ``model`` into ``store`` (see the module docstring); returns
-    the component that runs their forward / backward fetches, their optimizer and their checkpoints."""
+    the component that runs their forward / backward fetches, their optimizer and their checkpoints.
+    Experts on the meta device (a model built for ``PretrainedInit``) are declared, not copied: ``device`` is
+    then the training device and the weights arrive through :meth:`ExpertOffload.sink`."""
     return ExpertOffload(model, store, mesh, lr=lr, betas=betas, weight_decay=weight_decay, depth=depth,
-                         grad_accum=grad_accum)
+                         grad_accum=grad_accum, device=device)
 
 
 def offload_from_config(model: nn.Module, mesh: DeviceMesh | None, run: Any, out_dir: Path,
-                        rank: int) -> ExpertOffload | None:
+                        rank: int, device: torch.device | None = None) -> ExpertOffload | None:
     """The offload ``run.storage`` asks for (None when ``storage.budget_mb`` is 0). The store of this rank
-    is ``<storage.dir or out_dir/expert_store>/ep<E>-rank<r>``; it holds ``run.model``'s experts only."""
+    is ``<storage.dir or out_dir/expert_store>/ep<E>-rank<r>``; it holds ``run.model``'s experts only.
+    ``device``: see :func:`apply_expert_offload`."""
     from semoe.config import to_dict
 
     sc, tc = run.storage, run.train
@@ -442,7 +473,7 @@ def offload_from_config(model: nn.Module, mesh: DeviceMesh | None, run: Any, out
     store = ExpertStore(root, int(sc.budget_mb * 2**20), fingerprint={"model": to_dict(run.model)},
                         io_threads=sc.io_threads)
     off = apply_expert_offload(model, store, mesh, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay,
-                               depth=sc.prefetch_depth, grad_accum=tc.grad_accum)
+                               depth=sc.prefetch_depth, grad_accum=tc.grad_accum, device=device)
     log.info("experts offloaded to %s: %.1f MiB of expert state, host budget %.1f MiB", root,
              store.total_bytes() / 2**20, sc.budget_mb)
     return off

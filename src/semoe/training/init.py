@@ -55,9 +55,11 @@ class ModelInit(Protocol):
     ``materialize`` it on the device with its initial weights (after sharding). ``tokenizer``: the model's
     own tokenizer, or None (the trainer trains one on the data). ``manifest`` / ``extra_files``: what its
     checkpoints record and carry about the source; ``resume_problem``: why a checkpoint cannot be resumed
-    with this source (None: it can)."""
+    with this source (None: it can). ``streams_experts``: ``materialize`` takes ``experts=`` (an
+    :class:`ExpertSink`) for a model whose experts were taken out on the meta device (the expert store)."""
 
     tokenizer: TokenizerSpec | None
+    streams_experts: bool
 
     def build(self, cfg: ModelConfig) -> MoETransformer: ...
 
@@ -75,6 +77,7 @@ class RandomInit:
     """Random initial weights from the global seed (the caller seeds ``torch``), identical on every rank."""
 
     tokenizer: TokenizerSpec | None = None
+    streams_experts: bool = False
 
     def build(self, cfg: ModelConfig) -> MoETransformer:
         return MoETransformer(cfg)
@@ -112,6 +115,7 @@ class PretrainedInit:
     record: dict[str, Any]
     bytes_read: int = 0
     experts_read: dict[str, list[int]] = field(default_factory=dict)
+    streams_experts: bool = True
 
     @classmethod
     def from_hf(cls, path: str | Path) -> PretrainedInit:
@@ -135,9 +139,11 @@ class PretrainedInit:
         return build_meta_model(cfg).train()
 
     def materialize(self, model: MoETransformer, device: torch.device, dtype: torch.dtype,
-                    load_weights: bool = True) -> None:
+                    load_weights: bool = True, experts: ExpertSink | None = None) -> None:
         """Allocate the (sharded) model once on ``device`` in ``dtype``, zero its buffers, and fill its
-        parameters from the checkpoint (skipped with ``load_weights=False``: a resume overwrites them)."""
+        parameters from the checkpoint (skipped with ``load_weights=False``: a resume overwrites them).
+        ``experts``: where the experts go (see :meth:`fill`); the model may then hold none of them (the
+        expert store took them out on the meta device), so only the dense part is allocated."""
         model.to(dtype=dtype)
         # Module.to_empty is _apply(empty_like): from a meta tensor that imports sympy (~34 MiB, ~1 s) on first
         # use; torch.empty of the same shape allocates the same uninitialised storage without it
@@ -146,7 +152,7 @@ class PretrainedInit:
             for name, buf in model.named_buffers():
                 buf.copy_(self.source.buffers[name]) if name in self.source.buffers else buf.zero_()
         if load_weights:
-            self.fill(model)
+            self.fill(model, experts)
 
     def manifest(self) -> dict[str, Any]:
         return {"hf_source": self.record, "eos_token_ids": list(self.source.eos_ids)}
@@ -168,12 +174,18 @@ class PretrainedInit:
     def fill(self, model: MoETransformer, experts: ExpertSink | None = None) -> None:
         """Copy every parameter of ``model`` from the checkpoint: dense ones into the model, each of this
         rank's experts (``Experts.expert_offset`` .. + ``num_local_experts``) into ``experts`` (default: the
-        model). Shapes are checked; a parameter the checkpoint does not hold is a ``ValueError``."""
+        model). Shapes are checked; a parameter the checkpoint does not hold is a ``ValueError``. With
+        ``experts``, stacked expert weights that are no longer parameters of the model (the expert store
+        replaced them) are read too, into ``experts`` (which checks their shapes)."""
         stacked = {f"{n}.{p}": m for n, m in model.named_modules() if isinstance(m, Experts)
                    for p in ("w1", "w2", "w3") if getattr(m, p) is not None}
+        params: dict[str, torch.Tensor | None] = dict(model.named_parameters())
+        if experts is not None:
+            for name in stacked:
+                params.setdefault(name, None)  # held by ``experts`` only
         readers: dict[Path, SafetensorsReader] = {}
         try:
-            for name, p in model.named_parameters():
+            for name, p in params.items():
                 view = self.source.views.get(name)
                 if view is None:
                     raise ValueError(f"{self.path} holds no tensor for parameter {name!r}; the model config "
@@ -188,13 +200,15 @@ class PretrainedInit:
                     for e in range(mod.expert_offset, mod.expert_offset + mod.num_local_experts):
                         slab = self._read(readers, view.region, e * per + lo * inner, (hi - lo) * inner)
                         value = kind_only.apply(slab.view(1, hi - lo, *region[2:]))[0]
-                        _check(name, value, tuple(p.shape[1:]), f"expert {e}")
+                        if p is not None:
+                            _check(name, value, tuple(p.shape[1:]), f"expert {e}")
                         self.experts_read.setdefault(name, []).append(e)
                         if experts is None:
                             p.data[e - mod.expert_offset].copy_(value)
                         else:
                             experts.put(name, e, value)
                 else:
+                    assert p is not None  # only stacked experts may live outside the model
                     value = view.apply(self._read(readers, view.region, 0, math.prod(region)).view(region))
                     _check(name, value, tuple(p.shape), "")
                     p.data.copy_(value)

@@ -18,14 +18,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from semoe.config import RunConfig, TrainConfig, from_dict, replace, to_dict
 from semoe.models.transformer import MoETransformer
 from semoe.parallel import apply_expert_parallel, build_mesh, clip_grad_norm_, init_distributed, sync_gradients
+from semoe.parallel.fsdp import apply_fsdp
 from semoe.parallel.fusion import GradFusion
 from semoe.parallel.grads import sync_router_bias
-from semoe.parallel.mesh import default_device, resolve_ranks_per_node
+from semoe.parallel.mesh import default_device, dense_mesh, resolve_ranks_per_node
 from semoe.precision import autocast, dtype_name, resolve_dtype
 from semoe.storage import checkpoint as ckpt
 from semoe.storage.offload import ExpertOffload, offload_from_config
@@ -61,14 +63,23 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
-    """Weight decay on matrices; none on norms, biases and the router unless configured."""
+    """Weight decay on matrices; none on norms, biases and the router unless configured. Under FSDP the sharded
+    (DTensor) parameters get groups of their own: foreach AdamW does not mix DTensors and plain tensors."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         skip = p.dim() < 2 or name.endswith(".bias") or ".router." in f".{name}"
         (no_decay if skip and not cfg.decay_norms_biases_router else decay).append(p)
-    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = []
+    for params, wd in ((decay, cfg.weight_decay), (no_decay, 0.0)):
+        sharded = [p for p in params if isinstance(p, DTensor)]
+        plain = [p for p in params if not isinstance(p, DTensor)]
+        if sharded:
+            groups.append({"params": sharded, "weight_decay": wd})
+        if plain or not sharded:
+            groups.append({"params": plain, "weight_decay": wd})
+    return groups
 
 
 def config_mismatch(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -129,15 +140,27 @@ class Trainer:
         param_dtype = torch.float64 if self.compute_dtype == torch.float64 else torch.float32
         self.ckpt_root = self.out_dir / "checkpoints"
         resume_from = self._resume_path(resume)
-        self.init.materialize(self.model, self.device, param_dtype, load_weights=resume_from is None)
-        self.offload = offload if offload is not None else offload_from_config(self.model, self.mesh, run,
-                                                                               self.out_dir, self.rank)
+        load = resume_from is None
+        if offload is None and run.storage.enabled and getattr(self.init, "streams_experts", False):
+            # the experts go from the files straight into the store, expert by expert: never all in memory
+            self.model.to(dtype=param_dtype)  # still on the meta device: no memory
+            self.offload = offload_from_config(self.model, self.mesh, run, self.out_dir, self.rank, self.device)
+            self.init.materialize(self.model, self.device, param_dtype, load_weights=load,
+                                  experts=self.offload.sink())
+        else:
+            self.init.materialize(self.model, self.device, param_dtype, load_weights=load)
+            self.offload = offload if offload is not None else offload_from_config(self.model, self.mesh, run,
+                                                                                   self.out_dir, self.rank)
+        self.fsdp = pc.fsdp and self.distributed  # dense parameters sharded over all ranks (experts left out)
+        if self.fsdp:
+            apply_fsdp(self.model, dense_mesh())
         if self.rank == 0:
             log.info("compute dtype %s (train.dtype=%s), parameters and optimizer state %s",
                      dtype_name(self.compute_dtype), tc.dtype, dtype_name(param_dtype))
         self.optimizer = torch.optim.AdamW(param_groups(self.model, tc), lr=tc.lr, betas=tc.betas,
                                            fused=False, foreach=True)
-        use_fusion = pc.grad_fusion and self.mesh is not None  # with an offload: the dense parameters only
+        # with an offload: the dense parameters only; under FSDP: off (FSDP reduce-scatters the dense gradients)
+        use_fusion = pc.grad_fusion and self.mesh is not None and not self.fsdp
         rpn = resolve_ranks_per_node(pc.ranks_per_node) if pc.hierarchical_grads else None
         self.fusion = GradFusion(self.model, self.mesh, pc.bucket_mb, rpn) if use_fusion else None
         win = self.corpus.windows(tc.seq_len, tc.val_fraction)
