@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from semoe.config import RunConfig, apply_overrides, replace, to_dict
 from semoe.models.recipes import RECIPES, get_recipe
-from semoe.parallel.mesh import torchrun_env
+from semoe.parallel.mesh import launched_by_torchrun, torchrun_env
 from semoe.storage import checkpoint as ckpt
 from semoe.training.data import default_cache_dir
 
@@ -44,9 +44,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "'none' (refuse if --out has checkpoints), or a checkpoint path")
     p.add_argument("--cache-dir", type=Path, default=None, help="data/tokenizer cache (default: ~/.cache/semoe)")
     p.add_argument("--sample", default="ROMEO:", help="prompt for the sample printed at the end ('' to skip)")
-    p.add_argument("--max-restarts", type=int, default=None, help="--recipe multitask: restarts of the whole job "
-                   "after a lost rank (torchrun elastic; resumes from the last checkpoint, re-plans on a new world "
-                   "size); multi-node: run torchrun --nnodes MIN:MAX yourself, see docs/elastic.md")
+    p.add_argument("--max-restarts", type=int, default=None, help="restarts of the whole job after a lost rank "
+                   "(torchrun elastic; the ranks resume from the last checkpoint in --out, --recipe multitask "
+                   "re-plans on a new world size); multi-node: run torchrun --nnodes MIN:MAX yourself, see "
+                   "docs/elastic.md")
     p.add_argument("--plan", type=Path, default=None, help="--recipe multitask: a plan file (JSON) to use instead "
                    "of the planner's")
     p.set_defaults(func=run)
@@ -110,19 +111,32 @@ def preflight(run: RunConfig, args: argparse.Namespace, out: Path, init: Pretrai
                     "use another --out, or the same recipe and overrides to resume")
 
 
-def _strip_nproc(argv: list[str]) -> list[str]:
+def _strip_launcher_flags(argv: list[str]) -> list[str]:
+    """The worker's argv: without --nproc and --max-restarts (torchrun handles those)."""
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
             continue
-        if a == "--nproc":
+        if a in ("--nproc", "--max-restarts"):
             skip = True
             continue
-        if a.startswith("--nproc="):
+        if a.startswith(("--nproc=", "--max-restarts=")):
             continue
         out.append(a)
     return out
+
+
+def check_restarts(args: argparse.Namespace) -> int:
+    """--max-restarts as a number (0 when not given); a restarted job must be able to resume from --out."""
+    restarts = 0 if args.max_restarts is None else args.max_restarts
+    if restarts < 0:
+        raise ValueError(f"--max-restarts must be >= 0 (got {restarts}): how many times torchrun restarts the job "
+                         "after a lost rank")
+    if restarts > 0 and args.resume != "auto":
+        raise ValueError(f"--max-restarts {restarts} with --resume {args.resume!r}: a restarted job continues from "
+                         "the newest checkpoint in --out, so use --resume auto (the default)")
+    return restarts
 
 
 def print_sample(ckpt_path: Path, prompt: str) -> None:
@@ -149,8 +163,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         from semoe.cli.train_multitask import run_multitask
 
         return run_multitask(args, argv)
-    if args.max_restarts is not None or args.plan is not None:
-        raise ValueError("--max-restarts and --plan belong to elastic multi-task training: use --recipe multitask")
+    if args.plan is not None:
+        raise ValueError("--plan belongs to elastic multi-task training: use --recipe multitask")
+    restarts = check_restarts(args)
     init = None
     if args.init_from is not None:
         from semoe.training.init import PretrainedInit
@@ -161,11 +176,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     preflight(run_cfg, args, out, init)
     cache_dir = args.cache_dir or default_cache_dir()
     env = torchrun_env()
-    if args.nproc > 1 and env["world_size"] == 1:
-        sub_argv = _strip_nproc(argv[argv.index("train") + 1:])
+    if (args.nproc > 1 or restarts > 0) and env["world_size"] == 1 and not launched_by_torchrun():
+        sub_argv = _strip_launcher_flags(argv[argv.index("train") + 1:])
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               "-m", "semoe", "train", *sub_argv, "--sample", ""]
-        log.info("starting %d ranks: %s", args.nproc, " ".join(cmd))
+               f"--max-restarts={restarts}", "-m", "semoe", "train", *sub_argv, "--sample", ""]
+        log.info("starting %d ranks (max %d restarts): %s", args.nproc, restarts, " ".join(cmd))
         rc = subprocess.call(cmd)
         if rc != 0:
             print(f"semoe train: {args.nproc} ranks failed (exit {rc}); see the messages above", file=sys.stderr)
