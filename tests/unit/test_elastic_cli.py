@@ -56,7 +56,10 @@ def test_short_run_then_bad_input(tmp_path, capsys) -> None:
     assert list(read_metrics(out / "metrics.csv")["step"]) == [1, 2, 3, 4, 5, 6]
 
 
-def test_max_restarts_only_with_multitask() -> None:
+def test_plan_only_with_multitask_and_max_restarts_checked(tmp_path) -> None:
+    """--plan belongs to the multi-task trainer; --max-restarts (both trainers) must be a number >= 0."""
     with pytest.raises(SystemExit):
         main(["train", "--max-restarts"])
-    assert main(["train", "--recipe", "tiny", "--max-restarts", "1"]) == 2
+    assert main(["train", "--recipe", "tiny", "--plan", str(tmp_path / "plan.json")]) == 2
+    assert main(["train", "--recipe", "tiny", "--max-restarts", "-1", "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
