@@ -111,7 +111,7 @@ def preflight(run: RunConfig, args: argparse.Namespace, out: Path, init: Pretrai
                     "use another --out, or the same recipe and overrides to resume")
 
 
-def _strip_launcher_flags(argv: list[str]) -> list[str]:
+def strip_launcher_flags(argv: list[str]) -> list[str]:
     """The worker's argv: without --nproc and --max-restarts (torchrun handles those)."""
     out, skip = [], False
     for a in argv:
@@ -177,7 +177,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     cache_dir = args.cache_dir or default_cache_dir()
     env = torchrun_env()
     if (args.nproc > 1 or restarts > 0) and env["world_size"] == 1 and not launched_by_torchrun():
-        sub_argv = _strip_launcher_flags(argv[argv.index("train") + 1:])
+        sub_argv = strip_launcher_flags(argv[argv.index("train") + 1:])
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                f"--max-restarts={restarts}", "-m", "semoe", "train", *sub_argv, "--sample", ""]
         log.info("starting %d ranks (max %d restarts): %s", args.nproc, restarts, " ".join(cmd))

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from semoe.cli.train import strip_launcher_flags
 from semoe.config import MultiTaskRunConfig, apply_overrides, replace
 from semoe.elastic.data import TASKS
 from semoe.elastic.planner import Plan, load_plan
@@ -52,21 +53,6 @@ def preflight(run: MultiTaskRunConfig, args: argparse.Namespace, out: Path, worl
     return plan
 
 
-def _worker_argv(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for a in argv[argv.index("train") + 1:]:
-        if skip:
-            skip = False
-            continue
-        if a in ("--nproc", "--max-restarts"):
-            skip = True
-            continue
-        if a.startswith(("--nproc=", "--max-restarts=")):
-            continue
-        out.append(a)
-    return out
-
-
 def run_multitask(args: argparse.Namespace, argv: list[str]) -> int:
     run = build_config(args)
     out = args.out if args.out is not None else Path("runs") / "multitask"
@@ -76,7 +62,8 @@ def run_multitask(args: argparse.Namespace, argv: list[str]) -> int:
     plan = preflight(run, args, out, world)
     if not under_torchrun and (args.nproc > 1 or run.elastic.max_restarts > 0):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-               f"--max-restarts={run.elastic.max_restarts}", "-m", "semoe", "train", *_worker_argv(argv)]
+               f"--max-restarts={run.elastic.max_restarts}", "-m", "semoe", "train",
+               *strip_launcher_flags(argv[argv.index("train") + 1:])]
         log.info("starting %d ranks (max %d restarts): %s", args.nproc, run.elastic.max_restarts, " ".join(cmd))
         rc = subprocess.call(cmd)
         if rc != 0:
