@@ -30,10 +30,12 @@ the reasons (GELU experts, a router HF does not have, ...).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -61,6 +63,26 @@ log = logging.getLogger(__name__)
 __all__ = ["convert_hf_checkpoint", "convert_to_hf"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@contextlib.contextmanager
+def _staged_dir(out: Path) -> Iterator[Path]:
+    """Yield an empty staging folder next to ``out``; on success publish it as ``out`` in one rename (``out``
+    is absent or empty: the callers check), on any error remove it, so ``out`` is never half-written."""
+    tmp = out.parent / f".tmp-{out.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        ckpt._fsync_dir(tmp)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+        ckpt._fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _file_for(name: str) -> str:
@@ -123,11 +145,7 @@ def convert_hf_checkpoint(src: str | Path, out: str | Path, dtype: str | torch.d
             specs["model-dense.safetensors"][name] = (b.dtype, tuple(b.shape))
 
     # 2. stream: one source tensor in memory at a time
-    tmp = out.parent / f".tmp-{out.name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with _staged_dir(out) as tmp:
         writers = {fname: SafetensorsWriter(tmp / fname, s, metadata={"format": "pt"}) for fname, s in specs.items()}
         try:
             for f, header, items in plan:
@@ -160,14 +178,6 @@ def convert_hf_checkpoint(src: str | Path, out: str | Path, dtype: str | torch.d
                     "hf_source": hf_source_record(src), "eos_token_ids": eos_ids,
                     "files": files_meta}
         ckpt._write_json_atomic(tmp / ckpt.MANIFEST, manifest)
-        ckpt._fsync_dir(tmp)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-        ckpt._fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("converted %s checkpoint %s -> %s (%d files)", mt, src, out, len(files_meta))
     return out
 
@@ -246,11 +256,7 @@ def convert_to_hf(src: str | Path, out: str | Path, dtype: str | torch.dtype | N
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     maps = dict(plan)
 
-    tmp = out.parent / f".tmp-{out.name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with _staged_dir(out) as tmp:
         readers: dict[Path, SafetensorsReader] = {}
         weight_map: dict[str, str] = {}
         total = 0
@@ -277,14 +283,6 @@ def convert_to_hf(src: str | Path, out: str | Path, dtype: str | torch.dtype | N
             _write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total},
                                                                "weight_map": weight_map})
         _write_side_files(step, tmp, hf_cfg, manifest, cfg.max_seq_len)
-        ckpt._fsync_dir(tmp)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-        ckpt._fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("exported %s -> %s (%s, %d shard(s), %.1f MiB)", step, out, mt, len(shards), total / 2**20)
     return out
 
