@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -303,8 +304,12 @@ class _ExactLog:
     def __init__(self, path: Path, resume_step: int) -> None:
         kept = []
         if path.exists():
-            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
-        path.write_text("".join(f"{ln}\n" for ln in kept))
+            text = path.read_text()
+            lines = text.split("\n")[:-1]  # a last line without its newline was cut short by a kill: dropped
+            kept = [ln for ln in lines if ln and json.loads(ln)["step"] <= resume_step]
+        tmp = path.with_name(path.name + ".tmp")  # replaced atomically: a kill here loses no kept line
+        tmp.write_text("".join(f"{ln}\n" for ln in kept))
+        os.replace(tmp, path)
         self._f = open(path, "a")  # closed in close()
 
     def log(self, step: int, loss: float) -> None:
