@@ -175,3 +175,21 @@ def test_fit_costs_recovers_the_cost_model_from_rank_times() -> None:
     assert replan(new, times(new)) is new  # measured again: nothing better by 10%
     assert replace(new, overhead=0.0).rank_loads().sum() == pytest.approx(
         sum(b * new.costs[new.index(t)] for t, (b, _) in BENCH.items()))
+
+
+def test_line_partition_never_puts_a_task_twice_on_a_rank() -> None:
+    """Measured costs whose rounding once gave a task two pieces on one rank (the plan was refused), and random
+    costs, overheads and worlds: every plan passes ``check_plan`` and covers every batch once."""
+    from semoe.elastic.planner import _line_partition, check_plan
+
+    got = _line_partition(np.array([128, 64, 32, 16]), np.array([0.0101397, 0.0052796, 0.0026398, 0.0013199]),
+                          4, 0.0)
+    assert got is not None and all(len({r for r, _ in x}) == len(x) for x in got)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        tasks = {f"t{i}": (int(rng.integers(1, 200)), float(rng.uniform(0.1, 10) * 1e-4)) for i in range(4)}
+        plan = plan_tasks(tasks, int(rng.integers(1, 7)), overhead=float(rng.choice([0.0, rng.uniform(0, 3e-3)])))
+        check_plan(plan)
+        for t, (b, _) in tasks.items():
+            sl = plan.slices(t)
+            assert sl[0][1] == 0 and sl[-1][2] == b and all(x[2] == y[1] for x, y in itertools.pairwise(sl))

@@ -258,6 +258,10 @@ def _line_partition(batch: np.ndarray, cost: np.ndarray, world: int,
                 out[i].append((r, k))
                 used += overhead + k * cost[i]
                 left -= k
+                if left:  # this rank is full for task i (k was all that fit): its next rows go to the next rank
+                    if r + 1 >= world:
+                        return None
+                    r, used = r + 1, 0.0
         return out
 
     total = float((batch * cost).sum())
