@@ -10,8 +10,13 @@ layers (``--task-ff``) and a narrow backbone, so the task experts carry most of 
 each task's mean cross-entropy. AdamW. No token-gated layer (its all-to-all would make every placement wait alike).
 
 Placements:
-  elastic    ``semoe.elastic``: the planner's ranks per task (load = batch x tokens per sample), each task's expert
-             replicated over its ranks, each of them reading an equal slice of that task (``ElasticTrainer``).
+  elastic    ``semoe.elastic`` (``ElasticTrainer``), its plan re-planned from measured times: a calibration launch
+             trains ``--calib-rounds`` x ``--calib-steps`` steps from the token plan (load = batch x tokens per
+             sample) and re-plans after each round from the median per-rank CPU times (``elastic.replan_every``:
+             per-task costs and the fixed cost of a task on a rank, ``planner.fit_costs``); the timed launch
+             starts from that plan. Each task's expert is replicated over its ranks, each of them reading its
+             slice of that task.
+  elastic_tokens  the same from the token plan, without re-planning (not in the default placements).
   uniform    every rank reads an equal slice of every task (1/W of each global batch), task t's expert lives on
              rank t % W only; the task-routed layers send each task's rows to that rank and back (all-to-all with
              the planner's count matrix, ``Plan.a2a_counts``); everything else is replicated.
@@ -25,9 +30,12 @@ Placements:
 
 Per placement: ``warmup`` steps, then ``steps`` timed steps (a barrier before each). ``samples_per_s``: global
 samples / median step time. ``busy_max_over_mean``: per-rank CPU time (process time: compute, not waiting in a
-collective) over the timed steps, max over mean. ``peak_rss_mb``: peak resident set, max over ranks;
-``train_rss_mb``: its growth from just before the model is built (max over ranks). ``bound_ratio``: the analytic
-bound of elastic over one-rank-per-task placement, W * max_t load_t / sum_t load_t (notes/elastic.md).
+collective) over the timed steps, max over mean. ``samples_per_cpu_s``: global samples / the busiest rank's CPU
+time per step, the throughput with a core per rank: where ranks outnumber the cores (W=4 on 2 cores) wall time
+measures the scheduler (every placement takes about total CPU / cores), and this is the one to read.
+``peak_rss_mb``: peak resident set, max over ranks; ``train_rss_mb``: its growth from just before the model is
+built (max over ranks). ``bound_ratio``: the analytic bound of elastic over one-rank-per-task placement,
+W * max_t load_t / sum_t load_t (notes/elastic.md).
 Output: one JSON line per (placement, world), then one summary line per world with the ratios and targets.
 """
 
@@ -36,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -52,6 +59,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 from common import emit_json, log, stdout_to_stderr  # noqa: E402
 
 PLACEMENTS = ("elastic", "uniform", "deepspeed")
+CHOICES = (*PLACEMENTS, "elastic_tokens")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,19 +75,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--rounds", type=int, default=3, help="placements alternate, each runs once per round; a row "
                    "is the round with the median samples/s")
+    p.add_argument("--calib-rounds", type=int, default=3, help="re-plans of the elastic calibration launch")
+    p.add_argument("--calib-steps", type=int, default=6, help="steps measured before each re-plan")
+    p.add_argument("--calib-gain", type=float, default=0.03, help="elastic.replan_gain of the calibration")
     p.add_argument("--smoke", action="store_true", help="tiny, 1 world of 2, no DeepSpeed (CI)")
     args = p.parse_args(argv)
     if args.smoke:
         args.worlds, args.placements = "2", "elastic,uniform"
         args.tasks, args.task_ff, args.warmup, args.steps = "synth=16,digits=8,cancer=4,wine=2", 64, 1, 3
-        args.rounds = 1
+        args.rounds, args.calib_rounds, args.calib_steps = 1, 1, 2
+    bad = [x for x in args.placements.split(",") if x and x not in CHOICES]
+    if bad:
+        p.error(f"unknown placement(s) {bad}; choose from {', '.join(CHOICES)}")
     return args
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run_config(args: argparse.Namespace):
@@ -269,17 +277,37 @@ def _deepspeed_step(args, run, rank: int, world: int):
     return step, plan
 
 
-def _elastic_step(args, run, rank: int, world: int, out_dir: str):
+def _calibrate(args, run, rank: int, world: int, out_dir: str) -> dict:
+    """Train from the token plan and re-plan from measured times ``calib_rounds`` times; the final plan."""
+    from semoe.config import replace
     from semoe.training.elastic_trainer import ElasticTrainer
 
+    run = replace(run, elastic=replace(run.elastic, replan_every=args.calib_steps, replan_gain=args.calib_gain))
     trainer = ElasticTrainer(run, Path(out_dir), resume=None)
+    plans, s = [trainer.plan.describe()], 0
+    for _ in range(args.calib_rounds):
+        for _ in range(args.calib_steps):
+            trainer.train_step(s)
+            s += 1
+        if trainer.maybe_replan(s):
+            plans.append(trainer.plan.describe())
+    return {"plan_json": trainer.plan.to_json(), "plans": plans}
+
+
+def _elastic_step(args, run, rank: int, world: int, out_dir: str, plan_json: dict | None):
+    from semoe.elastic.planner import Plan
+    from semoe.training.elastic_trainer import ElasticTrainer
+
+    plan = Plan.from_json(plan_json) if plan_json is not None else None
+    trainer = ElasticTrainer(run, Path(out_dir), resume=None, plan=plan)
 
     def step(s: int) -> float:
         return trainer.train_step(s)["loss"]
     return step, trainer.plan
 
 
-def _worker(rank: int, world: int, placement: str, args: argparse.Namespace, store: str, out: str) -> None:
+def _worker(rank: int, world: int, placement: str, args: argparse.Namespace, store: str, out: str,
+            plan_json: dict | None) -> None:
     import torch
     import torch.distributed as dist
 
@@ -293,8 +321,11 @@ def _worker(rank: int, world: int, placement: str, args: argparse.Namespace, sto
 
         load_tasks(list(run.elastic.task_batches()))  # imports scikit-learn: not part of any placement's memory
         base_rss = _reset_peak_rss()
-        if placement == "elastic":
-            step, plan = _elastic_step(args, run, rank, world, str(Path(out).parent / f"run-{world}"))
+        if placement == "calibrate":
+            result.update(_calibrate(args, run, rank, world, str(Path(out) / "run")))
+            raise _Done
+        if placement.startswith("elastic"):
+            step, plan = _elastic_step(args, run, rank, world, str(Path(out) / "run"), plan_json)
         elif placement == "uniform":
             step, plan = _uniform_step(args, run, rank, world)
         else:
@@ -311,30 +342,43 @@ def _worker(rank: int, world: int, placement: str, args: argparse.Namespace, sto
         peak = _vm_hwm_mb()
         result.update(step_s=statistics.median(times), cpu_s=cpu, peak_rss_mb=peak, train_rss_mb=peak - base_rss,
                       plan=plan.describe())
+    except _Done:
+        pass
     except Exception as e:  # recorded, the other contenders still run
         result.update(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-2000:])
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
 
-def _launch(placement: str, world: int, args: argparse.Namespace, workdir: Path) -> dict:
+class _Done(Exception):
+    """The calibration launch is over (nothing to time)."""
+
+
+def _launch(placement: str, world: int, args: argparse.Namespace, workdir: Path,
+            plan_json: dict | None = None) -> dict:
     import torch.multiprocessing as mp
 
     run_dir = workdir / f"{placement}-{world}-{time.monotonic_ns()}"
     run_dir.mkdir(parents=True)
-    mp.start_processes(_worker, args=(world, placement, args, str(run_dir / "store"), str(run_dir)), nprocs=world,
-                       join=True, start_method="fork")
+    mp.start_processes(_worker, args=(world, placement, args, str(run_dir / "store"), str(run_dir), plan_json),
+                       nprocs=world, join=True, start_method="fork")
     ranks = [json.loads((run_dir / f"rank{r}.json").read_text()) for r in range(world)]
     errors = [r["error"] for r in ranks if "error" in r]
     if errors:
         log(f"[bench_elastic] {placement} at {world} ranks failed: {errors[0]}\n{ranks[0].get('traceback', '')}")
         return {"placement": placement, "world": world, "error": errors[0]}
+    if placement == "calibrate":
+        log(f"[bench_elastic] calibration W={world}, plans in turn:\n" + "\n".join(ranks[0]["plans"]))
+        return ranks[0]
     samples = sum(int(x.split("=")[1]) for x in args.tasks.split(","))
     step = max(r["step_s"] for r in ranks)
     cpu = [r["cpu_s"] for r in ranks]
+    cpu_step = max(cpu) / args.steps  # the busiest rank's CPU time per step: the step on one core per rank
     log(f"[bench_elastic] {placement} W={world}:\n{ranks[0]['plan']}")
     return {"placement": placement, "world": world, "samples_per_s": samples / step, "step_ms": 1e3 * step,
+            "plan": ranks[0]["plan"].splitlines(),
             "busy_max_over_mean": max(cpu) / statistics.mean(cpu), "busy_s_per_rank": cpu,
+            "cpu_step_ms_max": 1e3 * cpu_step, "samples_per_cpu_s": samples / cpu_step,
             "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks), "train_rss_mb": max(r["train_rss_mb"] for r in ranks)}
 
 
@@ -355,9 +399,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for world in (int(w) for w in args.worlds.split(",")):
             runs: dict[str, list[dict]] = {p: [] for p in placements}
+            calib = _launch("calibrate", world, args, Path(tmp)) if "elastic" in placements else {}
             for r in range(args.rounds):
                 for placement in placements if r % 2 == 0 else placements[::-1]:
-                    runs[placement].append(_launch(placement, world, args, Path(tmp)))
+                    plan_json = calib.get("plan_json") if placement == "elastic" else None
+                    runs[placement].append(_launch(placement, world, args, Path(tmp), plan_json))
             rows = {}
             for placement, got in runs.items():
                 ok = sorted((g for g in got if "error" not in g), key=lambda g: g["samples_per_s"])
@@ -373,10 +419,16 @@ def main(argv: list[str] | None = None) -> int:
                 summary["elastic_over_uniform"] = el["samples_per_s"] / un["samples_per_s"]
                 summary["fraction_of_bound"] = summary["elastic_over_uniform"] / summary["bound_ratio"]
                 summary["target_80pct_of_bound"] = summary["fraction_of_bound"] >= 0.8
+                summary["elastic_over_uniform_cpu"] = el["samples_per_cpu_s"] / un["samples_per_cpu_s"]
+                summary["fraction_of_bound_cpu"] = summary["elastic_over_uniform_cpu"] / summary["bound_ratio"]
+            tok = rows.get("elastic_tokens", {})
+            if "samples_per_s" in tok and "samples_per_s" in un:
+                summary["elastic_tokens_over_uniform"] = tok["samples_per_s"] / un["samples_per_s"]
             if "samples_per_s" in el:
                 summary["target_busy_le_1.15"] = el["busy_max_over_mean"] <= 1.15
             if "samples_per_s" in el and "samples_per_s" in ds:
                 summary["elastic_over_deepspeed"] = el["samples_per_s"] / ds["samples_per_s"]
+                summary["elastic_over_deepspeed_cpu"] = el["samples_per_cpu_s"] / ds["samples_per_cpu_s"]
                 summary["memory_vs_deepspeed"] = el["train_rss_mb"] / max(ds["train_rss_mb"], 1e-9)
                 summary["target_1.64x_at_le_0.82_memory"] = (summary["elastic_over_deepspeed"] >= 1.64
                                                              and summary["memory_vs_deepspeed"] <= 0.82)

@@ -55,6 +55,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import emit_result, forward_args, read_results  # noqa: E402
+
 FEATURES = {
     "plain": {"grad_fusion": False, "hierarchical_a2a": False, "a2a_chunks": 1},
     "fusion": {"grad_fusion": True, "hierarchical_a2a": False, "a2a_chunks": 1},
@@ -302,11 +306,11 @@ def worker(args: argparse.Namespace) -> None:
         share = (statistics.median(a / t for a, t in zip(a2a, times["deepspeed"])) if args.impl == "deepspeed"
                  else None)
         for name, ts in times.items():
-            print("RESULT " + json.dumps({
+            emit_result({
                 "feature": name, "step_s": statistics.median(ts), "steps_s": ts,
                 "peak_rss_mb": float(rss[0]) if len(times) == 1 else None,  # several models share this process
                 "a2a_share": share, "dtype": dtype_name(compute_dtype),
-                "peak_device_mb": float(rss[1]) if cuda and len(times) == 1 else None}), flush=True)
+                "peak_device_mb": float(rss[1]) if cuda and len(times) == 1 else None})
     dist.barrier()
     dist.destroy_process_group()
     os._exit(0)  # DeepSpeed can abort at interpreter exit (see shared notes)
@@ -315,9 +319,8 @@ def worker(args: argparse.Namespace) -> None:
 # ============================================================================ driver
 def _launch(args: argparse.Namespace, impl: str, feature: str) -> list[dict] | None:
     base = [str(HERE / "bench_train.py"), "--worker", "--impl", impl, "--feature", feature,
-            *[f"--{k.replace('_', '-')}={getattr(args, k)}" for k in (
-                "layers", "d_model", "d_ff", "experts", "top_k", "capacity_factor", "seq_len", "global_batch",
-                "vocab", "warmup", "steps", "zero", "bucket_mb", "device", "dtype")]]
+            *forward_args(args, ("layers", "d_model", "d_ff", "experts", "top_k", "capacity_factor", "seq_len",
+                                 "global_batch", "vocab", "warmup", "steps", "zero", "bucket_mb", "device", "dtype"))]
     env = {**os.environ, "DS_ACCELERATOR": args.device, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     if args.device == "cpu":  # gloo and CPU tensors even on a machine with GPUs
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -336,9 +339,7 @@ def _launch(args: argparse.Namespace, impl: str, feature: str) -> list[dict] | N
     results = []
     for p in procs:
         out, err = p.communicate(timeout=1800)
-        for line in out.splitlines():
-            if line.startswith("RESULT "):
-                results.append(json.loads(line[len("RESULT "):]))
+        results += read_results(out)
         if p.returncode != 0:
             print(f"[bench_train] {impl}/{feature} failed (exit {p.returncode}):\n{err[-3000:]}", file=sys.stderr)
             return None

@@ -217,3 +217,22 @@ class MatmulProbe:
         for _ in range(warmup):
             self.run()
         return self.flops / median([self.run() for _ in range(reps)])
+
+
+# ------------------------------------------------------------------------------------------ launching workers
+RESULT_PREFIX = "RESULT "
+
+
+def emit_result(record: dict[str, Any]) -> None:
+    """A worker's result: one ``RESULT {json}`` line on stdout, read back by ``read_results``."""
+    print(RESULT_PREFIX + json.dumps(record), flush=True)
+
+
+def read_results(stdout: str) -> list[dict[str, Any]]:
+    """Every ``RESULT {json}`` record in a worker's stdout, in order (other lines are ignored)."""
+    return [json.loads(ln[len(RESULT_PREFIX):]) for ln in stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
+
+
+def forward_args(args: Any, keys: Sequence[str]) -> list[str]:
+    """``--key=value`` flags (underscores as dashes) that hand ``args``'s ``keys`` to a worker process."""
+    return [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in keys]

@@ -70,3 +70,19 @@ def test_max_restarts_bad_input(tmp_path, corpus_file, cache_dir) -> None:
                              timeout=300)
         assert res.returncode != 0 and msg in res.stderr, res.stderr[-2000:]
         assert not out.exists()
+
+
+@pytest.mark.slow
+def test_one_rank_under_torchrun_prints_the_paths_once(tmp_path, corpus_file, cache_dir) -> None:
+    """``--nproc 1 --max-restarts 1`` runs one torchrun worker; the worker leaves the closing lines (metrics,
+    plots, checkpoint) to the launching process, which prints them once, naming the run's last checkpoint."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = _cmd(tmp_path / "run", corpus_file, cache_dir, "--max-restarts", "1", "--set", "train.steps=2")
+    cmd[cmd.index("--nproc") + 1] = "1"
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    assert [ln.split()[0] for ln in lines if ln.split()[:1] in (["metrics:"], ["plots:"], ["checkpoint:"])] == \
+        ["metrics:", "plots:", "checkpoint:"], res.stdout
+    assert lines[-1].endswith("step_00000002"), res.stdout

@@ -65,3 +65,23 @@ def test_partial_folders_are_never_latest_and_errors_surface(tmp_path) -> None:
     bad.save(1, m, o, {})
     with pytest.raises(RuntimeError, match="writing a checkpoint failed"):
         bad.wait()
+
+
+def test_exact_loss_log_continues_at_the_resume_step(tmp_path) -> None:
+    """``losses.jsonl`` on resume: rows after the checkpoint's step go (they are trained again), and a last line
+    that a kill cut short is dropped instead of breaking the restart."""
+    from semoe.training.elastic_trainer import _ExactLog, read_losses
+
+    path = tmp_path / "losses.jsonl"
+    log = _ExactLog(path, 0)
+    for s in range(1, 8):
+        log.log(s, 0.1 * s)
+    log.close()
+    with open(path, "a") as f:
+        f.write('{"step": 8, "lo')  # the kill landed in the middle of a write
+    log = _ExactLog(path, 5)
+    assert read_losses(tmp_path) == {s: pytest.approx(0.1 * s, abs=0) for s in range(1, 6)}
+    log.log(6, 0.25)
+    log.close()
+    assert sorted(read_losses(tmp_path)) == [1, 2, 3, 4, 5, 6] and read_losses(tmp_path)[6] == 0.25
+    assert not list(tmp_path.glob("*.tmp"))

@@ -197,7 +197,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             return 0
         if result.first_val_loss is not None:
             print(f"validation loss: {result.first_val_loss:.3f} -> {result.last_val_loss:.3f}")
-        if env["world_size"] > 1:  # a torchrun worker: `semoe train --nproc N` prints the rest
+        if env["world_size"] > 1 or launched_by_torchrun():  # a worker: `semoe train --nproc N` prints the rest
             return 0
     print(f"metrics:    {out / 'metrics.csv'}\nplots:      {out / 'loss.png'}, {out / 'expert_load.png'}\n"
           f"checkpoint: {result_ckpt}")

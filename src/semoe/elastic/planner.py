@@ -1,15 +1,24 @@
 """The elastic planner: which ranks train which task (UFO's placement, re-planned as loads and world change).
 
-Input: tasks {name: (global batch B_t, cost per sample c_t)} and the world size W. A task's load is
-``B_t * c_t``. Its quota is ``W * load_t / sum(load)`` ranks; largest-remainder rounding gives each task
-``r_t`` ranks of its own. A task whose quota rounds to 0 (only with ``share=True``) shares a rank: it goes
-to the rank with the least load so far (heaviest such task first). With ``share=False`` every task gets at
-least one rank (the largest remainders give up theirs), which needs W >= number of tasks.
+Input: tasks {name: (global batch B_t, cost per sample c_t)}, the world size W and ``overhead`` f, the fixed
+cost of holding a task on a rank (its stem, head and task experts run and step once per rank, whatever the
+rows). A rank's predicted time is ``sum over its slices (rows x c_t) + f x (number of tasks on it)``.
 
-Each of task t's ranks takes an equal contiguous slice of t's global batch (the first ``B_t % r_t`` one more)
-and holds t's parameters (stem, head, task experts, policy): the task expert is replicated over t's ranks,
-and every rank of t reads an equal share of t. ``uniform`` is the baseline: every rank takes an equal slice
-of every task and task t's expert lives on rank ``t % W`` only.
+Two candidate plans; the one with the lighter predicted busiest rank wins (the first on ties):
+
+* **largest remainder**: task t's quota is ``W * load_t / sum(load)`` ranks (``load_t = B_t * c_t``);
+  Hamilton rounding gives each task ``r_t`` ranks of its own, each an equal contiguous slice. A task whose
+  quota rounds to 0 (only with ``share=True``) shares a rank: it goes to the rank with the least load so far
+  (heaviest such task first). With ``share=False`` every task gets at least one rank (the largest
+  remainders give up theirs), which needs W >= number of tasks; this is the only candidate then.
+* **line partition** (``share=True``): the tasks, heaviest first, laid end to end as one line of rows, cut
+  into W contiguous pieces of equal predicted time (the smallest busiest time T for which filling each rank
+  up to T, paying f for every task it touches, covers the line; binary search). Slices are uneven and a
+  rank at a cut holds two tasks; it balances what whole ranks cannot (W=2 with one task of 3/4 the load).
+
+Every rank of task t holds t's parameters (stem, head, task experts, policy): the task expert is replicated
+over t's ranks, and each of them reads its slice of t. ``uniform`` is the baseline: every rank takes an
+equal slice of every task and task t's expert lives on rank ``t % W`` only.
 
 Gradient rules (objective: the sum over tasks of each task's mean loss over its global batch): a rank's loss
 is ``sum_t (sum of its rows' losses of t) / B_t``, so the sum over ranks is the objective; shared parameters
@@ -21,7 +30,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +48,8 @@ class Plan:
     ranks: tuple[tuple[int, ...], ...]
     experts_on: tuple[tuple[int, ...], ...]
     placement: str = "elastic"
+    rows: tuple[tuple[int, ...], ...] | None = None  # rows of task i on each of ranks[i]; None: equal slices
+    overhead: float = 0.0  # fixed cost of a task on a rank, in the units of rows x cost
 
     # --------------------------------------------------------------- queries
     def index(self, task: str) -> int:
@@ -48,12 +59,15 @@ class Plan:
         """(rank, lo, hi) of ``task``'s global batch on each of its ranks."""
         i = self.index(task)
         rs, b = self.ranks[i], self.batches[i]
-        q, rem = divmod(b, len(rs))
+        if self.rows is not None:
+            sizes = list(self.rows[i])
+        else:
+            q, rem = divmod(b, len(rs))
+            sizes = [q + (1 if j < rem else 0) for j in range(len(rs))]
         out, lo = [], 0
-        for j, r in enumerate(rs):
-            hi = lo + q + (1 if j < rem else 0)
-            out.append((r, lo, hi))
-            lo = hi
+        for r, n in zip(rs, sizes):
+            out.append((r, lo, lo + n))
+            lo += n
         return out
 
     def local(self, rank: int) -> list[tuple[str, int, int]]:
@@ -65,12 +79,17 @@ class Plan:
         return [t for t, on in zip(self.tasks, self.experts_on) if rank in on]
 
     def rank_loads(self) -> np.ndarray:
-        """[W] predicted work per rank: sum over its slices of rows x cost."""
+        """[W] predicted work per rank: sum over its slices of rows x cost, plus ``overhead`` per slice."""
         load = np.zeros(self.world)
         for t, c in zip(self.tasks, self.costs):
             for r, lo, hi in self.slices(t):
-                load[r] += (hi - lo) * c
+                if hi > lo:
+                    load[r] += (hi - lo) * c + self.overhead
         return load
+
+    def tasks_on(self) -> np.ndarray:
+        """[W] number of task slices each rank computes."""
+        return np.array([len(self.local(r)) for r in range(self.world)])
 
     def busy_max_over_mean(self) -> float:
         load = self.rank_loads()
@@ -93,10 +112,13 @@ class Plan:
 
     def describe(self) -> str:
         loads = self.rank_loads()
-        lines = [f"{self.placement} plan for {self.world} ranks (busy max/mean {self.busy_max_over_mean():.3f}):"]
+        over = f", overhead {self.overhead:.3g} per task on a rank" if self.overhead else ""
+        lines = [f"{self.placement} plan for {self.world} ranks (busy max/mean {self.busy_max_over_mean():.3f}"
+                 f"{over}):"]
         for t, b, c, rs in zip(self.tasks, self.batches, self.costs, self.ranks):
-            lines.append(f"  {t:>8}: batch {b:4d} x cost {c:g} -> ranks {list(rs)}")
-        lines.append("  load per rank: " + ", ".join(f"{x:g}" for x in loads))
+            rows = f" rows {[hi - lo for _, lo, hi in self.slices(t)]}" if self.rows is not None else ""
+            lines.append(f"  {t:>8}: batch {b:4d} x cost {c:.4g} -> ranks {list(rs)}{rows}")
+        lines.append("  load per rank: " + ", ".join(f"{x:.4g}" for x in loads))
         return "\n".join(lines)
 
     # --------------------------------------------------------------- files
@@ -107,7 +129,9 @@ class Plan:
     def from_json(cls, d: dict) -> Plan:
         return cls(world=int(d["world"]), tasks=tuple(d["tasks"]), batches=tuple(int(b) for b in d["batches"]),
                    costs=tuple(float(c) for c in d["costs"]), ranks=tuple(tuple(r) for r in d["ranks"]),
-                   experts_on=tuple(tuple(r) for r in d["experts_on"]), placement=d.get("placement", "elastic"))
+                   experts_on=tuple(tuple(r) for r in d["experts_on"]), placement=d.get("placement", "elastic"),
+                   rows=None if d.get("rows") is None else tuple(tuple(int(n) for n in r) for r in d["rows"]),
+                   overhead=float(d.get("overhead", 0.0)))
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=1))
@@ -128,9 +152,13 @@ def load_plan(path: Path, world: int, tasks: dict[str, int]) -> Plan:
 
 def check_plan(plan: Plan) -> None:
     """Every rank has work, every task is fully covered by ranks in range, slices are non-empty."""
-    for t, rs in zip(plan.tasks, plan.ranks):
+    for i, (t, rs) in enumerate(zip(plan.tasks, plan.ranks)):
         if not rs or any(not 0 <= r < plan.world for r in rs) or len(set(rs)) != len(rs):
             raise ValueError(f"plan: task {t} has ranks {list(rs)}, need distinct ranks in 0..{plan.world - 1}")
+        if plan.rows is not None and (len(plan.rows[i]) != len(rs) or sum(plan.rows[i]) != plan.batches[i]
+                                      or min(plan.rows[i]) < 1):
+            raise ValueError(f"plan: task {t} has rows {list(plan.rows[i])} on ranks {list(rs)}; need one count "
+                             f">= 1 per rank, summing to its batch {plan.batches[i]}")
     idle = [r for r in range(plan.world) if not plan.local(r)]
     if idle:
         raise ValueError(f"plan: ranks {idle} have no task; use fewer ranks or larger task batches")
@@ -152,12 +180,16 @@ def _largest_remainder(quota: np.ndarray, total: int, minimum: int, cap: np.ndar
     return n
 
 
-def plan_tasks(tasks: dict[str, tuple[int, float]], world: int, share: bool = True) -> Plan:
-    """The elastic plan of ``tasks`` {name: (global batch, cost per sample)} on ``world`` ranks."""
+def plan_tasks(tasks: dict[str, tuple[int, float]], world: int, share: bool = True,
+               overhead: float = 0.0) -> Plan:
+    """The elastic plan of ``tasks`` {name: (global batch, cost per sample)} on ``world`` ranks; ``overhead``:
+    the fixed cost of a task on a rank (same units as batch x cost)."""
     if world < 1:
         raise ValueError(f"world size must be >= 1, got {world}")
     if not tasks:
         raise ValueError("no tasks to plan; give at least one name=batch in elastic.tasks")
+    if not (overhead >= 0 and math.isfinite(overhead)):
+        raise ValueError(f"overhead per task must be a number >= 0, got {overhead}")
     names = list(tasks)
     for t, (b, c) in tasks.items():
         if b < 1:
@@ -184,16 +216,66 @@ def plan_tasks(tasks: dict[str, tuple[int, float]], world: int, share: bool = Tr
     rank_load = np.zeros(world)
     for i in range(len(names)):
         for r in ranks[i]:
-            rank_load[r] += load[i] / len(ranks[i])
+            rank_load[r] += load[i] / len(ranks[i]) + overhead
     for i in sorted((i for i in range(len(names)) if not ranks[i]), key=lambda i: -load[i]):
         r = int(np.argmin(rank_load))  # lightest rank so far (the first on ties)
         ranks[i] = [r]
-        rank_load[r] += load[i]
-    plan = Plan(world=world, tasks=tuple(names), batches=tuple(int(b) for b in batch),
-                costs=tuple(float(c) for c in cost), ranks=tuple(tuple(r) for r in ranks),
-                experts_on=tuple(tuple(r) for r in ranks), placement="elastic")
+        rank_load[r] += load[i] + overhead
+    common = dict(world=world, tasks=tuple(names), batches=tuple(int(b) for b in batch),
+                  costs=tuple(float(c) for c in cost), placement="elastic", overhead=float(overhead))
+    plan = Plan(ranks=tuple(tuple(r) for r in ranks), experts_on=tuple(tuple(r) for r in ranks), **common)
     check_plan(plan)
+    line = _line_partition(batch, cost, world, overhead) if share else None
+    if line is not None:
+        cand = Plan(ranks=tuple(tuple(r for r, _ in x) for x in line), experts_on=tuple(tuple(r for r, _ in x)
+                    for x in line), rows=tuple(tuple(k for _, k in x) for x in line), **common)
+        if all(cand.local(r) for r in range(world)) and \
+                cand.rank_loads().max() < plan.rank_loads().max() * (1 - 1e-9):
+            check_plan(cand)
+            return cand
     return plan
+
+
+def _line_partition(batch: np.ndarray, cost: np.ndarray, world: int,
+                    overhead: float) -> list[list[tuple[int, int]]] | None:
+    """Per task, its (rank, rows) pieces when the tasks (heaviest first) are laid end to end and cut into
+    ``world`` pieces of the least possible busiest time; None if some rank would stay idle."""
+    order = np.argsort(-(batch * cost), kind="stable")
+
+    def fill(limit: float) -> list[list[tuple[int, int]]] | None:
+        out: list[list[tuple[int, int]]] = [[] for _ in batch]
+        r, used = 0, 0.0
+        for i in order:
+            left = int(batch[i])
+            while left:
+                room = limit - used - overhead
+                k = min(left, math.floor(room / cost[i] + 1e-9)) if room > 0 else 0
+                if k <= 0:
+                    if used == 0 or r + 1 >= world:
+                        return None
+                    r, used = r + 1, 0.0
+                    continue
+                out[i].append((r, k))
+                used += overhead + k * cost[i]
+                left -= k
+                if left:  # this rank is full for task i (k was all that fit): its next rows go to the next rank
+                    if r + 1 >= world:
+                        return None
+                    r, used = r + 1, 0.0
+        return out
+
+    total = float((batch * cost).sum())
+    lo, hi = total / world, total + overhead * len(batch)
+    best = fill(hi)
+    for _ in range(60):  # the least limit for which the greedy fill covers every task within W ranks
+        mid = (lo + hi) / 2
+        got = fill(mid)
+        if got is None:
+            lo = mid
+        else:
+            hi, best = mid, got
+    used = {r for x in best or [] for r, _ in x}
+    return best if len(used) == world else None
 
 
 def uniform_plan(tasks: dict[str, tuple[int, float]], world: int) -> Plan:
@@ -214,29 +296,58 @@ def bound_ratio(tasks: dict[str, tuple[int, float]], world: int) -> float:
 
 
 def measured_costs(plan: Plan, rank_times: np.ndarray) -> dict[str, float]:
-    """Cost per sample of every task from measured per-rank busy times [W]: a rank's time is split over its
-    slices in proportion to rows x current cost; a task's cost is its time summed over ranks / its batch.
-    The scale is arbitrary (only ratios matter to the planner)."""
+    """Cost per sample of every task from measured per-rank busy times [W]: a rank's time less the plan's
+    overhead per task on it is split over its slices in proportion to rows x current cost; a task's cost is
+    its time summed over ranks / its batch. The scale is arbitrary (only ratios matter to the planner)."""
+    return fit_costs(plan, rank_times, fit_overhead=False)[0]
+
+
+def fit_costs(plan: Plan, rank_times: np.ndarray, fit_overhead: bool = True) -> tuple[dict[str, float], float]:
+    """(cost per sample of every task, overhead per task on a rank), in the units of ``rank_times``.
+
+    The overhead comes from a least-squares fit ``time_r = a * predicted_rows_load_r + f * tasks_on_r``
+    (plus a per-rank constant, equal on every rank, when the ranks tell all three apart); it needs ranks
+    with different numbers of tasks, and a fit with a negative term is not taken: then the plan's overhead
+    (rescaled) is kept. The costs split each rank's time less ``f * tasks_on_r`` (and the constant) over its
+    slices in proportion to rows x current cost."""
+    times = np.asarray(rank_times, dtype=np.float64)
+    row_load = plan.rank_loads() - plan.overhead * plan.tasks_on()
+    n_on = plan.tasks_on().astype(np.float64)
+    scale = times.sum() / max(plan.rank_loads().sum(), 1e-300)  # plan units -> seconds
+    f, fixed = plan.overhead * scale, 0.0
+    if fit_overhead:
+        for cols in ((row_load, n_on, np.ones_like(n_on)), (row_load, n_on)):
+            x = np.stack(cols, 1)
+            if np.linalg.matrix_rank(x / np.maximum(np.abs(x).max(0), 1e-300)) == x.shape[1]:
+                coef = np.linalg.lstsq(x, times, rcond=None)[0]
+                if coef[0] > 0 and coef[1] >= 0 and (len(coef) < 3 or coef[2] >= 0):
+                    f, fixed = float(coef[1]), float(coef[2]) if len(coef) == 3 else 0.0
+                break
+    rest = np.maximum(times - f * n_on - fixed, 1e-12 * max(times.max(), 1e-300))
     pred = np.zeros(len(plan.tasks))
-    loads = plan.rank_loads()
     for i, t in enumerate(plan.tasks):
         for r, lo, hi in plan.slices(t):
-            share = (hi - lo) * plan.costs[i] / loads[r] if loads[r] > 0 else 0.0
-            pred[i] += rank_times[r] * share
-    return {t: float(pred[i] / plan.batches[i]) for i, t in enumerate(plan.tasks)}
+            share = (hi - lo) * plan.costs[i] / row_load[r] if row_load[r] > 0 else 0.0
+            pred[i] += rest[r] * share
+    return {t: float(pred[i] / plan.batches[i]) for i, t in enumerate(plan.tasks)}, f
 
 
 def replan(plan: Plan, rank_times: np.ndarray | None = None, world: int | None = None, share: bool = True,
            gain: float = 0.1) -> Plan:
-    """A new plan from measured per-rank times and/or a new world size, or ``plan`` itself when nothing
-    changes by more than ``gain`` (the predicted busiest rank of the new plan, relative)."""
+    """A new plan from measured per-rank times (costs and overhead per task, ``fit_costs``) and/or a new world
+    size, or ``plan`` itself when nothing changes by more than ``gain`` (the predicted busiest rank of the
+    new plan, relative, both predicted with the new costs)."""
     world = plan.world if world is None else world
-    costs = dict(zip(plan.tasks, plan.costs)) if rank_times is None else measured_costs(plan, rank_times)
+    if rank_times is None:
+        costs, overhead = dict(zip(plan.tasks, plan.costs)), plan.overhead
+    else:
+        costs, overhead = fit_costs(plan, rank_times)
     tasks = {t: (b, costs[t]) for t, b in zip(plan.tasks, plan.batches)}
-    new = plan_tasks(tasks, world, share)
+    new = plan_tasks(tasks, world, share, overhead=overhead)
     if world != plan.world:
         return new
-    old_on_new_costs = Plan(plan.world, plan.tasks, plan.batches, new.costs, plan.ranks, plan.experts_on)
-    if new.ranks == plan.ranks or new.rank_loads().max() > (1 - gain) * old_on_new_costs.rank_loads().max():
+    old_on_new_costs = replace(plan, costs=new.costs, overhead=new.overhead)
+    same = new.ranks == plan.ranks and [new.slices(t) for t in new.tasks] == [plan.slices(t) for t in plan.tasks]
+    if same or new.rank_loads().max() > (1 - gain) * old_on_new_costs.rank_loads().max():
         return plan
     return new

@@ -5,7 +5,8 @@ Each rank holds the shared backbone, the tasks of its plan (stems, heads, task e
 share of the token-gated experts; it trains on its slices of its tasks' global batches. The optimizer step
 is ``semoe.training.step.optimizer_step`` (the Trainer's), with the gradient rules of
 ``semoe.elastic.layout``. Checkpoints are asynchronous (``semoe.elastic.checkpoint``) and layout independent:
-a run resumes on any world size and re-plans. ``replan_every`` re-plans from measured per-rank busy times.
+a run resumes on any world size and re-plans. ``replan_every`` re-plans from measured per-rank busy times
+(CPU time; per-task costs and the fixed cost of a task on a rank, ``semoe.elastic.planner.fit_costs``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -167,10 +169,11 @@ class ElasticTrainer:
                 raise TrainingDiverged(f"loss or grad norm ({norm}) not finite at step {step}; the last checkpoint "
                                        f"is {self.checkpointer.last_path}. Lower train.lr and resume from it.")
 
-        t0 = time.perf_counter()
+        c0 = time.process_time()
         kept, norm = optimizer_step(self.optimizer, [None], objective, lr=lr_at(step, tc),
-                                    sync=lambda: self._record_busy(t0),
+                                    sync=lambda: self.layout.sync_gradients(self.model),
                                     clip=lambda: self.layout.clip_(self.model, tc.grad_clip), check=check)
+        self._record_busy(c0)
         stats = kept[0][1]
         if self.distributed:
             dist.all_reduce(stats)
@@ -182,15 +185,16 @@ class ElasticTrainer:
             row[f"acc_{t}"] = float(stats[i, 1] / stats[i, 2])
         return row
 
-    def _record_busy(self, t0: float) -> None:
-        """Forward + backward time of this rank (its busy time), gathered, then the gradient sync."""
-        t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+    def _record_busy(self, c0: float) -> None:
+        """Gather this rank's busy time of the step: its CPU time since ``c0`` (forward, backward, gradient
+        sync, clipping, optimizer update; not wall time: a rank that waits in a collective, or for a core, is
+        not busy), so what each task costs on a rank beyond its rows counts too."""
+        t = torch.tensor([time.process_time() - c0], dtype=torch.float64)
         if self.distributed:
             all_t = [torch.zeros_like(t) for _ in range(self.world)]
             dist.all_gather(all_t, t)
             t = torch.cat(all_t)
         self.busy.append(t.numpy())
-        self.layout.sync_gradients(self.model)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, tuple[float, float]]:
@@ -303,8 +307,12 @@ class _ExactLog:
     def __init__(self, path: Path, resume_step: int) -> None:
         kept = []
         if path.exists():
-            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
-        path.write_text("".join(f"{ln}\n" for ln in kept))
+            text = path.read_text()
+            lines = text.split("\n")[:-1]  # a last line without its newline was cut short by a kill: dropped
+            kept = [ln for ln in lines if ln and json.loads(ln)["step"] <= resume_step]
+        tmp = path.with_name(path.name + ".tmp")  # replaced atomically: a kill here loses no kept line
+        tmp.write_text("".join(f"{ln}\n" for ln in kept))
+        os.replace(tmp, path)
         self._f = open(path, "a")  # closed in close()
 
     def log(self, step: int, loss: float) -> None:
