@@ -131,14 +131,17 @@ DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
 def compute_dtype(dtype: torch.dtype | str, device: torch.device, stored: torch.dtype) -> torch.dtype:
     """The dtype the engine computes in (slots, KV caches, activations): ``dtype`` as given, or for "auto"
-    :func:`semoe.precision.resolve_dtype` (the trainer's rule: on CUDA the checkpoint's ``stored`` dtype when it
-    is 16-bit, else bfloat16; on a CPU bfloat16 only where the measured probe finds it fast, else float32).
-    The choice is checked to run on ``device`` and logged."""
+    on CUDA the checkpoint's ``stored`` dtype (float32, bfloat16 or float16; a float64 checkpoint computes in
+    float32), on a CPU :func:`semoe.precision.resolve_dtype` (the trainer's rule: bfloat16 only where the measured
+    probe finds it fast, else float32). The choice is checked to run on ``device`` and logged."""
     name = dtype_name(dtype) if isinstance(dtype, torch.dtype) else str(dtype)
     if name not in ("auto", *DTYPE_CHOICES):
         raise ValueError(f"dtype {name!r} is not supported by the ring engine; choose one of "
                          f"{['auto', *DTYPE_CHOICES]} (float64 is a training reference precision only)")
-    out = resolve_dtype(name, device, native=stored)
+    if name == "auto" and device.type == "cuda":
+        out = stored if dtype_name(stored) in DTYPE_CHOICES else torch.float32
+    else:
+        out = resolve_dtype(name, device, native=stored)
     check_dtype_runs(out, device)
     if device.type == "cpu" and out != torch.float32 and not cpu_matmul_probe().fast_bf16:
         log.warning("computing in %s on a CPU whose %s matmul is not fast (see the CPU matmul probe above); "
