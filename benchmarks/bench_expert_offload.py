@@ -46,7 +46,6 @@ at B=1 and B=16; peak RSS <= base + budget + 24 MiB) and whatever failed (e.g. l
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import io
 import json
@@ -61,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_offload import MemorySampler, _status, evict, read_bandwidth
-from common import emit_json, log, median, stdout_to_stderr
+from common import emit_json, log, median, random_mixtral_checkpoint, stdout_to_stderr
 
 MiB = 2**20
 OVERHEAD_MIB = 24  # documented fixed overhead above the post-import RSS (docs/inference.md)
@@ -96,28 +95,10 @@ def sentencepiece_model(path: Path) -> None:
 
 
 def ensure_model(workdir: Path, name: str, cfg: dict[str, Any]) -> Path:
-    """The HF folder of ``name`` (random Mixtral-layout weights, routers spread wide), made once."""
-    path = workdir / f"{name}-{hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]}"
-    if (path / "config.json").is_file():
-        return path
-    import torch
-    import transformers
-
-    log(f"making {path} ...")
-    torch.manual_seed(0)
-    with stdout_to_stderr():
-        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**cfg))
-        with torch.no_grad():
-            for pname, p in model.named_parameters():
-                if "gate" in pname and "proj" not in pname:
-                    p.normal_(std=0.3)
-        tmp = workdir / f".tmp-{path.name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, safe_serialization=True)
-    if importlib.util.find_spec("sentencepiece") is not None:
-        sentencepiece_model(tmp)
-    os.replace(tmp, path)
-    return path
+    """The HF folder of ``name`` (random Mixtral-layout weights, routers spread wide), made once, with a
+    SentencePiece ``tokenizer.model`` when sentencepiece is installed."""
+    has_spm = importlib.util.find_spec("sentencepiece") is not None
+    return random_mixtral_checkpoint(workdir, name, cfg, sentencepiece_model if has_spm else None)
 
 
 def ensure_gguf(model: Path, src: Path | None) -> tuple[Path | None, str | None]:

@@ -61,7 +61,6 @@ pass of each row, semoe / accelerate ratios, whether the greedy tokens of both c
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import os
@@ -74,7 +73,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import emit_json, log, median, stdout_to_stderr
+from common import emit_json, log, median, random_mixtral_checkpoint, stdout_to_stderr
 
 MiB = 2**20
 OVERHEAD_MIB = 24  # documented fixed overhead above the post-import RSS (docs/inference.md)
@@ -126,26 +125,7 @@ class MemorySampler:
 # ------------------------------------------------------------------------------------------ set-up
 def ensure_model(workdir: Path, cfg: dict[str, Any]) -> Path:
     """An HF Mixtral checkpoint with random weights for ``cfg`` (made once, reused)."""
-    key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
-    path = workdir / f"mixtral-{key}"
-    if (path / "config.json").is_file():
-        return path
-    import torch
-    import transformers
-
-    log(f"making the benchmark checkpoint {path} ...")
-    torch.manual_seed(0)
-    with stdout_to_stderr():
-        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**cfg))
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "gate" in name and "proj" not in name:
-                    p.normal_(std=0.3)  # routers: spread tokens over experts
-        tmp = workdir / f".tmp-{path.name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, safe_serialization=True)
-    os.replace(tmp, path)
-    return path
+    return random_mixtral_checkpoint(workdir, "mixtral", cfg)
 
 
 def model_files(path: Path) -> list[Path]:

@@ -236,3 +236,35 @@ def read_results(stdout: str) -> list[dict[str, Any]]:
 def forward_args(args: Any, keys: Sequence[str]) -> list[str]:
     """``--key=value`` flags (underscores as dashes) that hand ``args``'s ``keys`` to a worker process."""
     return [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in keys]
+
+
+def random_mixtral_checkpoint(workdir: Any, prefix: str, cfg: dict[str, Any],
+                              finish: Callable[[Any], None] | None = None) -> Any:
+    """An HF Mixtral folder with random weights for ``cfg`` (transformers' ``MixtralConfig`` fields), made once
+    under ``workdir`` as ``{prefix}-{hash of cfg}`` and reused; the routers are spread wide (std 0.3) so tokens go
+    to many experts. ``finish(folder)`` adds files (e.g. a tokenizer) before the folder is moved into place."""
+    import hashlib
+    import shutil
+    from pathlib import Path
+
+    workdir = Path(workdir)
+    path = workdir / f"{prefix}-{hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]}"
+    if (path / "config.json").is_file():
+        return path
+    import transformers
+
+    log(f"making the benchmark checkpoint {path} ...")
+    torch.manual_seed(0)
+    with stdout_to_stderr():
+        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**cfg))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "gate" in name and "proj" not in name:
+                    p.normal_(std=0.3)  # routers: spread tokens over experts
+        tmp = workdir / f".tmp-{path.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+    if finish is not None:
+        finish(tmp)
+    os.replace(tmp, path)
+    return path

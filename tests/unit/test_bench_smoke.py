@@ -172,3 +172,36 @@ def test_expert_offload_smoke(tmp_path) -> None:
     # the semoe rows run the same ops on the same batch shapes: the same tokens (accelerate: other op orders)
     assert all(ok for v in summary["greedy_tokens_equal_semoe_layer"].values() for impl, ok in v.items()
                if impl.startswith("semoe")), summary
+
+
+@pytest.mark.numerics
+def test_make_big_model_smoke(tmp_path) -> None:
+    """``make_big_model.py --smoke``: the streamed OLMoE-layout checkpoint (several shards, an index naming every
+    tensor once) loads in transformers, and its logits equal the ring engine's on the same files (float32 both:
+    other op orders only), through a 2-slot ring within a budget and routed-only loading."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from semoe.inference.ring import RingEngine
+    from semoe.inference.sections import open_model, plan_sections
+
+    out = tmp_path / "olmoe"
+    (line,) = _run([sys.executable, str(ROOT / "benchmarks" / "make_big_model.py"), "--smoke", "--layers", "6",
+                    "--out", str(out)], timeout=120)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) >= 2 and sorted(set(index["weight_map"].values())) == shards
+    assert line["bytes"] == index["metadata"]["total_size"] == open_model(out).param_bytes(torch.bfloat16)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "OlmoeForCausalLM" and hf.config.num_hidden_layers == 6
+    assert sum(p.numel() for p in hf.parameters()) * 2 == line["bytes"]
+    prompts = [[1, 5, 9, 3], [7, 2, 300, 11]]
+    x = torch.tensor(prompts)
+    with torch.no_grad():
+        ref = hf(x).logits[:, -1].float()
+    assert bool(torch.isfinite(ref).all()) and ref.shape == (2, 384) and float(ref.std()) > 1e-3
+    slot = plan_sections(open_model(out), 1, torch.float32).slot_bytes
+    for kw in ({}, {"max_memory": 2 * slot + 2**19, "strategy": "routed"}):
+        with RingEngine(out, dtype="float32", **kw) as engine:
+            got = engine.generate(prompts, 1, return_logits=True).logits
+        torch.testing.assert_close(torch.stack([g[0] for g in got]), ref, atol=1e-4, rtol=0)

@@ -79,6 +79,27 @@ def test_auto_follows_the_cpu_probe_and_is_logged(tmp_path, caplog) -> None:
     engine.close()
 
 
+def test_auto_on_cuda_is_the_checkpoint_dtype(monkeypatch) -> None:
+    """dtype="auto" on CUDA computes in the checkpoint's own dtype (float32 stays float32, no probe is run); on a
+    CPU it is the probe's choice whatever the checkpoint. Checked without a GPU: the device is passed in and the
+    run check is replaced by a recorder."""
+    from semoe.inference import ring
+    ran = []
+    monkeypatch.setattr(ring, "check_dtype_runs", lambda dtype, device: ran.append((dtype, device.type)))
+    monkeypatch.setattr(ring, "cpu_matmul_probe", lambda: pytest.fail("the CPU probe ran for a CUDA device"))
+    cuda = torch.device("cuda")
+    for stored in (torch.float32, torch.bfloat16, torch.float16):
+        assert ring.compute_dtype("auto", cuda, stored) == stored
+    assert ring.compute_dtype("auto", cuda, torch.float64) == torch.float32
+    assert ring.compute_dtype("bfloat16", cuda, torch.float32) == torch.bfloat16  # an explicit dtype wins
+    assert ran == [(torch.float32, "cuda"), (torch.bfloat16, "cuda"), (torch.float16, "cuda"),
+                   (torch.float32, "cuda"), (torch.bfloat16, "cuda")]
+    monkeypatch.undo()
+    want = torch.bfloat16 if cpu_matmul_probe().fast_bf16 else torch.float32
+    for stored in (torch.float32, torch.bfloat16):
+        assert ring.compute_dtype("auto", torch.device("cpu"), stored) == want
+
+
 @pytest.mark.numerics
 def test_cast_while_reading_in_pieces(tmp_path, monkeypatch) -> None:
     """A bf16 file computed in float32 is cast piece by piece through a staging area far smaller than one tensor:

@@ -74,6 +74,7 @@ def test_routed_variants_are_bit_identical(tmp_path) -> None:
     d = _save(tmp_path, "mixtral", seed=12, layers=6)
     ref = _resident(d)
     variants = [dict(layers_per_section=2), dict(expert_cache=0), dict(prefetch=False), dict(io_threads=1),
+                dict(dense_cache=False), dict(expert_cache=0, prefetch=False, layers_per_section=2),
                 dict(io_threads=3, expert_cache=0, prefetch=False)]
     for kw in variants:
         lps = kw.get("layers_per_section", 1)
@@ -130,7 +131,8 @@ def test_expert_counts_and_bytes_match_the_routers_record(tmp_path) -> None:
     xl = next(x for s in plan.sections for x in s.experts)
     dense = sum(s.dense_bytes_read for s in plan.sections)
     # no cache, no prediction: every picked expert of every pass is read on demand, nothing else
-    with RingEngine(d, max_memory=_ring_budget(d), strategy="routed", expert_cache=0, prefetch=False) as e:
+    with RingEngine(d, max_memory=_ring_budget(d), strategy="routed", expert_cache=0, prefetch=False,
+                    dense_cache=False) as e:
         st = e.generate(PROMPTS, NEW).stats
     assert st.experts_needed == st.expert_misses == needed and st.expert_cache_hits == st.experts_prefetched == 0
     assert st.expert_bytes_read == needed * xl.disk_bytes
@@ -151,6 +153,34 @@ def test_expert_counts_and_bytes_match_the_routers_record(tmp_path) -> None:
     assert st.experts_needed == needed and st.expert_prefetch_hits + st.expert_misses == needed
     assert st.experts_prefetched == st.expert_prefetch_hits + st.prefetch_wasted and st.prefetch_hit_rate > 0.5
     assert st.expert_bytes_read <= (needed + st.prefetch_wasted) * xl.disk_bytes
+
+
+def test_dense_cache_reads_each_dense_part_once(tmp_path) -> None:
+    """With room for every section's dense part, each is read from disk on the first pass only and copied from
+    the dense cache on the later ones (bit-identical output, the bytes counted exactly); the expert cache gets what
+    is left. With room for some, the first sections read fit and the others are read every pass."""
+    d = _save(tmp_path, "olmoe", seed=19)
+    ref = _resident(d)
+    plan = plan_sections(open_model(d))
+    dense_disk = [s.dense_bytes_read for s in plan.sections]  # float32 file, float32 compute: slot bytes = disk
+    S = len(plan.sections)
+    with RingEngine(d, max_memory=_ring_budget(d, extra=sum(dense_disk) + MiB), strategy="routed", batch_size=2,
+                    expert_cache=0, prefetch=False) as e:
+        got = e.generate(PROMPTS, NEW, return_logits=True)
+        assert e._ring.dense_bytes == sum(dense_disk) == e._dense_total and len(e._ring.dense_cache) == S
+    _same(got, ref)
+    st = got.stats
+    assert st.dense_cache_bytes == (NEW - 1) * sum(dense_disk)
+    assert st.bytes_read == sum(dense_disk) + st.expert_bytes_read and st.expert_misses == st.experts_needed
+    # room for the embedding and the first layer's dense part only
+    with RingEngine(d, max_memory=_ring_budget(d, extra=sum(dense_disk) + MiB), strategy="routed", batch_size=2,
+                    expert_cache=0, prefetch=False) as e:
+        e._dense_total = dense_disk[0] + dense_disk[1]  # the cap the budget would set
+        got = e.generate(PROMPTS, NEW, return_logits=True)
+        assert sorted(e._ring.dense_cache) == [0, 1]
+    _same(got, ref)
+    assert got.stats.dense_cache_bytes == (NEW - 1) * (dense_disk[0] + dense_disk[1])
+    assert got.stats.bytes_read == NEW * sum(dense_disk) - got.stats.dense_cache_bytes + got.stats.expert_bytes_read
 
 
 def test_expert_cache_policy_decayed_lfu() -> None:

@@ -106,6 +106,14 @@ class SlotRing:
         self.cuda = device.type == "cuda"
         self.slots = [torch.zeros(n, dtype=torch.uint8, device=device) for n in sizes]
         self.cache = cache
+        # the dense cache: each section's dense part (what ``dense_reads`` fill, as it lies in the slot after
+        # any cast) kept in memory once read, up to ``dense_capacity`` bytes (set by the engine from the budget),
+        # then copied into the slot instead of read again; sections enter in the order they are first read and
+        # stay (every pass uses every dense byte)
+        self.dense_capacity = 0
+        self.dense_cache: dict[int, torch.Tensor] = {}
+        self._dense_ranges: dict[int, list[tuple[int, int]]] = {}
+        self._dense_lock = threading.Lock()
         # measured rates (bytes/s) for the cost model: whole-section reads, single-expert reads, cache copies
         self.bw_section, self.bw_expert, self.bw_cache = Bandwidth(1e9), Bandwidth(1e9), Bandwidth(8e9)
         self.content = [-1] * self.K  # the section each slot holds (-1: none or being loaded)
@@ -411,9 +419,58 @@ class SlotRing:
         return n
 
     def _read_section(self, section: Section, slot: int, target: torch.Tensor, mode: str = "full") -> int:
-        if mode == "full":
+        if mode == "full" and section.experts:
             return self._run_program(self._program(section, slot, target), section)
-        return self._run_program(self._program(section, slot, target, "dense", section.dense_reads), section)
+        with self._dense_lock:
+            hit = self.dense_cache.get(section.index) if self.dense_capacity else None
+        ranges = self.dense_slot_ranges(section)
+        if hit is not None:  # a copy from memory instead of a read
+            pos = 0
+            for off, n in ranges:
+                target[off:off + n].copy_(hit[pos:pos + n])
+                pos += n
+            self.stats.dense_cache_bytes += pos
+            return 0
+        reads = section.reads if mode == "full" else section.dense_reads
+        n = self._run_program(self._program(section, slot, target, mode, reads), section)
+        size = sum(m for _, m in ranges)
+        with self._dense_lock:
+            if self.dense_capacity and self.dense_bytes + size <= self.dense_capacity:
+                buf, pos = torch.empty(size, dtype=torch.uint8, device=self.device), 0
+                for off, m in ranges:
+                    buf[pos:pos + m].copy_(target[off:off + m])
+                    pos += m
+                self.dense_cache[section.index] = buf
+        return n
+
+    def dense_slot_ranges(self, section: Section) -> list[tuple[int, int]]:
+        """(slot byte offset, bytes) of ``section``'s dense part in its slot (in the compute dtype), adjacent
+        ranges merged."""
+        out = self._dense_ranges.get(section.index)
+        if out is None:
+            regions = {r.key: r for r in section.regions}
+            item = self.plan.dtype.itemsize
+            out = []
+            for off, n in sorted((regions[rd.region].byte_offset + rd.elem_offset * item, rd.numel * item)
+                                 for rd in section.dense_reads):
+                if out and out[-1][0] + out[-1][1] == off:
+                    out[-1] = (out[-1][0], out[-1][1] + n)
+                else:
+                    out.append((off, n))
+            self._dense_ranges[section.index] = out
+        return out
+
+    @property
+    def dense_bytes(self) -> int:
+        """Bytes the dense cache holds."""
+        return sum(b.numel() for b in self.dense_cache.values())
+
+    def set_dense_capacity(self, nbytes: int) -> None:
+        """Let the dense cache hold up to ``nbytes`` (entries beyond it are dropped, the last sections first)."""
+        with self._dense_lock:
+            self.dense_capacity = max(0, int(nbytes))
+            while self.dense_cache and self.dense_bytes > self.dense_capacity:
+                self.dense_cache.pop(max(self.dense_cache))
 
     def _load_experts(self, job: _Job) -> None:
         """Experts of one ticket into its slot: from the cache (a copy) or from disk (then offered to the cache)."""
@@ -488,7 +545,7 @@ class SlotRing:
         self.content[slot] = -1
         if not self.cuda:
             n = self._read_section(section, slot, self.slots[slot], mode)
-            if mode == "full":
+            if mode == "full" and n:
                 self.bw_section.add(n, time.perf_counter() - t0)
         else:
             assert mode == "full", "routed-only loading runs on a CPU device"

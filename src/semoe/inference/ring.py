@@ -131,14 +131,17 @@ DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
 def compute_dtype(dtype: torch.dtype | str, device: torch.device, stored: torch.dtype) -> torch.dtype:
     """The dtype the engine computes in (slots, KV caches, activations): ``dtype`` as given, or for "auto"
-    :func:`semoe.precision.resolve_dtype` (the trainer's rule: on CUDA the checkpoint's ``stored`` dtype when it
-    is 16-bit, else bfloat16; on a CPU bfloat16 only where the measured probe finds it fast, else float32).
-    The choice is checked to run on ``device`` and logged."""
+    on CUDA the checkpoint's ``stored`` dtype (float32, bfloat16 or float16; a float64 checkpoint computes in
+    float32), on a CPU :func:`semoe.precision.resolve_dtype` (the trainer's rule: bfloat16 only where the measured
+    probe finds it fast, else float32). The choice is checked to run on ``device`` and logged."""
     name = dtype_name(dtype) if isinstance(dtype, torch.dtype) else str(dtype)
     if name not in ("auto", *DTYPE_CHOICES):
         raise ValueError(f"dtype {name!r} is not supported by the ring engine; choose one of "
                          f"{['auto', *DTYPE_CHOICES]} (float64 is a training reference precision only)")
-    out = resolve_dtype(name, device, native=stored)
+    if name == "auto" and device.type == "cuda":
+        out = stored if dtype_name(stored) in DTYPE_CHOICES else torch.float32
+    else:
+        out = resolve_dtype(name, device, native=stored)
     check_dtype_runs(out, device)
     if device.type == "cpu" and out != torch.float32 and not cpu_matmul_probe().fast_bf16:
         log.warning("computing in %s on a CPU whose %s matmul is not fast (see the CPU matmul probe above); "
@@ -243,6 +246,9 @@ class RingEngine:
     ``expert_cache``: memory for routed experts between uses (:mod:`semoe.inference.expert_cache`): "auto" (what
     the budget leaves after the ring and the wave), a size, or 0/None (off). ``io_threads``: reader threads for
     on-demand expert reads. ``prefetch``: predict the next layer's experts (its router on this layer's output).
+    ``dense_cache``: with "routed" / "auto", keep the sections' dense parts (attention, norms, routers, embedding,
+    head) in what the budget leaves after the ring and the wave, before the expert cache gets the rest: every pass
+    uses every dense byte, an expert only when a router picks it, so per byte the dense part is worth the most.
     ``readahead``: ask the kernel (``POSIX_FADV_WILLNEED``) to read the next section into the page cache while
     the loader waits for a slot (off by default: on the development machine it lowered the loader's cold
     read rate from ~1.3-1.6 to ~1.1 GB/s).
@@ -253,7 +259,7 @@ class RingEngine:
                  dtype: torch.dtype | str = torch.float32, kv_device: str | torch.device | None = None,
                  batch_size: int = 8, drop_page_cache: bool = False, readahead: bool = False,
                  strategy: str = "auto", expert_cache: str | int | None = "auto", io_threads: int = 2,
-                 prefetch: bool = True) -> None:
+                 prefetch: bool = True, dense_cache: bool = True) -> None:
         self.source = model if isinstance(model, ModelSource) else open_model(model)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -309,6 +315,8 @@ class RingEngine:
         self._cur_section = 0
         self._pass_tokens = self._next_pass_tokens = 0
         self.prefetch = prefetch
+        self.dense_cache = dense_cache and self.strategy != "layer"
+        self._dense_total = sum(n for sec in self.plan.sections for _, n in self._ring.dense_slot_ranges(sec))
         self._finalizer = weakref.finalize(self, self._ring.close)  # stops the loader if close() is forgotten
         self._pending: deque[tuple[int, int, str]] = deque()  # (ticket, section, mode) requested, not computed
         self._next_section = 0
@@ -529,19 +537,25 @@ class RingEngine:
         return GenerationResult(results, logits, self.stats.minus(before))
 
     def _size_cache(self, waves: list[dict[int, tuple[list[int], int]]], limits: list[int]) -> None:
-        """The expert cache gets what the budget leaves after the ring and the largest wave ("auto"), or its
-        explicit size (reserved when the waves were planned)."""
+        """What the budget leaves after the ring and the largest wave goes to the dense cache first (up to every
+        section's dense part, after an explicit expert cache size, which was reserved when the waves were planned),
+        then to the expert cache ("auto")."""
+        if self.budget is None or self.resident:
+            self._ring.set_dense_capacity(0)
+            if self.cache is not None:
+                self.cache.resize(self._cache_reserved if self._cache_request != "auto" else 0)
+            return
+        need = max((self._resident_bytes([(len(r), P, P + max(limits[i] for i in r) - 1, c)
+                                          for P, (r, c) in w.items()]) for w in waves), default=0)
+        room = max(0, self.budget - self.ring_bytes - need - (self._cache_reserved if self.cache is not None else 0))
+        dense = min(self._dense_total, room) if self.dense_cache else 0
+        self._ring.set_dense_capacity(dense)
         if self.cache is None:
             return
         if self._cache_request != "auto":
             self.cache.resize(self._cache_reserved)
             return
-        if self.budget is None:
-            self.cache.resize(0)
-            return
-        need = max((self._resident_bytes([(len(r), P, P + max(limits[i] for i in r) - 1, c)
-                                          for P, (r, c) in w.items()]) for w in waves), default=0)
-        self.cache.resize(max(0, self.budget - self.ring_bytes - need))
+        self.cache.resize(room - dense)
         log.debug("expert cache: %.1f MiB (%d experts)", self.cache.capacity_bytes / MiB, self.cache.capacity)
 
     def _record_memory(self) -> None:

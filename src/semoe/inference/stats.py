@@ -46,6 +46,7 @@ class RingStats:
     experts_prefetched: int = 0  # experts loaded on a prediction (next layer's router on this layer's output)
     prefetch_wasted: int = 0  # prefetched experts the router then did not pick
     expert_bytes_read: int = 0  # file bytes of single-expert reads (part of bytes_read)
+    dense_cache_bytes: int = 0  # dense-part bytes copied from the dense cache instead of read
     cache_inserts: int = 0
     cache_evictions: int = 0
 
