@@ -31,9 +31,9 @@ round's median. ``peak_rss_mb``: the peak resident set while training (``/proc/s
 after loading), ``load_peak_rss_mb``: the peak while loading. ``loss0``: the first step's cross-entropy (equal
 across contenders up to float32 rounding: same model, same data). A contender that fails records its error.
 
-``--interleave N``: semoe and the transformers contenders also run in one process, one step each in turn (order
-reversed every step), N steps; ``interleaved_speedup_vs_X`` is the median over those steps of X's step time over
-semoe's, the ratio least disturbed by other load on a shared machine.
+``--interleave N``: semoe and the transformers contenders also run in one process (each at its fastest dtype), one
+step each in turn (order reversed every step), N steps; ``interleaved_speedup_vs_X`` is the median over those steps
+of X's step time over semoe's, the ratio least disturbed by other load on a shared machine.
 
 Output: JSON lines on stdout, one per contender (``impl``, ``tokens_per_s``, ``step_ms``, ``peak_rss_mb``,
 ``load_peak_rss_mb``, ``loss0``, ``error``), then a summary line (ratios against transformers and DeepSpeed, the
@@ -199,8 +199,9 @@ def worker(args: argparse.Namespace) -> None:
     result: dict = {"impl": impl, "threads": torch.get_num_threads()}
     try:
         if impl.startswith("interleave:"):  # several contenders in this process, one step each in turn
-            names = impl.split(":", 1)[1].split(",")
-            steps = {n: build_step(n, args, args.folder, rows, {}) for n in names}
+            names = impl.split(":", 1)[1].split(",")  # impl@dtype: each at its own dtype
+            steps = {n: build_step(n.split("@")[0], argparse.Namespace(**{**vars(args), "dtype": n.split("@")[1]}),
+                                   args.folder, rows, {}) for n in names}
             for n in names:
                 for _ in range(args.warmup):
                     steps[n]()
@@ -400,18 +401,18 @@ def main(argv: list[str] | None = None) -> int:
     if "tokens_per_s" in sem and ran:
         summary["target_ahead_of_deepspeed"] = all(sem["tokens_per_s"] > d["tokens_per_s"] for d in ran)
     inter = [i for i in impls if i == "semoe" or i.startswith("transformers")]
-    if args.interleave and len(dtypes) > 1:
-        print("[bench_finetune] --interleave runs with one --dtype only: skipped", file=sys.stderr)
-    elif args.interleave and "semoe" in inter and len(inter) > 1:
-        print(f"[bench_finetune] interleaved: {', '.join(inter)}", file=sys.stderr, flush=True)
-        res = _launch(argparse.Namespace(**{**vars(args), "steps": args.interleave}), "interleave:" + ",".join(inter),
+    inter = [i for i in inter if "tokens_per_s" in rows[i]]
+    if args.interleave and "semoe" in inter and len(inter) > 1:
+        tags = [f"{i}@{rows[i]['dtype']}" for i in inter]  # each at its fastest dtype
+        print(f"[bench_finetune] interleaved: {', '.join(tags)}", file=sys.stderr, flush=True)
+        res = _launch(argparse.Namespace(**{**vars(args), "steps": args.interleave}), "interleave:" + ",".join(tags),
                       folder, dtypes[0])
         if "times" in res:
-            t = res["times"]
+            t = {k.split("@")[0]: v for k, v in res["times"].items()}
             for peer in inter[1:]:
                 summary[f"interleaved_speedup_vs_{peer}"] = statistics.median(
                     b / a for a, b in zip(t["semoe"], t[peer]))
-            summary["interleaved_step_ms"] = {k: 1e3 * statistics.median(v) for k, v in t.items()}
+            summary["interleaved_step_ms"] = {k: 1e3 * statistics.median(v) for k, v in res["times"].items()}
     summary["errors"] = {f"{k}@{d}": v["error"] for (k, d), v in every.items() if "error" in v} or None
     print(json.dumps(summary), flush=True)
     return 0
