@@ -5,6 +5,7 @@ PyTorch loop and against DeepSpeed with the HF model (ZeRO-2, and ZeRO-3 with th
 Run from the repository root (timing under the exclusive lock):
 
     flock -x /tmp/semoe-cpu.lock .venv/bin/python benchmarks/bench_finetune.py          # all contenders
+    .venv/bin/python benchmarks/bench_finetune.py --impls semoe,transformers --dtype float32,bfloat16  # best of each
     .venv/bin/python benchmarks/bench_finetune.py --impls semoe,transformers --rounds 3
     .venv/bin/python benchmarks/bench_finetune.py --smoke                              # tiny, seconds (CI)
 
@@ -13,7 +14,8 @@ Contenders (``--impls``, each in its own process so that its peak RSS is its own
     semoe               PretrainedInit.from_hf (the --init-from path) + Trainer.train_step: HF's routing (dropless,
                         renormalised top-2) and HF's load-balancing loss at router_aux_loss_coef
     transformers        AutoModelForCausalLM.from_pretrained, output_router_logits=True, the experts
-                        implementation transformers picks by default (5.x: "grouped_mm"), torch AdamW (foreach)
+                        implementation transformers picks by default (5.x: "grouped_mm"), torch AdamW (fused:
+                        HF Trainer's default optimizer with torch >= 2.8, as semoe's Trainer uses)
     transformers-eager  the same with experts_implementation="eager" (the per-expert Python loop)
     deepspeed-zero2     deepspeed.initialize(HF model, torch AdamW, ZeRO stage 2), gloo, 1 process
     deepspeed-zero3     the same with ZeRO stage 3 and deepspeed.utils.set_z3_leaf_modules(model,
@@ -22,14 +24,16 @@ Contenders (``--impls``, each in its own process so that its peak RSS is its own
 Every contender: the same weights (one HF folder written at the start), the same batch every step (random tokens,
 seed 0), loss = cross-entropy + router_aux_loss_coef * aux loss, gradient clipping at 1.0, AdamW (lr 1e-5, betas
 0.9/0.95, no weight decay), float32 (``--dtype bfloat16``: every contender under CPU autocast, float32 master
-weights). ``warmup`` steps, then ``steps`` timed steps; a contender's step time is the median over rounds of each
+weights; ``--dtype float32,bfloat16``: every contender in both, one row each, and the summary's ``speedup_vs_X`` /
+``peak_rss_ratio_vs_X`` compare each contender's fastest row, ``..._vs_X@dtype`` the same dtype).
+``warmup`` steps, then ``steps`` timed steps; a contender's step time is the median over rounds of each
 round's median. ``peak_rss_mb``: the peak resident set while training (``/proc/self/clear_refs`` resets the peak
 after loading), ``load_peak_rss_mb``: the peak while loading. ``loss0``: the first step's cross-entropy (equal
 across contenders up to float32 rounding: same model, same data). A contender that fails records its error.
 
-``--interleave N``: semoe and the transformers contenders also run in one process, one step each in turn (order
-reversed every step), N steps; ``interleaved_speedup_vs_X`` is the median over those steps of X's step time over
-semoe's, the ratio least disturbed by other load on a shared machine.
+``--interleave N``: semoe and the transformers contenders also run in one process (each at its fastest dtype), one
+step each in turn (order reversed every step), N steps; ``interleaved_speedup_vs_X`` is the median over those steps
+of X's step time over semoe's, the ratio least disturbed by other load on a shared machine.
 
 Output: JSON lines on stdout, one per contender (``impl``, ``tokens_per_s``, ``step_ms``, ``peak_rss_mb``,
 ``load_peak_rss_mb``, ``loss0``, ``error``), then a summary line (ratios against transformers and DeepSpeed, the
@@ -78,13 +82,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="torch threads per contender (0: all cores)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="float32",
+                    help="float32, bfloat16 (CPU autocast over float32 weights) or both, comma-separated: each "
+                    "contender then runs in each, and the summary compares each one's fastest")
     ap.add_argument("--workdir", type=Path, default=None, help="where the HF folder is written (default: a temp dir)")
     ap.add_argument("--interleave", type=int, default=0, metavar="N",
                     help="also run semoe and the transformers contenders in one process, N steps each, alternating "
                     "step by step (robust ratios on a noisy machine: interleaved_speedup_vs_*)")
     ap.add_argument("--smoke", action="store_true", help="tiny model, 1 round, semoe and transformers only")
     args = ap.parse_args(argv)
+    bad = [d for d in args.dtype.split(",") if d not in ("float32", "bfloat16")]
+    if bad:
+        ap.error(f"--dtype {bad}: choose float32, bfloat16 or float32,bfloat16")
     if args.smoke:
         args.layers, args.hidden, args.intermediate, args.experts, args.heads, args.kv_heads = 2, 64, 96, 4, 4, 2
         args.vocab, args.seq_len, args.batch, args.warmup, args.steps, args.rounds = 256, 32, 4, 1, 2, 1
@@ -157,7 +166,8 @@ def build_step(impl: str, args: argparse.Namespace, folder: Path, rows, info: di
     model.train()
     coef = model.config.router_aux_loss_coef
     info["experts_implementation"] = model.config._experts_implementation
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=0.0, foreach=True)
+    # fused: HF Trainer's default optimizer with torch >= 2.8 ("adamw_torch_fused"), semoe's too
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=0.0, fused=True)
 
     def loss_of(out) -> tuple[torch.Tensor, torch.Tensor]:
         ce = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
@@ -189,8 +199,9 @@ def worker(args: argparse.Namespace) -> None:
     result: dict = {"impl": impl, "threads": torch.get_num_threads()}
     try:
         if impl.startswith("interleave:"):  # several contenders in this process, one step each in turn
-            names = impl.split(":", 1)[1].split(",")
-            steps = {n: build_step(n, args, args.folder, rows, {}) for n in names}
+            names = impl.split(":", 1)[1].split(",")  # impl@dtype: each at its own dtype
+            steps = {n: build_step(n.split("@")[0], argparse.Namespace(**{**vars(args), "dtype": n.split("@")[1]}),
+                                   args.folder, rows, {}) for n in names}
             for n in names:
                 for _ in range(args.warmup):
                     steps[n]()
@@ -290,7 +301,8 @@ def _deepspeed_step(impl: str, model, opt, B: int, loss_of, x, dev, dtype):
 
 
 # ============================================================================ driver
-def _launch(args: argparse.Namespace, impl: str, folder: Path) -> dict:
+def _launch(args: argparse.Namespace, impl: str, folder: Path, dtype: str) -> dict:
+    args = argparse.Namespace(**{**vars(args), "dtype": dtype})
     cmd = [sys.executable, str(HERE / "bench_finetune.py"), "--worker", "--impl", impl, "--folder", str(folder),
            *[f"--{k.replace('_', '-')}={getattr(args, k)}" for k in (
                "layers", "hidden", "intermediate", "experts", "top_k", "heads", "kv_heads", "vocab", "seq_len",
@@ -333,35 +345,54 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"cpu": cpu_model(), "dtype": args.dtype, "tokens_per_step": args.batch * args.seq_len,
             "model": {k: getattr(args, k) for k in ("layers", "hidden", "intermediate", "experts", "top_k", "vocab",
                                                     "seq_len", "batch")}}
-    runs: dict[str, list[dict]] = {i: [] for i in impls}
+    dtypes = args.dtype.split(",")
+    meta["dtype"] = args.dtype
+    cases = [(i, d) for i in impls for d in dtypes]
+    runs: dict[tuple[str, str], list[dict]] = {c: [] for c in cases}
     for r in range(args.rounds):
-        order = impls if r % 2 == 0 else impls[::-1]
-        for impl in order:
-            print(f"[bench_finetune] round {r + 1}/{args.rounds}: {impl}", file=sys.stderr, flush=True)
-            runs[impl].append(_launch(args, impl, folder))
-    rows = {}
-    for impl, results in runs.items():
+        order = cases if r % 2 == 0 else cases[::-1]
+        for impl, dtype in order:
+            print(f"[bench_finetune] round {r + 1}/{args.rounds}: {impl} {dtype}", file=sys.stderr, flush=True)
+            runs[impl, dtype].append(_launch(args, impl, folder, dtype))
+    every: dict[tuple[str, str], dict] = {}
+    for (impl, dtype), results in runs.items():
         ok = [x for x in results if "error" not in x]
         if not ok:
-            rows[impl] = {"impl": impl, "error": results[0].get("error"), **meta}
+            row = {"impl": impl, "error": results[0].get("error"), **meta, "dtype": dtype}
         else:
             step_s = statistics.median(x["step_s"] for x in ok)
-            rows[impl] = {"impl": impl, "tokens_per_s": args.batch * args.seq_len / step_s, "step_ms": 1e3 * step_s,
-                          "peak_rss_mb": statistics.median(x["peak_rss_mb"] for x in ok),
-                          "load_peak_rss_mb": statistics.median(x["load_peak_rss_mb"] for x in ok),
-                          "loss0": ok[0]["loss0"], "loss_last": ok[0]["loss_last"], "rounds": len(ok),
-                          "threads": ok[0]["threads"],
-                          "experts_implementation": ok[0].get("experts_implementation"), **meta}
-        print(json.dumps(rows[impl]), flush=True)
+            row = {"impl": impl, "tokens_per_s": args.batch * args.seq_len / step_s, "step_ms": 1e3 * step_s,
+                   "peak_rss_mb": statistics.median(x["peak_rss_mb"] for x in ok),
+                   "load_peak_rss_mb": statistics.median(x["load_peak_rss_mb"] for x in ok),
+                   "loss0": ok[0]["loss0"], "loss_last": ok[0]["loss_last"], "rounds": len(ok),
+                   "threads": ok[0]["threads"],
+                   "experts_implementation": ok[0].get("experts_implementation"), **meta, "dtype": dtype}
+        every[impl, dtype] = row
+        print(json.dumps(row), flush=True)
+    # each contender at its best configuration: its fastest dtype
+    rows = {}
+    for impl in impls:
+        ran = [every[impl, d] for d in dtypes if "tokens_per_s" in every[impl, d]]
+        rows[impl] = max(ran, key=lambda x: x["tokens_per_s"]) if ran else every[impl, dtypes[0]]
     sem = rows.get("semoe", {})
-    summary: dict = {"summary": True, "smoke": args.smoke, **meta}
+    summary: dict = {"summary": True, "smoke": args.smoke, **meta,
+                     "best_dtype": {i: r.get("dtype") for i, r in rows.items() if "tokens_per_s" in r}}
+    for peer in impls:
+        for d in dtypes if len(dtypes) > 1 else ():  # the same dtype on both sides
+            a, b = every["semoe", d] if "semoe" in impls else {}, every[peer, d]
+            if peer != "semoe" and "tokens_per_s" in a and "tokens_per_s" in b:
+                summary[f"speedup_vs_{peer}@{d}"] = a["tokens_per_s"] / b["tokens_per_s"]
+                summary[f"peak_rss_ratio_vs_{peer}@{d}"] = a["peak_rss_mb"] / b["peak_rss_mb"]
     for peer in impls:
         if peer == "semoe" or "tokens_per_s" not in rows[peer] or "tokens_per_s" not in sem:
             continue
         summary[f"speedup_vs_{peer}"] = sem["tokens_per_s"] / rows[peer]["tokens_per_s"]
         summary[f"peak_rss_ratio_vs_{peer}"] = sem["peak_rss_mb"] / rows[peer]["peak_rss_mb"]
-    losses = [v["loss0"] for v in rows.values() if "loss0" in v]
-    summary["loss0_spread"] = max(losses) - min(losses) if losses else None
+    spreads = []
+    for d in dtypes:  # the same model and batch: the same first loss within a dtype
+        losses = [v["loss0"] for (_, dd), v in every.items() if dd == d and "loss0" in v]
+        spreads += [max(losses) - min(losses)] if losses else []
+    summary["loss0_spread"] = max(spreads) if spreads else None
     tf, ds = rows.get("transformers", {}), [rows[i] for i in impls if i.startswith("deepspeed")]
     if "tokens_per_s" in sem and "tokens_per_s" in tf:
         summary["target_1.5x_transformers_at_le_memory"] = (summary["speedup_vs_transformers"] >= 1.5
@@ -370,17 +401,19 @@ def main(argv: list[str] | None = None) -> int:
     if "tokens_per_s" in sem and ran:
         summary["target_ahead_of_deepspeed"] = all(sem["tokens_per_s"] > d["tokens_per_s"] for d in ran)
     inter = [i for i in impls if i == "semoe" or i.startswith("transformers")]
+    inter = [i for i in inter if "tokens_per_s" in rows[i]]
     if args.interleave and "semoe" in inter and len(inter) > 1:
-        print(f"[bench_finetune] interleaved: {', '.join(inter)}", file=sys.stderr, flush=True)
-        res = _launch(argparse.Namespace(**{**vars(args), "steps": args.interleave}), "interleave:" + ",".join(inter),
-                      folder)
+        tags = [f"{i}@{rows[i]['dtype']}" for i in inter]  # each at its fastest dtype
+        print(f"[bench_finetune] interleaved: {', '.join(tags)}", file=sys.stderr, flush=True)
+        res = _launch(argparse.Namespace(**{**vars(args), "steps": args.interleave}), "interleave:" + ",".join(tags),
+                      folder, dtypes[0])
         if "times" in res:
-            t = res["times"]
+            t = {k.split("@")[0]: v for k, v in res["times"].items()}
             for peer in inter[1:]:
                 summary[f"interleaved_speedup_vs_{peer}"] = statistics.median(
                     b / a for a, b in zip(t["semoe"], t[peer]))
-            summary["interleaved_step_ms"] = {k: 1e3 * statistics.median(v) for k, v in t.items()}
-    summary["errors"] = {k: v["error"] for k, v in rows.items() if "error" in v} or None
+            summary["interleaved_step_ms"] = {k: 1e3 * statistics.median(v) for k, v in res["times"].items()}
+    summary["errors"] = {f"{k}@{d}": v["error"] for (k, d), v in every.items() if "error" in v} or None
     print(json.dumps(summary), flush=True)
     return 0
 

@@ -243,3 +243,29 @@ def test_expert_ffn_retain_graph_backward_twice() -> None:
         b = torch.autograd.grad(y.sum(), [x, w1])
         for u, v in zip(a, b):
             torch.testing.assert_close(u, v)
+
+
+@pytest.mark.numerics
+def test_expert_ffn_cast_weights_get_fresh_gradients() -> None:
+    """Weights given as bfloat16 casts of float32 master weights (what the experts do under autocast): the
+    master weights' gradients are bit-equal to those of the same op given the bfloat16 weights as leaves (the
+    same GEMMs, converted by the cast's backward), and the workspace keeps no weight-sized gradient buffer (a
+    buffer per layer would only hold a dead 16-bit copy of every layer's weight gradients)."""
+    from semoe.ops import FFNWorkspace, expert_ffn
+
+    torch.manual_seed(0)
+    counts = [40, 0, 7, 25]
+    G, D, F = len(counts), 8, 12
+    masters = [torch.randn(G, D, F, requires_grad=True), torch.randn(G, F, D, requires_grad=True),
+               torch.randn(G, D, F, requires_grad=True)]
+    leaves = [m.detach().bfloat16().requires_grad_(True) for m in masters]
+    x, c = torch.randn(sum(counts), D).bfloat16(), torch.randn(sum(counts), D).bfloat16()
+    ws_cast, ws_leaf = FFNWorkspace(), FFNWorkspace()
+    for _ in range(2):  # the second step: a reused workspace
+        w1, w2, w3 = (m.to(torch.bfloat16) for m in masters)
+        got = torch.autograd.grad((expert_ffn(x, w1, w2, w3, counts, ws_cast) * c).sum(), masters)
+        want = torch.autograd.grad((expert_ffn(x, *leaves[:2], leaves[2], counts, ws_leaf) * c).sum(), leaves)
+        for a, b in zip(got, want):
+            assert a.dtype == torch.float32 and torch.equal(a, b.float())
+    assert not {"g_w1", "g_w2", "g_w3"} & ws_cast._bufs.keys()
+    assert {"g_w1", "g_w2", "g_w3"} <= ws_leaf._bufs.keys()

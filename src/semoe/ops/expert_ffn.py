@@ -12,7 +12,8 @@ activation output). It runs one expert at a time, forward and backward, so that 
 temporaries need only expert-sized buffers. Weight gradients and the input gradient go into reused
 buffers too when nothing else holds the previous one (so with ``zero_grad(set_to_none=False)``
 autograd adds them into ``p.grad`` without a fresh allocation); a gradient someone kept is never
-overwritten. A workspace is lent to one forward at a
+overwritten. Weights given as casts (autocast's bfloat16 copies) get fresh weight gradients: their casts'
+backward converts and drops them at once, so only one layer's exist at a time. A workspace is lent to one forward at a
 time: while a graph that saved its buffers is alive (its backward has not run), another forward
 uses fresh tensors instead, so gradient accumulation, chunked pipelines or several forwards before a
 backward stay correct.
@@ -172,6 +173,10 @@ class _ExpertFFN(torch.autograd.Function):
         if padded:
             _from_padded(y_PD, y_ND, spans)
         ctx.spans, ctx.padded, ctx.ws, ctx.use_ws, ctx.swiglu = spans, padded, ws, use_ws, swiglu
+        # weights given as casts (autocast's 16-bit copies of float32 master weights: non-leaf tensors): the cast's
+        # backward converts their gradients at once and drops them, so a buffer kept per layer would only hold
+        # three weight-sized 16-bit tensors per layer for the whole run; fresh ones live one layer at a time
+        ctx.cast_w = [w is not None and w.grad_fn is not None for w in (w1, w2, w3)]
         if needs_grad:
             ctx.x_shape = x_ND.shape
             ctx.save_for_backward(x_PD, w1, w2, w3, h1_PF, h3_PF, act_PF)
@@ -191,10 +196,10 @@ class _ExpertFFN(torch.autograd.Function):
         def buf(name: str, rows: int = chunk, cols: int = F) -> torch.Tensor:
             return ws.get(name, rows, cols, x_PD) if ctx.use_ws else x_PD.new_empty((rows, cols))
 
-        def wgrad(name: str, w: torch.Tensor, needed: bool) -> torch.Tensor | None:
+        def wgrad(name: str, w: torch.Tensor, needed: bool, cast: bool) -> torch.Tensor | None:
             if not needed:
                 return None
-            return ws.grad_like(name, w) if ctx.use_ws else torch.empty_like(w)
+            return ws.grad_like(name, w) if ctx.use_ws and not cast else torch.empty_like(w)
 
         g_PD = g_ND
         if padded:
@@ -204,8 +209,8 @@ class _ExpertFFN(torch.autograd.Function):
         if need_x:
             g_x = ws.grad_like("g_x", x_PD, ctx.x_shape) if ctx.use_ws else x_PD.new_empty(ctx.x_shape)
         g_xP = (buf("g_x_pad", P, D) if padded else g_x) if need_x else None
-        g_w1, g_w2 = wgrad("g_w1", w1, need_w1), wgrad("g_w2", w2, need_w2)
-        g_w3 = wgrad("g_w3", w3, need_w3) if swiglu else None
+        g_w1, g_w2 = wgrad("g_w1", w1, need_w1, ctx.cast_w[0]), wgrad("g_w2", w2, need_w2, ctx.cast_w[1])
+        g_w3 = wgrad("g_w3", w3, need_w3, ctx.cast_w[2]) if swiglu else None
         busy = {g for g, *_ in spans}
         for g_w in (g_w1, g_w2, g_w3):  # experts without rows get a zero gradient
             for g in range(0 if g_w is None else g_w.shape[0]):

@@ -64,30 +64,50 @@ def sync_gradients(model: nn.Module, mesh: DeviceMesh | None) -> None:
     _reduce_(expert, dp_group(mesh), 1.0 / world, communicate=mesh.size(0) > 1)
 
 
+def expert_grad_sq(grad: torch.Tensor) -> torch.Tensor:
+    """Sum of the squared norms of the experts of a stacked expert gradient ``[L, ...]``, in float64.
+
+    The unit is one expert: each ``grad[l]`` is the same tensor (shape, values, memory layout) in every
+    expert-parallel layout, so its norm, taken in the gradient's dtype by the same kernel, is the same number at
+    EP 1 and EP 8; the squares are summed in float64, where the order of the sum over experts and ranks only
+    moves the result by float64 rounding. (A norm of the whole stacked tensor in float32 would change with the
+    number of experts a rank holds, by float32 rounding.) ``semoe.storage.offload`` takes its experts' part of
+    the norm with this function too."""
+    grad = grad.detach()
+    if grad.shape[0] == 0:
+        return torch.zeros((), dtype=torch.float64, device=grad.device)
+    norms = torch._foreach_norm(list(grad.unbind(0)))  # one float32 norm per expert (torch's clip uses it too)
+    return torch.stack(norms).double().square().sum()
+
+
 def grad_norm(model: nn.Module, mesh: DeviceMesh | None, expert_sq: torch.Tensor | None = None) -> torch.Tensor:
     """Global L2 norm of the (synchronised) gradients, each expert shard counted exactly once:
     dense gradients are identical on every rank and counted once; expert norms are summed over the ep
     group (each rank holds different experts; dp replicas are identical).
 
-    Each parameter's norm is taken in its gradient's dtype (one call, as torch's clip_grad_norm_ does), and
-    the squares of those norms are summed in float64: a float64 run is float64 throughout, and the sum over
-    parameters and ranks adds no rounding of its own. ``expert_sq``: the experts' part computed elsewhere
-    (already summed over the ep group; ``semoe.storage.offload`` keeps the experts out of the model).
-    Dense gradients sharded by FSDP (DTensors): each rank's shards' squares, summed over the shards' mesh."""
+    Layout-independent: the norm is combined from units that are the same tensors in every layout, a dense
+    tensor (identical on every rank after the sync) or one expert (:func:`expert_grad_sq`). Each unit's norm is
+    taken in its gradient's dtype (``torch._foreach_norm``, as torch's clip_grad_norm_ does: no float64 copy of
+    any gradient) and the squares are summed in float64, so layouts differ only by the float64 rounding of that
+    sum (a float64 run is float64 throughout). ``expert_sq``: the experts' part computed elsewhere (already
+    summed over the ep group; ``semoe.storage.offload`` keeps the experts out of the model).
+    Dense gradients sharded by FSDP (DTensors): each rank's shards' squares, summed over the shards' mesh (the
+    unit there is the shard, which depends on the dense world size)."""
     dense, expert = split_params(model)
 
-    def sq(ps: list[nn.Parameter]) -> torch.Tensor:
-        vals = [torch.linalg.vector_norm(p.grad.detach()).double().square() for p in ps if p.grad is not None]
-        return torch.stack(vals).sum() if vals else torch.zeros((), dtype=torch.float64)
+    def sq(grads: list[torch.Tensor]) -> torch.Tensor:
+        if not grads:
+            return torch.zeros((), dtype=torch.float64)
+        return torch.stack(torch._foreach_norm(grads)).double().square().sum()
     sharded = [p for p in dense if isinstance(p.grad, DTensor)]
-    dense_sq = sq([p for p in dense if not isinstance(p.grad, DTensor)])
+    dense_sq = sq([p.grad.detach() for p in dense if p.grad is not None and not isinstance(p.grad, DTensor)])
     if sharded:
-        vals = [torch.linalg.vector_norm(p.grad.to_local().detach()).double().square() for p in sharded]
-        shard_sq = torch.stack(vals).sum()
+        shard_sq = sq([p.grad.to_local().detach() for p in sharded])
         dist.all_reduce(shard_sq, group=sharded[0].grad.device_mesh.get_group())
         dense_sq = dense_sq + shard_sq
     if expert_sq is None:
-        expert_sq = sq(expert)
+        vals = [expert_grad_sq(p.grad) for p in expert if p.grad is not None]
+        expert_sq = torch.stack(vals).sum() if vals else torch.zeros((), dtype=torch.float64)
         if mesh is not None and mesh.size(1) > 1:
             dist.all_reduce(expert_sq, group=mesh.get_group("ep"))
     return (dense_sq + expert_sq).sqrt()

@@ -21,12 +21,12 @@ tensor in their place whose storage is swapped in around each use:
 * optimizer (:meth:`ExpertOffload.step`, after the trainer's dense AdamW step): key by key in forward
   order, the next ``d`` keys prefetched, ``W, G, m, v`` are read, the gradient is synchronised and scaled
   exactly as the in-memory trainer does it (sum over the expert's replicas, times 1/world, times the
-  clipping coefficient), AdamW runs (torch's own ``AdamW`` with ``foreach=True`` on the stacked tensor, the
+  clipping coefficient), AdamW runs (torch's own ``AdamW`` with ``fused=True`` on the stacked tensor, the
   same code on the same tensor as the in-memory trainer), and ``W, m, v`` are written back. Every expert
   gets its update every step, with a zero gradient when no token reached it: exact, no lazy catch-up.
 
 The global gradient norm (:meth:`ExpertOffload.expert_sq`) is computed like
-``semoe.parallel.grads.grad_norm``: each key's norm in the gradient's dtype, squares summed in float64 in
+``semoe.parallel.grads.grad_norm``: each expert's norm in the gradient's dtype, squares summed in float64 in
 registration order, summed over the expert-parallel group. A key's gradient is complete after its
 ``grad_accum``-th backward: there (still in memory) it is summed over the expert's replicas (one all-reduce
 per key, in backward order, the same on every rank) and its norm taken, so the optimizer reads it once.
@@ -52,6 +52,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.optim.optimizer import _get_scalar_dtype
 
 from semoe.layers.experts import Experts
+from semoe.parallel.grads import expert_grad_sq
 from semoe.parallel.mesh import dp_group
 from semoe.storage.expert_store import ExpertStore, StoreBudgetError
 from semoe.storage.safetensors_io import SafetensorsReader, SafetensorsWriter, read_header
@@ -148,7 +149,7 @@ class ExpertOffload:
             self.layers.append(layer)
         self._opt_param = nn.Parameter(torch.empty(0, dtype=self.keys[0].dtype))
         self._opt = torch.optim.AdamW([self._opt_param], lr=lr, betas=betas, weight_decay=weight_decay,
-                                      fused=False, foreach=True)
+                                      fused=True)
         self._ctx: list[Any] = []
         self.trace: list[tuple[str, str, tuple[int, ...]]] | None = None  # set to [] to record fetches (tests)
 
@@ -250,7 +251,7 @@ class ExpertOffload:
                     self.store.release(gkey, dirty=range(k.shape[0]))
                 else:
                     self.store.release(gkey)
-                k.sq = torch.linalg.vector_norm(self._final_grad(k, G).detach()).double().square()
+                k.sq = expert_grad_sq(self._final_grad(k, G))
             if k.held_bwd:
                 self.store.release(f"{k.name}/W")
                 k.held_bwd = False

@@ -158,7 +158,7 @@ class Trainer:
             log.info("compute dtype %s (train.dtype=%s), parameters and optimizer state %s",
                      dtype_name(self.compute_dtype), tc.dtype, dtype_name(param_dtype))
         self.optimizer = torch.optim.AdamW(param_groups(self.model, tc), lr=tc.lr, betas=tc.betas,
-                                           fused=False, foreach=True)
+                                           fused=True)
         # with an offload: the dense parameters only; under FSDP: off (FSDP reduce-scatters the dense gradients)
         use_fusion = pc.grad_fusion and self.mesh is not None and not self.fsdp
         rpn = resolve_ranks_per_node(pc.ranks_per_node) if pc.hierarchical_grads else None
