@@ -36,7 +36,7 @@ from semoe.parallel import apply_expert_parallel, build_mesh, init_distributed
 from semoe.storage import checkpoint as ckpt
 from semoe.training.metrics import MetricsWriter
 from semoe.training.step import optimizer_step
-from semoe.training.trainer import TrainingDiverged, lr_at, param_groups
+from semoe.training.trainer import TrainingDiverged, build_optimizer, lr_at
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class ElasticTrainer:
             self.mesh = build_mesh(token_ep_size(self.world, cfg.token_moe.num_experts))
             apply_expert_parallel(self.model, self.mesh)
         self.layout = ElasticLayout(plan, self.rank, self.mesh, self.distributed)
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, tc), lr=tc.lr, betas=tc.betas, foreach=True)
+        self.optimizer = build_optimizer(self.model, tc)
         if self.rank == 0:
             log.info("%s", plan.describe())
 

@@ -62,6 +62,13 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * frac))
 
 
+def build_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
+    """The AdamW of every trainer (``Trainer``, ``ElasticTrainer``): the groups of ``param_groups``, torch's fused
+    kernel (one pass per tensor, no temporaries of the parameters' size; the expert offload's streamed update
+    uses the same kernel, so the two stay bit-identical)."""
+    return torch.optim.AdamW(param_groups(model, tc), lr=tc.lr, betas=tc.betas, fused=True)
+
+
 def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
     """Weight decay on matrices; none on norms, biases and the router unless configured. Under FSDP the sharded
     (DTensor) parameters get groups of their own: foreach AdamW does not mix DTensors and plain tensors."""
@@ -157,8 +164,7 @@ class Trainer:
         if self.rank == 0:
             log.info("compute dtype %s (train.dtype=%s), parameters and optimizer state %s",
                      dtype_name(self.compute_dtype), tc.dtype, dtype_name(param_dtype))
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, tc), lr=tc.lr, betas=tc.betas,
-                                           fused=True)
+        self.optimizer = build_optimizer(self.model, tc)
         # with an offload: the dense parameters only; under FSDP: off (FSDP reduce-scatters the dense gradients)
         use_fusion = pc.grad_fusion and self.mesh is not None and not self.fsdp
         rpn = resolve_ranks_per_node(pc.ranks_per_node) if pc.hierarchical_grads else None
