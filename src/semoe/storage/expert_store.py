@@ -66,6 +66,12 @@ class _Entry:
     dirty: set[int] = field(default_factory=set)  # loaded experts newer than the file
     pins: int = 0
     last_use: int = 0
+    pending: bool = False  # prefetched and not acquired since: other prefetches do not evict it
+    io_phase: str = ""  # the store's phase when its last read was asked for (the IO counters' label)
+
+    @property
+    def kind(self) -> str:
+        return self.key.rsplit("/", 1)[-1]
 
     @property
     def experts(self) -> int:
@@ -90,10 +96,17 @@ class StoreStats:
     writes: int = 0
     stall_s: float = 0.0
     peak_resident: int = 0
+    # bytes by (phase, tensor kind, "read" | "write"); the phase is :attr:`ExpertStore.phase` when the IO was
+    # asked for (a prefetch counts in the phase that issued it), the kind the key's suffix ("W", "G", ...)
+    by: dict[tuple[str, str, str], int] = field(default_factory=dict)
 
-    def as_dict(self) -> dict[str, float]:
+    def count(self, phase: str, kind: str, op: str, nbytes: int) -> None:
+        k = (phase, kind, op)
+        self.by[k] = self.by.get(k, 0) + nbytes
+
+    def as_dict(self) -> dict[str, Any]:
         return {"bytes_read": self.bytes_read, "bytes_written": self.bytes_written, "stall_s": self.stall_s,
-                "peak_resident": self.peak_resident}
+                "peak_resident": self.peak_resident, "by": {"/".join(k): v for k, v in sorted(self.by.items())}}
 
 
 class ExpertStore:
@@ -122,6 +135,7 @@ class ExpertStore:
         self._inflight: dict[str, Future] = {}
         self.pinned = torch.cuda.is_available()  # host tier in pinned memory, for asynchronous copies
         self._files: dict[str, PositionalFile] = {}
+        self.phase = ""  # what the caller is doing ("forward", "backward", "optimizer"): labels the IO counters
 
     # ------------------------------------------------------------------ directory
     def _open_dir(self) -> None:
@@ -212,6 +226,8 @@ class ExpertStore:
             e = self.entries[key]
             self._ensure_host(e, zero_fill)
             e.pins += 1
+            e.pending = False
+            e.io_phase = self.phase
             self._touch(e)
             want = [x for x in (range(e.experts) if experts is None else experts) if x not in e.loaded]
         try:
@@ -236,19 +252,24 @@ class ExpertStore:
 
     def prefetch(self, key: str, experts: list[int] | range | None = None) -> None:
         """Start reading ``experts`` (None: all) of ``key`` on an IO thread, if it fits without evicting
-        anything in use; otherwise do nothing (the later :meth:`acquire` reads it)."""
+        anything in use or prefetched and not used yet; otherwise do nothing (the later :meth:`acquire` reads
+        it). The tensor stays protected from other prefetches' evictions until it is acquired."""
         with self._lock:
             e = self.entries[key]
             if key in self._inflight:
                 return
             want = [x for x in (range(e.experts) if experts is None else experts) if x not in e.loaded]
-            if e.host is not None and all(x in e.zero for x in want):
+            if e.host is not None and all(x in e.zero for x in want):  # nothing to read: keep it
+                e.pending = True
+                self._touch(e)
                 return
-            if e.host is None and not self._try_reserve(e.nbytes):
+            if e.host is None and not self._try_reserve(e.nbytes, evict_pending=False):
                 return
             if e.host is None:
                 self._alloc(e, zero_fill=True, reserved=True)
             e.pins += 1
+            e.pending = True
+            e.io_phase = self.phase
             self._touch(e)
             self._inflight[key] = self._pool.submit(self._prefetch_job, e, want)
 
@@ -287,11 +308,14 @@ class ExpertStore:
         self.resident += e.nbytes
         self.stats.peak_resident = max(self.stats.peak_resident, self.resident)
 
-    def _try_reserve(self, nbytes: int) -> bool:
+    def _try_reserve(self, nbytes: int, evict_pending: bool = True) -> bool:
+        """Make room for ``nbytes``, evicting LRU tensors nobody holds; tensors prefetched and not acquired
+        yet go last (a demand read may take them: a prefetch that is never used cannot block the step),
+        and never for another prefetch (``evict_pending=False``)."""
         if nbytes > self.budget:
             return False
         while self.resident + nbytes > self.budget:
-            if not self._evict_one():
+            if not self._evict_one(pending=False) and not (evict_pending and self._evict_one(pending=True)):
                 return False
         return True
 
@@ -309,8 +333,8 @@ class ExpertStore:
     def minimum_hint(self, need: int) -> int:
         return max(need, getattr(self, "min_budget", 0))
 
-    def _evict_one(self) -> bool:
-        cands = [x for x in self.entries.values() if x.host is not None and x.pins == 0]
+    def _evict_one(self, pending: bool = True) -> bool:
+        cands = [x for x in self.entries.values() if x.host is not None and x.pins == 0 and (pending or not x.pending)]
         if not cands:
             return False
         victim = min(cands, key=lambda x: x.last_use)
@@ -324,6 +348,7 @@ class ExpertStore:
         e.host = None
         e.loaded = set()
         e.dirty = set()
+        e.pending = False
 
     def _file(self, e: _Entry) -> PositionalFile:
         f = self._files.get(e.key)
@@ -352,6 +377,7 @@ class ExpertStore:
                                    "written are untouched)") from err
             self.stats.bytes_written += rb
             self.stats.writes += 1
+            self.stats.count(self.phase, e.kind, "write", rb)
             e.on_disk.add(x)
         e.dirty = set()
 
@@ -373,8 +399,10 @@ class ExpertStore:
         for x in todo:
             f.readv(x * rb, [flat[x * rb:(x + 1) * rb]])
             f.drop_cache(x * rb, rb)  # the bytes are in the host tier now; no second copy in the page cache
-            self.stats.bytes_read += rb
-            self.stats.reads += 1
+            with self._lock:  # IO threads count too
+                self.stats.bytes_read += rb
+                self.stats.reads += 1
+                self.stats.count(e.io_phase, e.kind, "read", rb)
 
     # ------------------------------------------------------------------ bookkeeping
     def reset_stats(self) -> StoreStats:
