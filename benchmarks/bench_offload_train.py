@@ -125,7 +125,7 @@ def row_semoe(args: argparse.Namespace, impl: str, cache: str) -> dict:
     if t.offload is not None and cache == "cold":
         t.offload.store.drop_page_cache()
     Path("/proc/self/clear_refs").write_text("5")
-    times, io, stalls, reads, writes, by = [], [], [], [], [], []
+    times, io, stalls, reads, writes, by, stall_by = [], [], [], [], [], [], []
     for s in range(1, args.steps + 1):
         if t.offload is not None and cache == "cold":
             # the flush writes back what the last step left dirty (counted in this step's bytes, as the warm row
@@ -141,6 +141,7 @@ def row_semoe(args: argparse.Namespace, impl: str, cache: str) -> dict:
             writes.append(row["io_write_mb"] * 2**20)
             stalls.append(row["stall_ms"])
             by.append(dict(t.offload.last_stats.by))
+            stall_by.append(dict(t.offload.last_stats.stall_by))
     tokens = args.batch * args.seq
     t_e = tokens * 2 / args.experts  # top-2, dropless: tokens per expert per step (balanced)
     step_ms = 1e3 * statistics.median(times)
@@ -155,6 +156,8 @@ def row_semoe(args: argparse.Namespace, impl: str, cache: str) -> dict:
     if by:  # MiB per step by phase / tensor kind / read|write (median over the timed steps)
         keys = sorted({k for d in by for k in d})
         out["moved_by_mb"] = {"/".join(k): statistics.median(d.get(k, 0) for d in by) / 2**20 for k in keys}
+        phases = sorted({k for d in stall_by for k in d})
+        out["stall_by_ms"] = {k: 1e3 * statistics.median(d.get(k, 0.0) for d in stall_by) for k in phases}
     if impl == "semoe-offload":
         # the bytes the schedule must move between the tiers (host <- disk reads, host -> disk writes) when
         # nothing survives from one phase to the next: W read in forward and in backward for the routed experts

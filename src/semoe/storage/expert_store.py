@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -99,6 +100,7 @@ class StoreStats:
     # bytes by (phase, tensor kind, "read" | "write"); the phase is :attr:`ExpertStore.phase` when the IO was
     # asked for (a prefetch counts in the phase that issued it), the kind the key's suffix ("W", "G", ...)
     by: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    stall_by: dict[str, float] = field(default_factory=dict)  # stall_s by phase
 
     def count(self, phase: str, kind: str, op: str, nbytes: int) -> None:
         k = (phase, kind, op)
@@ -135,6 +137,7 @@ class ExpertStore:
         self._inflight: dict[str, Future] = {}
         self.pinned = torch.cuda.is_available()  # host tier in pinned memory, for asynchronous copies
         self._files: dict[str, PositionalFile] = {}
+        self._spares: list[torch.Tensor] = []  # flat uint8 host buffers of dropped tensors, counted in resident
         self.phase = ""  # what the caller is doing ("forward", "backward", "optimizer"): labels the IO counters
 
     # ------------------------------------------------------------------ directory
@@ -195,7 +198,7 @@ class ExpertStore:
             if e.pins:
                 raise RuntimeError(f"{key} is in use")
             self._drop(e)
-            self._reserve(e.nbytes)
+            self._reserve(e.nbytes, reuse=False)
             e.host = value
             self.resident += e.nbytes
             e.loaded = set(range(e.experts))
@@ -217,7 +220,7 @@ class ExpertStore:
     # ------------------------------------------------------------------ using
     def acquire(self, key: str, experts: list[int] | range | None = None, zero_fill: bool = True) -> torch.Tensor:
         """The tensor in host memory with (at least) ``experts`` valid (None: all), held until
-        :meth:`release`. Rows of other experts are unspecified (zero when never loaded)."""
+        :meth:`release`. Rows of other experts are unspecified (a reused buffer holds old bytes there)."""
         t0 = time.perf_counter()
         fut = self._inflight.get(key)
         if fut is not None:
@@ -235,7 +238,9 @@ class ExpertStore:
         except BaseException:
             self.release(key)
             raise
-        self.stats.stall_s += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        self.stats.stall_s += dt
+        self.stats.stall_by[self.phase] = self.stats.stall_by.get(self.phase, 0.0) + dt
         return e.host
 
     def release(self, key: str, dirty: list[int] | range | set[int] | None = None) -> None:
@@ -302,25 +307,47 @@ class ExpertStore:
             self._alloc(e, zero_fill, reserved=True)
 
     def _alloc(self, e: _Entry, zero_fill: bool, reserved: bool) -> None:
-        kw = {"pin_memory": True} if self.pinned else {}
-        e.host = torch.zeros(e.shape, dtype=e.dtype, **kw) if zero_fill else torch.empty(e.shape, dtype=e.dtype, **kw)
+        """Host memory for ``e`` after a successful reserve: a spare buffer of its size (memory an evicted
+        tensor left, already counted in ``resident``: no page faults, no zeroing of the whole block), else
+        a new one. ``zero_fill``: the rows of experts known to be zero are zeroed and count as loaded."""
+        spare = next((i for i, b in enumerate(self._spares) if b.numel() == e.nbytes), None)
+        if spare is not None:
+            e.host = self._spares.pop(spare).view(e.dtype).view(e.shape)
+            if zero_fill:
+                for x in e.zero:
+                    e.host[x].zero_()
+        else:
+            kw = {"pin_memory": True} if self.pinned else {}
+            e.host = (torch.zeros if zero_fill else torch.empty)(e.shape, dtype=e.dtype, **kw)
+            self.resident += e.nbytes
         e.loaded = set(e.zero) if zero_fill else set()
-        self.resident += e.nbytes
         self.stats.peak_resident = max(self.stats.peak_resident, self.resident)
 
-    def _try_reserve(self, nbytes: int, evict_pending: bool = True) -> bool:
+    def _try_reserve(self, nbytes: int, evict_pending: bool = True, reuse: bool = True) -> bool:
         """Make room for ``nbytes``, evicting LRU tensors nobody holds; tensors prefetched and not acquired
         yet go last (a demand read may take them: a prefetch that is never used cannot block the step),
-        and never for another prefetch (``evict_pending=False``)."""
+        and never for another prefetch (``evict_pending=False``). ``reuse``: a spare buffer of exactly
+        ``nbytes`` will serve :meth:`_alloc` (otherwise spares are freed first to make room)."""
         if nbytes > self.budget:
             return False
-        while self.resident + nbytes > self.budget:
+        while True:
+            if reuse and any(b.numel() == nbytes for b in self._spares):
+                return True
+            if self.resident + nbytes <= self.budget:
+                return True
+            if self._spares:  # free memory nobody uses before evicting a tensor
+                i = next((i for i, b in enumerate(self._spares) if b.numel() != nbytes), 0)
+                self.resident -= self._spares.pop(i).numel()
+                continue
             if not self._evict_one(pending=False) and not (evict_pending and self._evict_one(pending=True)):
                 return False
-        return True
 
-    def _reserve(self, nbytes: int) -> None:
-        while not self._try_reserve(nbytes):
+    def _free_spares(self) -> None:
+        while self._spares:
+            self.resident -= self._spares.pop().numel()
+
+    def _reserve(self, nbytes: int, reuse: bool = True) -> None:
+        while not self._try_reserve(nbytes, reuse=reuse):
             held = sum(x.nbytes for x in self.entries.values() if x.host is not None and x.pins)
             if self._inflight:  # a prefetch holds memory for a moment: wait for it
                 self._freed.wait(timeout=1.0)
@@ -343,8 +370,17 @@ class ExpertStore:
         return True
 
     def _drop(self, e: _Entry) -> None:
+        """Forget ``e``'s host copy; its memory becomes a spare buffer (still counted in ``resident``) when
+        nothing else references it (no caller kept the tensor or a view of it), else it is released."""
         if e.host is not None:
-            self.resident -= e.nbytes
+            h = e.host
+            e.host = None
+            # references: ``h`` and getrefcount's argument; the storage: h and untyped_storage()'s temporary
+            if (sys.getrefcount(h) <= 2 and torch._C._storage_Use_Count(h.untyped_storage()._cdata) <= 2
+                    and h.is_contiguous()):
+                self._spares.append(h.view(-1).view(torch.uint8))
+            else:
+                self.resident -= e.nbytes
         e.host = None
         e.loaded = set()
         e.dirty = set()
@@ -433,6 +469,7 @@ class ExpertStore:
                 if e.host is not None and e.pins == 0:
                     self._write_back(e)
                     self._drop(e)
+            self._free_spares()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

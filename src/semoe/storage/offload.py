@@ -315,8 +315,7 @@ class ExpertOffload:
                     self.store.prefetch(f"{nk.name}/{kind}")
             g = self._final_grad(k, G)
             if coef is not None:
-                g = g if g is not G else g.clone()
-                g.mul_(coef)
+                g.mul_(coef)  # in place, G too: it is forgotten (set_zero) after this update, never written
             if k.step is None:
                 k.step = torch.tensor(0.0, dtype=_get_scalar_dtype())
             p.data, p.grad = W, g
