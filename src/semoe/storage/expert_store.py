@@ -193,11 +193,7 @@ class ExpertStore:
         """Make ``value`` (contiguous, not used elsewhere) the tensor's contents without a copy; ``zero``:
         experts whose rows are known to be zero (not written to disk)."""
         with self._lock:
-            e = self.entries[key]
-            self._wait_inflight(key)
-            if e.pins:
-                raise RuntimeError(f"{key} is in use")
-            self._drop(e)
+            e = self._forget(key)
             self._reserve(e.nbytes, reuse=False)
             e.host = value
             self.resident += e.nbytes
@@ -209,13 +205,19 @@ class ExpertStore:
     def set_zero(self, key: str) -> None:
         """Forget the contents: all zero again (no IO; memory freed)."""
         with self._lock:
-            e = self.entries[key]
-            self._wait_inflight(key)
-            if e.pins:
-                raise RuntimeError(f"{key} is in use")
-            self._drop(e)
+            e = self._forget(key)
             e.zero = set(range(e.experts))
             e.on_disk.clear()
+
+    def _forget(self, key: str) -> _Entry:
+        """``key``'s entry with its host copy dropped (after any read in flight; refused while in use).
+        The caller holds the lock."""
+        e = self.entries[key]
+        self._wait_inflight(key)
+        if e.pins:
+            raise RuntimeError(f"{key} is in use")
+        self._drop(e)
+        return e
 
     # ------------------------------------------------------------------ using
     def acquire(self, key: str, experts: list[int] | range | None = None, zero_fill: bool = True) -> torch.Tensor:
