@@ -20,6 +20,10 @@ bandwidth B (pwrite + fdatasync, then pread after dropping the pages, in the sto
 T* = b * F / (6 * B) with b the bytes moved per expert parameter per step, and the bound
 ``bound_step_ms = max(in-memory step, bytes moved / B)``. Summary line: the ratios against the targets.
 
+Offloaded rows also carry ``moved_by_mb`` (MiB per step by phase / tensor kind / read|write, from the store's
+counters) and ``stall_by_ms`` (waits for IO by phase), and ``schedule_{read,write}_bytes_per_step`` (what the
+schedule moves between the tiers when nothing stays cached across phases; see docs/storage.md).
+
 Run timings alone: ``flock -x /tmp/semoe-cpu.lock python benchmarks/bench_offload_train.py``.
 """
 

@@ -137,7 +137,7 @@ class ExpertStore:
         self._inflight: dict[str, Future] = {}
         self.pinned = torch.cuda.is_available()  # host tier in pinned memory, for asynchronous copies
         self._files: dict[str, PositionalFile] = {}
-        self._spares: list[torch.Tensor] = []  # flat uint8 host buffers of dropped tensors, counted in resident
+        self._spares: list[torch.UntypedStorage] = []  # host memory of dropped tensors, counted in resident
         self.phase = ""  # what the caller is doing ("forward", "backward", "optimizer"): labels the IO counters
 
     # ------------------------------------------------------------------ directory
@@ -312,9 +312,9 @@ class ExpertStore:
         """Host memory for ``e`` after a successful reserve: a spare buffer of its size (memory an evicted
         tensor left, already counted in ``resident``: no page faults, no zeroing of the whole block), else
         a new one. ``zero_fill``: the rows of experts known to be zero are zeroed and count as loaded."""
-        spare = next((i for i, b in enumerate(self._spares) if b.numel() == e.nbytes), None)
-        if spare is not None:
-            e.host = self._spares.pop(spare).view(e.dtype).view(e.shape)
+        spare = next((i for i, b in enumerate(self._spares) if b.nbytes() == e.nbytes), None)
+        if spare is not None:  # a tensor over the storage itself (not a view: no _base keeping another alive)
+            e.host = torch.empty(0, dtype=e.dtype).set_(self._spares.pop(spare), 0, e.shape)
             if zero_fill:
                 for x in e.zero:
                     e.host[x].zero_()
@@ -333,20 +333,20 @@ class ExpertStore:
         if nbytes > self.budget:
             return False
         while True:
-            if reuse and any(b.numel() == nbytes for b in self._spares):
+            if reuse and any(b.nbytes() == nbytes for b in self._spares):
                 return True
             if self.resident + nbytes <= self.budget:
                 return True
             if self._spares:  # free memory nobody uses before evicting a tensor
-                i = next((i for i, b in enumerate(self._spares) if b.numel() != nbytes), 0)
-                self.resident -= self._spares.pop(i).numel()
+                i = next((i for i, b in enumerate(self._spares) if b.nbytes() != nbytes), 0)
+                self.resident -= self._spares.pop(i).nbytes()
                 continue
             if not self._evict_one(pending=False) and not (evict_pending and self._evict_one(pending=True)):
                 return False
 
     def _free_spares(self) -> None:
         while self._spares:
-            self.resident -= self._spares.pop().numel()
+            self.resident -= self._spares.pop().nbytes()
 
     def _reserve(self, nbytes: int, reuse: bool = True) -> None:
         while not self._try_reserve(nbytes, reuse=reuse):
@@ -379,8 +379,8 @@ class ExpertStore:
             e.host = None
             # references: ``h`` and getrefcount's argument; the storage: h and untyped_storage()'s temporary
             if (sys.getrefcount(h) <= 2 and torch._C._storage_Use_Count(h.untyped_storage()._cdata) <= 2
-                    and h.is_contiguous()):
-                self._spares.append(h.view(-1).view(torch.uint8))
+                    and h.is_contiguous() and h.storage_offset() == 0 and h.untyped_storage().nbytes() == e.nbytes):
+                self._spares.append(h.untyped_storage())
             else:
                 self.resident -= e.nbytes
         e.host = None
