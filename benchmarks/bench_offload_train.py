@@ -8,13 +8,21 @@ reset once the trainer is built, so it covers the timed steps):
   served from the page cache where the kernel kept them;
 * ``semoe-offload`` / ``cold``: the same with the store's files dropped from the page cache before every
   step (``posix_fadvise(DONTNEED)`` after an fsync, outside the timed region), so reads come from the disk;
-* ``deepspeed``: its nearest setup (the MoE block a ZeRO-3 leaf module, ``offload_param`` and
-  ``offload_optimizer`` to cpu); on a CPU-only machine it does not run, and the row carries its error.
+* ``deepspeed`` / ``offload`` ``cpu`` and ``nvme``: its nearest setup, the HF Mixtral of the same shapes
+  (transformers, random weights) with ``MixtralSparseMoeBlock`` a ZeRO-3 leaf module, ``offload_param`` and
+  ``offload_optimizer`` to cpu or to nvme (files in the work folder, DeepSpeed's async IO), DeepSpeed's CPU
+  AdamW, gloo, one process. A row that cannot run carries its error. (semoe's own MoE layer cannot be a ZeRO-3
+  leaf: it returns a dataclass, in which DeepSpeed does not find the tensors to hook its pre-backward gather
+  on, so the experts are still partitioned when autograd runs their backward; see docs/storage.md.)
 
 Also measured in the same run: the fp32 matmul rate F (one expert's ``[T_e, D] x [D, F]``) and the disk
 bandwidth B (pwrite + fdatasync, then pread after dropping the pages, in the store's directory), from which
 T* = b * F / (6 * B) with b the bytes moved per expert parameter per step, and the bound
 ``bound_step_ms = max(in-memory step, bytes moved / B)``. Summary line: the ratios against the targets.
+
+Offloaded rows also carry ``moved_by_mb`` (MiB per step by phase / tensor kind / read|write, from the store's
+counters) and ``stall_by_ms`` (waits for IO by phase), and ``schedule_{read,write}_bytes_per_step`` (what the
+schedule moves between the tiers when nothing stays cached across phases; see docs/storage.md).
 
 Run timings alone: ``flock -x /tmp/semoe-cpu.lock python benchmarks/bench_offload_train.py``.
 """
@@ -121,11 +129,13 @@ def row_semoe(args: argparse.Namespace, impl: str, cache: str) -> dict:
     if t.offload is not None and cache == "cold":
         t.offload.store.drop_page_cache()
     Path("/proc/self/clear_refs").write_text("5")
-    times, io, stalls, reads, writes = [], [], [], [], []
+    times, io, stalls, reads, writes, by, stall_by = [], [], [], [], [], [], []
     for s in range(1, args.steps + 1):
         if t.offload is not None and cache == "cold":
+            # the flush writes back what the last step left dirty (counted in this step's bytes, as the warm row
+            # writes it when evicting it during the next step)
+            t.offload.store.phase = "flush"
             t.offload.store.drop_page_cache()
-            t.offload.store.reset_stats()
         t0 = time.perf_counter()
         row = t.train_step(s)
         times.append(time.perf_counter() - t0)
@@ -134,6 +144,8 @@ def row_semoe(args: argparse.Namespace, impl: str, cache: str) -> dict:
             reads.append(row["io_read_mb"] * 2**20)
             writes.append(row["io_write_mb"] * 2**20)
             stalls.append(row["stall_ms"])
+            by.append(dict(t.offload.last_stats.by))
+            stall_by.append(dict(t.offload.last_stats.stall_by))
     tokens = args.batch * args.seq
     t_e = tokens * 2 / args.experts  # top-2, dropless: tokens per expert per step (balanced)
     step_ms = 1e3 * statistics.median(times)
@@ -145,55 +157,88 @@ def row_semoe(args: argparse.Namespace, impl: str, cache: str) -> dict:
            "bytes_written_per_step": statistics.median(writes) if writes else 0.0,
            "stall_ms": statistics.median(stalls) if stalls else 0.0, "tokens_per_expert": t_e,
            "expert_params": e_params, "steps": args.steps, "threads": args.threads, "cpu": cpu_model()}
+    if by:  # MiB per step by phase / tensor kind / read|write (median over the timed steps)
+        keys = sorted({k for d in by for k in d})
+        out["moved_by_mb"] = {"/".join(k): statistics.median(d.get(k, 0) for d in by) / 2**20 for k in keys}
+        phases = sorted({k for d in stall_by for k in d})
+        out["stall_by_ms"] = {k: 1e3 * statistics.median(d.get(k, 0.0) for d in stall_by) for k in phases}
     if impl == "semoe-offload":
-        # the bytes the schedule must move: W read in forward and backward for the routed experts (all, here),
-        # G written once (+ read for accumulation), the optimizer's W, G, m, v read and W, m, v written
-        out["schedule_bytes_per_step"] = 4 * e_params * (2 + 1 + 4 + 3)
+        # the bytes the schedule must move between the tiers (host <- disk reads, host -> disk writes) when
+        # nothing survives from one phase to the next: W read in forward and in backward for the routed experts
+        # (all, here), the optimizer's W, G, m, v read (24 B/param); G written once, W, m, v written back
+        # (16 B/param). What the budget keeps cached across a phase boundary (the last layer's W from forward
+        # to backward, the last keys' G from backward to the optimizer) is not moved, so it can be less.
+        out["schedule_read_bytes_per_step"] = 4 * e_params * (2 + 4)
+        out["schedule_write_bytes_per_step"] = 4 * e_params * (1 + 3)
+        out["schedule_bytes_per_step"] = out["schedule_read_bytes_per_step"] + out["schedule_write_bytes_per_step"]
         out["flops"] = matmul_rate(int(t_e), args.d_model, args.d_ff)
         out["disk_bytes_per_s"] = disk_bandwidth(work / "bw", min(state, 256 * 2**20))
     return out
 
 
-def row_deepspeed(args: argparse.Namespace) -> dict:
-    """ZeRO-3 with offload_param/offload_optimizer to cpu, the MoE block a leaf module."""
-    base = {"impl": "deepspeed", "cache": "warm", "tokens_per_s": None, "step_ms": None, "peak_rss_mb": None,
-            "budget_mb": None, "expert_state_mb": 16 * 3 * args.layers * args.experts * args.d_model * args.d_ff
-            / 2**20, "bytes_moved_per_step": None, "bound_step_ms": None, "cpu": cpu_model()}
+def hf_mixtral(args: argparse.Namespace):
+    """The HF Mixtral (transformers, random weights, built here) with the semoe model's shapes: the same
+    experts (SwiGLU d_model x d_ff, ``experts`` per layer, top-2, dropless), layers, heads and vocabulary."""
+    import torch
+    import transformers
+
+    from semoe.config import apply_overrides
+    from semoe.models.recipes import tiny
+
+    cfg = apply_overrides(tiny(), overrides(args)).model
+    hf = transformers.MixtralConfig(
+        vocab_size=320, hidden_size=cfg.d_model, intermediate_size=cfg.moe.d_ff, num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads, num_local_experts=cfg.moe.num_experts,
+        num_experts_per_tok=cfg.moe.router.top_k, max_position_embeddings=args.seq, output_router_logits=True)
+    torch.manual_seed(0)
+    return transformers.MixtralForCausalLM(hf)
+
+
+def row_deepspeed(args: argparse.Namespace, device: str) -> dict:
+    """DeepSpeed's nearest setup: the HF Mixtral, its MixtralSparseMoeBlock a ZeRO-3 leaf module, ZeRO-3 with
+    ``offload_param`` and ``offload_optimizer`` to ``device`` ("cpu", or "nvme": files in the work folder through
+    DeepSpeed's async IO, O_DIRECT), DeepSpeed's CPU AdamW, gloo, one process. Bytes moved: the block-layer
+    reads + writes of the process per step (``/proc/self/io``)."""
+    from common import deepspeed_hf_moe_engine, process_io_bytes
+
+    e_params = 3 * args.layers * args.experts * args.d_model * args.d_ff
+    base = {"impl": "deepspeed", "cache": "warm" if device == "cpu" else "cold", "offload": device,
+            "tokens_per_s": None, "step_ms": None, "peak_rss_mb": None, "budget_mb": None,
+            "expert_state_mb": 16 * e_params / 2**20, "bytes_moved_per_step": None, "bound_step_ms": None,
+            "threads": args.threads, "cpu": cpu_model()}
     try:
-        import deepspeed
         import torch
-        from deepspeed.utils import set_z3_leaf_modules
 
-        from semoe.config import apply_overrides
-        from semoe.layers.moe import MoELayer
-        from semoe.models.recipes import tiny
-        from semoe.models.transformer import MoETransformer
+        torch.set_num_threads(args.threads)
+        model = hf_mixtral(args)
+        off: dict = {"device": device}
+        if device == "nvme":
+            (Path(args.workdir) / "ds-nvme").mkdir(exist_ok=True)
+            off["nvme_path"] = str(Path(args.workdir) / "ds-nvme")
+        engine = deepspeed_hf_moe_engine(model, args.batch, {
+            "stage": 3, "offload_param": dict(off), "offload_optimizer": dict(off)}, config={
+            "gradient_clipping": 1.0, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1}}})
+        x = torch.randint(0, 320, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
 
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29531")
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        deepspeed.init_distributed(dist_backend="gloo")
-        cfg = apply_overrides(tiny(), overrides(args)).model
-        model = MoETransformer(cfg)
-        set_z3_leaf_modules(model, [MoELayer])
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config={
-            "train_micro_batch_size_per_gpu": args.batch, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
-            "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"},
-                                  "offload_optimizer": {"device": "cpu"}}})
-        x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
-        times = []
-        for _ in range(args.steps + 1):
-            t0 = time.perf_counter()
-            out = engine(x)
-            loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), x.flatten())
-            engine.backward(loss)
+        def step() -> None:
+            out = engine(input_ids=x, labels=x)  # cross-entropy + router_aux_loss_coef * HF's aux loss
+            engine.backward(out.loss)
             engine.step()
+
+        step()  # warm-up
+        Path("/proc/self/clear_refs").write_text("5")
+        times, moved = [], []
+        for _ in range(args.steps):
+            r0, w0 = process_io_bytes()
+            t0 = time.perf_counter()
+            step()
             times.append(time.perf_counter() - t0)
-        step_ms = 1e3 * statistics.median(times[1:])
+            r1, w1 = process_io_bytes()
+            moved.append((r1 - r0) + (w1 - w0))
+        step_ms = 1e3 * statistics.median(times)
         base.update(step_ms=step_ms, tokens_per_s=args.batch * args.seq / (step_ms / 1e3),
-                    peak_rss_mb=status("VmHWM") / 2**20)
+                    peak_rss_mb=status("VmHWM") / 2**20, bytes_moved_per_step=statistics.median(moved),
+                    expert_params=e_params, steps=args.steps)
     except BaseException as e:  # recorded, not raised: the row says why DeepSpeed does not run here
         import traceback
 
@@ -203,8 +248,8 @@ def row_deepspeed(args: argparse.Namespace) -> dict:
 
 
 def child(args: argparse.Namespace) -> None:
-    if args.row == "deepspeed":
-        res = row_deepspeed(args)
+    if args.row.startswith("deepspeed:"):
+        res = row_deepspeed(args, args.row.split(":")[1])
     else:
         impl, cache = args.row.split(":")
         res = row_semoe(args, impl, cache)
@@ -232,14 +277,15 @@ def main() -> None:
     if args.row is not None:
         child(args)
         return
-    rows = ["in-memory:warm", "semoe-offload:warm", "semoe-offload:cold"] + (["deepspeed"] if args.peers == "auto"
-                                                                              else [])
+    rows = ["in-memory:warm", "semoe-offload:warm", "semoe-offload:cold"] + (
+        ["deepspeed:cpu", "deepspeed:nvme"] if args.peers == "auto" else [])
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_offload_") as work:
         write_corpus(Path(work) / "corpus.txt")
         fwd = [a for a in sys.argv[1:] if a not in ("--peers", "auto", "none")]
         for row in rows:
-            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(args.threads)}
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(args.threads),
+                   "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
             res = subprocess.run([sys.executable, __file__, *fwd, "--row", row, "--workdir", work],
                                  capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
             line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -264,7 +310,8 @@ def main() -> None:
             r.setdefault("bound_step_ms", r["step_ms"])
         print(json.dumps(r), flush=True)
     offs = {r["cache"]: r for r in results if r["impl"] == "semoe-offload" and "error" not in r}
-    ds = next((r for r in results if r["impl"] == "deepspeed"), None)
+    ds_rows = [r for r in results if r["impl"] == "deepspeed" and r.get("tokens_per_s")]
+    ds = max(ds_rows, key=lambda r: r["tokens_per_s"], default=None)  # DeepSpeed's fastest setup
     summary = {"summary": True, "smoke": args.smoke, "cpu": cpu_model(),
                "errors": [r["error"][:200] for r in results if "error" in r] or None}
     for cache, r in offs.items():
@@ -272,9 +319,12 @@ def main() -> None:
         summary[f"ratio_vs_bound_{cache}"] = r["step_ms"] / r["bound_step_ms"]
         summary[f"tokens_per_expert_over_t_star_{cache}"] = r["tokens_per_expert"] / r["t_star"]
         summary[f"moved_over_schedule_{cache}"] = r["bytes_moved_per_step"] / r["schedule_bytes_per_step"]
+        summary[f"read_over_schedule_{cache}"] = r["bytes_read_per_step"] / r["schedule_read_bytes_per_step"]
+        summary[f"written_over_schedule_{cache}"] = r["bytes_written_per_step"] / r["schedule_write_bytes_per_step"]
         summary[f"rss_over_budget_mb_{cache}"] = r["peak_rss_mb"] - r["budget_mb"]
-    summary["ratio_vs_deepspeed"] = (offs["warm"]["tokens_per_s"] / ds["tokens_per_s"]
-                                     if ds and ds.get("tokens_per_s") and "warm" in offs else None)
+    for cache, r in offs.items():
+        summary[f"ratio_vs_deepspeed_{cache}"] = r["tokens_per_s"] / ds["tokens_per_s"] if ds else None
+    summary["deepspeed_fastest"] = ds.get("offload") if ds else None
     summary["targets"] = {"ratio_vs_in_memory": 1.3, "ratio_vs_bound": 1.15, "moved_over_schedule": 1.05,
                           "ratio_vs_deepspeed": 2.0, "tokens_per_expert_over_t_star": 1.5}
     print(json.dumps(summary), flush=True)

@@ -268,3 +268,59 @@ def random_mixtral_checkpoint(workdir: Any, prefix: str, cfg: dict[str, Any],
         finish(tmp)
     os.replace(tmp, path)
     return path
+
+
+# ------------------------------------------------------------------------------------------ DeepSpeed peers
+def deepspeed_init_single_process() -> None:
+    """``torch.distributed`` (gloo) for DeepSpeed in this one process, on a free local port (the env vars
+    torchrun would set: rank 0 of 1). Idempotent."""
+    import socket
+
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                      LOCAL_WORLD_SIZE="1")
+    deepspeed.init_distributed(dist_backend="gloo")
+
+
+def deepspeed_hf_moe_engine(model: torch.nn.Module, batch: int, zero: dict[str, Any],
+                            optimizer: Any = None, config: dict[str, Any] | None = None) -> Any:
+    """``deepspeed.initialize`` of an HF MoE causal LM in one process, the setup HF fine-tuning recipes use:
+    at ZeRO stage 3 every ``*SparseMoeBlock`` class of ``model`` is made a leaf module
+    (``deepspeed.utils.set_z3_leaf_modules``: the whole block's parameters are gathered at once, whatever the
+    router picks). ``zero``: the ``zero_optimization`` section; ``optimizer``: a torch optimizer, or None to
+    take ``config["optimizer"]`` (DeepSpeed's own, e.g. its CPU Adam under ``offload_optimizer``)."""
+    import logging
+
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.ERROR)
+    deepspeed_init_single_process()
+    if zero.get("stage") == 3:
+        leaves = sorted({type(m) for m in model.modules() if type(m).__name__.endswith("SparseMoeBlock")},
+                        key=lambda c: c.__name__)
+        if not leaves:
+            raise ValueError(f"{type(model).__name__} has no *SparseMoeBlock module to make a ZeRO-3 leaf")
+        deepspeed.utils.set_z3_leaf_modules(model, leaves)
+    cfg = {"train_micro_batch_size_per_gpu": batch, "steps_per_print": 10**9, **(config or {}),
+           "zero_optimization": zero}
+    kwargs = {"optimizer": optimizer} if optimizer is not None else {"model_parameters": model.parameters()}
+    engine, _, _, _ = deepspeed.initialize(model=model, config=cfg, **kwargs)
+    return engine
+
+
+def process_io_bytes() -> tuple[int, int]:
+    """(read_bytes, write_bytes) this process caused at the block layer so far (``/proc/self/io``; reads served
+    from the page cache do not count, O_DIRECT reads do); (0, 0) where unavailable."""
+    try:
+        fields = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
+        return int(fields["read_bytes"]), int(fields["write_bytes"])
+    except (OSError, KeyError, ValueError):
+        return 0, 0

@@ -97,3 +97,17 @@ def save_tiny_hf(hf, folder, max_shard_size: str | None = None, bos: bool = True
     hf.save_pretrained(folder, safe_serialization=True, **kwargs)
     write_hf_tokenizer(folder, bos=bos)
     return folder
+
+
+def save_mixtral_36mib(folder):
+    """A random HF Mixtral with 36 MiB of float32 experts (6 layers x 8 experts x 3 x 256 x 256, ~50 MB in
+    all) and a tokenizer, saved to ``folder``: the model of the memory tests (held once, built into the store)."""
+    import transformers
+
+    cfg = transformers.MixtralConfig(vocab_size=2048, hidden_size=256, num_hidden_layers=6, num_attention_heads=4,
+                                     num_key_value_heads=4, intermediate_size=256, num_local_experts=8,
+                                     num_experts_per_tok=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    transformers.MixtralForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
+    write_hf_tokenizer(folder)
+    return folder

@@ -16,6 +16,7 @@ import torch
 from semoe.config import apply_overrides
 from semoe.training.trainer import Trainer
 from tests.dist.launcher import run_ranks
+from tests.dist.trainer_parts import resumed_trainer, train_part
 from tests.unit.test_offload import offload_run, params
 
 pytestmark = pytest.mark.numerics
@@ -49,17 +50,8 @@ def test_offload_equals_in_memory_distributed(tmp_path, corpus_file, cache_dir, 
     assert any(n > 0.5 for n in got[0]["norm_ref"])  # clipping was active
 
 
-def _part(rank: int, world: int, run, out: str, cache: str, steps: int) -> list[float]:
-    t = Trainer(run, Path(out), Path(cache), resume=None)
-    losses = [t.train_step(s)["loss"] for s in range(steps)]
-    t.save(steps)
-    return losses
-
-
 def _resume(rank: int, world: int, run, out: str, cache: str) -> list[float]:
-    t = Trainer(run, Path(out), Path(cache), resume="auto")
-    assert t.start_step == 4
-    return t.fit().losses
+    return resumed_trainer(run, out, cache, start_step=4).fit().losses
 
 
 @pytest.mark.parametrize("first,second,store_first,store_second",
@@ -76,8 +68,8 @@ def test_offloaded_resume_on_other_world_size(tmp_path, corpus_file, cache_dir, 
                   resume=None).fit().losses
     runs = [base if s else apply_overrides(base, ["storage.budget_mb=0"]) for s in (store_first, store_second)]
     out = str(tmp_path / "run")
-    part = (_part(0, 1, runs[0], out, str(cache_dir), 4) if first == 1 else
-            run_ranks(_part, first, tmp_path, runs[0], out, str(cache_dir), 4)[0])
+    part = (train_part(0, 1, runs[0], out, str(cache_dir), 4) if first == 1 else
+            run_ranks(train_part, first, tmp_path, runs[0], out, str(cache_dir), 4)[0])
     assert part == pytest.approx(ref[:4], abs=1e-9)
     after = (_resume(0, 1, runs[1], out, str(cache_dir)) if second == 1 else
              run_ranks(_resume, second, tmp_path, runs[1], out, str(cache_dir))[0])

@@ -15,6 +15,7 @@ import pytest
 from semoe.config import ParallelConfig, apply_overrides, replace
 from semoe.training.trainer import Trainer
 from tests.dist.launcher import run_ranks
+from tests.dist.trainer_parts import resumed_trainer, train_part
 from tests.unit.test_train import tiny_run
 
 pytestmark = pytest.mark.numerics  # rerun under other CPU kernels by `make test` (tests/other_kernels.py)
@@ -22,16 +23,9 @@ pytestmark = pytest.mark.numerics  # rerun under other CPU kernels by `make test
 TOL = 1e-9  # float64 runs: see the module docstring
 
 
-def _train_part(rank: int, world: int, run, out: str, cache: str, steps: int) -> list[float]:
-    t = Trainer(run, Path(out), Path(cache), resume=None)
-    losses = [t.train_step(s)["loss"] for s in range(steps)]
-    t.save(steps)
-    return losses
-
-
 def _resume(rank: int, world: int, run, out: str, cache: str) -> list[float]:
-    t = Trainer(run, Path(out), Path(cache), resume="auto")
-    assert t.start_step == 4 and t.ep_size == run.parallel.resolve_ep(world)
+    t = resumed_trainer(run, out, cache, start_step=4)
+    assert t.ep_size == run.parallel.resolve_ep(world)
     return t.fit().losses
 
 
@@ -42,9 +36,9 @@ def test_resume_on_other_world_size(tmp_path, corpus_file, cache_dir, first: int
     ref = Trainer(run, tmp_path / "ref", cache_dir, resume=None).fit().losses
     out = str(tmp_path / "run")
     if first == 1:
-        part = _train_part(0, 1, run, out, str(cache_dir), 4)
+        part = train_part(0, 1, run, out, str(cache_dir), 4)
     else:
-        part = run_ranks(_train_part, first, tmp_path, run, out, str(cache_dir), 4)[0]
+        part = run_ranks(train_part, first, tmp_path, run, out, str(cache_dir), 4)[0]
     assert part == pytest.approx(ref[:4], abs=TOL)
     if second == 1:
         after = _resume(0, 1, run, out, str(cache_dir))

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from semoe.models.hf import load_hf_checkpoint
 from semoe.training.init import PretrainedInit, local_expert_ids
 from tests.dist.launcher import run_ranks
-from tests.hf_helpers import build_tiny_hf, save_tiny_hf, write_hf_tokenizer
+from tests.hf_helpers import build_tiny_hf, save_mixtral_36mib, save_tiny_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -134,13 +134,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
 def test_model_is_held_once(tmp_path: Path) -> None:
     """Filling a ~50 MB model grows the process by its parameters plus one staging tensor and a fixed allowance,
     not twice the model (a random init followed by loading a state dict would)."""
-    cfg = transformers.MixtralConfig(vocab_size=2048, hidden_size=256, num_hidden_layers=6, num_attention_heads=4,
-                                     num_key_value_heads=4, intermediate_size=256, num_local_experts=8,
-                                     num_experts_per_tok=2, max_position_embeddings=128)
-    torch.manual_seed(0)
-    src = tmp_path / "hf"
-    transformers.MixtralForCausalLM(cfg).save_pretrained(src, safe_serialization=True)
-    write_hf_tokenizer(src)
+    src = save_mixtral_36mib(tmp_path / "hf")
     proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(src)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -93,6 +93,60 @@ def test_store_budget_lru_and_zero_experts(tmp_path) -> None:
     st.close()
 
 
+def test_store_prefetch_is_not_evicted_by_prefetch(tmp_path) -> None:
+    """A tensor prefetched and not acquired yet is not evicted by another prefetch (that one is skipped), so
+    it is read once; a demand read may still take it when nothing else can go."""
+    st = ExpertStore(tmp_path / "s", 2 * 4 * 16 * 4)  # two [4, 16] float32 tensors
+    vals = {f"k{i}/W": torch.randn(4, 16) for i in range(3)}
+    for k, v in vals.items():
+        st.declare(k, (4, 16), torch.float32)
+        st.put(k, v)
+    st.evict_all()
+    st.reset_stats()
+    st.phase = "optimizer"
+    st.prefetch("k0/W")
+    st.prefetch("k1/W")
+    st.prefetch("k2/W")  # no room without evicting k0 or k1, both prefetched and unused: skipped
+    assert torch.equal(st.acquire("k0/W"), vals["k0/W"]) and torch.equal(st.acquire("k1/W"), vals["k1/W"])
+    st.release("k0/W")
+    st.release("k1/W")
+    assert st.entries["k2/W"].host is None
+    assert st.stats.bytes_read == 2 * 256  # k0 and k1 once each
+    assert st.stats.by == {("optimizer", "W", "read"): 2 * 256}
+    st.prefetch("k0/W")  # k0 pending again (resident, nothing to read), k1 is not: the demand read evicts k1
+    assert torch.equal(st.acquire("k2/W"), vals["k2/W"])
+    st.release("k2/W")
+    assert st.entries["k0/W"].host is not None and st.entries["k1/W"].host is None
+    st.close()
+
+
+def test_store_reuses_evicted_buffers_within_budget(tmp_path) -> None:
+    """Evicted host buffers serve the next tensor of their size (counted in the budget all along): the values
+    read into them are right, resident memory stays within the budget, and a buffer a caller still holds is
+    never reused (its contents stay what the caller got)."""
+    st = ExpertStore(tmp_path / "s", 2 * 4 * 16 * 4)
+    vals = {f"k{i}/m": torch.randn(4, 16) for i in range(4)}
+    for k, v in vals.items():
+        st.declare(k, (4, 16), torch.float32)
+        st.put(k, v)
+    kept = st.acquire("k0/m")  # the caller keeps this tensor after releasing it
+    st.release("k0/m")
+    ptrs = set()
+    for _ in range(3):
+        for k, v in vals.items():
+            t = st.acquire(k)
+            ptrs.add(t.data_ptr())
+            assert torch.equal(t, v), k
+            st.release(k)
+            del t
+            assert st.resident <= st.budget
+    assert torch.equal(kept, vals["k0/m"])  # not overwritten by a reuse
+    assert len(ptrs) <= 4  # the same few buffers over and over (at most 2 in the budget + kept's successors)
+    st.evict_all()
+    assert st.resident == 0  # spares freed too
+    st.close()
+
+
 def test_budget_below_one_layer_states_minimum(tmp_path, corpus_file, cache_dir) -> None:
     run = offload_run(corpus_file, steps=2, budget_mb=0.1)
     with pytest.raises(StoreBudgetError, match=r"at least 0\.5"):

@@ -22,7 +22,7 @@ from semoe.layers.experts import Experts
 from semoe.training.init import PretrainedInit
 from semoe.training.trainer import Trainer
 from tests.dist.launcher import run_ranks
-from tests.hf_helpers import build_tiny_hf, save_tiny_hf, write_hf_tokenizer
+from tests.hf_helpers import build_tiny_hf, save_mixtral_36mib, save_tiny_hf
 from tests.unit.test_finetune import finetune_run, write_sft
 from tests.unit.test_offload import params
 
@@ -157,13 +157,7 @@ def test_building_from_hf_into_the_store_stays_within_budget(tmp_path) -> None:
     the in-memory trainer grows the process by its experts plus a fixed overhead (dense part, staging, corpus,
     allocator); building the offloaded one must grow by at most that overhead + the budget + 4 MiB (two expert
     tensors of one key: a staging slab and its copy). Materialising all experts once would exceed it by 22 MiB."""
-    cfg = transformers.MixtralConfig(vocab_size=2048, hidden_size=256, num_hidden_layers=6, num_attention_heads=4,
-                                     num_key_value_heads=4, intermediate_size=256, num_local_experts=8,
-                                     num_experts_per_tok=2, max_position_embeddings=128)
-    torch.manual_seed(0)
-    src = tmp_path / "hf"
-    transformers.MixtralForCausalLM(cfg).save_pretrained(src, safe_serialization=True)
-    write_hf_tokenizer(src)
+    src = save_mixtral_36mib(tmp_path / "hf")
     data = write_sft(tmp_path / "d.jsonl")
     budget = 10.0
     mem = _probe(src, data, tmp_path / "mem", 0)

@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -66,6 +67,12 @@ class _Entry:
     dirty: set[int] = field(default_factory=set)  # loaded experts newer than the file
     pins: int = 0
     last_use: int = 0
+    pending: bool = False  # prefetched and not acquired since: other prefetches do not evict it
+    io_phase: str = ""  # the store's phase when its last read was asked for (the IO counters' label)
+
+    @property
+    def kind(self) -> str:
+        return self.key.rsplit("/", 1)[-1]
 
     @property
     def experts(self) -> int:
@@ -90,10 +97,18 @@ class StoreStats:
     writes: int = 0
     stall_s: float = 0.0
     peak_resident: int = 0
+    # bytes by (phase, tensor kind, "read" | "write"); the phase is :attr:`ExpertStore.phase` when the IO was
+    # asked for (a prefetch counts in the phase that issued it), the kind the key's suffix ("W", "G", ...)
+    by: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    stall_by: dict[str, float] = field(default_factory=dict)  # stall_s by phase
 
-    def as_dict(self) -> dict[str, float]:
+    def count(self, phase: str, kind: str, op: str, nbytes: int) -> None:
+        k = (phase, kind, op)
+        self.by[k] = self.by.get(k, 0) + nbytes
+
+    def as_dict(self) -> dict[str, Any]:
         return {"bytes_read": self.bytes_read, "bytes_written": self.bytes_written, "stall_s": self.stall_s,
-                "peak_resident": self.peak_resident}
+                "peak_resident": self.peak_resident, "by": {"/".join(k): v for k, v in sorted(self.by.items())}}
 
 
 class ExpertStore:
@@ -122,6 +137,8 @@ class ExpertStore:
         self._inflight: dict[str, Future] = {}
         self.pinned = torch.cuda.is_available()  # host tier in pinned memory, for asynchronous copies
         self._files: dict[str, PositionalFile] = {}
+        self._spares: list[torch.UntypedStorage] = []  # host memory of dropped tensors, counted in resident
+        self.phase = ""  # what the caller is doing ("forward", "backward", "optimizer"): labels the IO counters
 
     # ------------------------------------------------------------------ directory
     def _open_dir(self) -> None:
@@ -176,12 +193,8 @@ class ExpertStore:
         """Make ``value`` (contiguous, not used elsewhere) the tensor's contents without a copy; ``zero``:
         experts whose rows are known to be zero (not written to disk)."""
         with self._lock:
-            e = self.entries[key]
-            self._wait_inflight(key)
-            if e.pins:
-                raise RuntimeError(f"{key} is in use")
-            self._drop(e)
-            self._reserve(e.nbytes)
+            e = self._forget(key)
+            self._reserve(e.nbytes, reuse=False)
             e.host = value
             self.resident += e.nbytes
             e.loaded = set(range(e.experts))
@@ -192,18 +205,24 @@ class ExpertStore:
     def set_zero(self, key: str) -> None:
         """Forget the contents: all zero again (no IO; memory freed)."""
         with self._lock:
-            e = self.entries[key]
-            self._wait_inflight(key)
-            if e.pins:
-                raise RuntimeError(f"{key} is in use")
-            self._drop(e)
+            e = self._forget(key)
             e.zero = set(range(e.experts))
             e.on_disk.clear()
+
+    def _forget(self, key: str) -> _Entry:
+        """``key``'s entry with its host copy dropped (after any read in flight; refused while in use).
+        The caller holds the lock."""
+        e = self.entries[key]
+        self._wait_inflight(key)
+        if e.pins:
+            raise RuntimeError(f"{key} is in use")
+        self._drop(e)
+        return e
 
     # ------------------------------------------------------------------ using
     def acquire(self, key: str, experts: list[int] | range | None = None, zero_fill: bool = True) -> torch.Tensor:
         """The tensor in host memory with (at least) ``experts`` valid (None: all), held until
-        :meth:`release`. Rows of other experts are unspecified (zero when never loaded)."""
+        :meth:`release`. Rows of other experts are unspecified (a reused buffer holds old bytes there)."""
         t0 = time.perf_counter()
         fut = self._inflight.get(key)
         if fut is not None:
@@ -212,6 +231,8 @@ class ExpertStore:
             e = self.entries[key]
             self._ensure_host(e, zero_fill)
             e.pins += 1
+            e.pending = False
+            e.io_phase = self.phase
             self._touch(e)
             want = [x for x in (range(e.experts) if experts is None else experts) if x not in e.loaded]
         try:
@@ -219,7 +240,9 @@ class ExpertStore:
         except BaseException:
             self.release(key)
             raise
-        self.stats.stall_s += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        self.stats.stall_s += dt
+        self.stats.stall_by[self.phase] = self.stats.stall_by.get(self.phase, 0.0) + dt
         return e.host
 
     def release(self, key: str, dirty: list[int] | range | set[int] | None = None) -> None:
@@ -236,19 +259,24 @@ class ExpertStore:
 
     def prefetch(self, key: str, experts: list[int] | range | None = None) -> None:
         """Start reading ``experts`` (None: all) of ``key`` on an IO thread, if it fits without evicting
-        anything in use; otherwise do nothing (the later :meth:`acquire` reads it)."""
+        anything in use or prefetched and not used yet; otherwise do nothing (the later :meth:`acquire` reads
+        it). The tensor stays protected from other prefetches' evictions until it is acquired."""
         with self._lock:
             e = self.entries[key]
             if key in self._inflight:
                 return
             want = [x for x in (range(e.experts) if experts is None else experts) if x not in e.loaded]
-            if e.host is not None and all(x in e.zero for x in want):
+            if e.host is not None and all(x in e.zero for x in want):  # nothing to read: keep it
+                e.pending = True
+                self._touch(e)
                 return
-            if e.host is None and not self._try_reserve(e.nbytes):
+            if e.host is None and not self._try_reserve(e.nbytes, evict_pending=False):
                 return
             if e.host is None:
                 self._alloc(e, zero_fill=True, reserved=True)
             e.pins += 1
+            e.pending = True
+            e.io_phase = self.phase
             self._touch(e)
             self._inflight[key] = self._pool.submit(self._prefetch_job, e, want)
 
@@ -281,22 +309,47 @@ class ExpertStore:
             self._alloc(e, zero_fill, reserved=True)
 
     def _alloc(self, e: _Entry, zero_fill: bool, reserved: bool) -> None:
-        kw = {"pin_memory": True} if self.pinned else {}
-        e.host = torch.zeros(e.shape, dtype=e.dtype, **kw) if zero_fill else torch.empty(e.shape, dtype=e.dtype, **kw)
+        """Host memory for ``e`` after a successful reserve: a spare buffer of its size (memory an evicted
+        tensor left, already counted in ``resident``: no page faults, no zeroing of the whole block), else
+        a new one. ``zero_fill``: the rows of experts known to be zero are zeroed and count as loaded."""
+        spare = next((i for i, b in enumerate(self._spares) if b.nbytes() == e.nbytes), None)
+        if spare is not None:  # a tensor over the storage itself (not a view: no _base keeping another alive)
+            e.host = torch.empty(0, dtype=e.dtype).set_(self._spares.pop(spare), 0, e.shape)
+            if zero_fill:
+                for x in e.zero:
+                    e.host[x].zero_()
+        else:
+            kw = {"pin_memory": True} if self.pinned else {}
+            e.host = (torch.zeros if zero_fill else torch.empty)(e.shape, dtype=e.dtype, **kw)
+            self.resident += e.nbytes
         e.loaded = set(e.zero) if zero_fill else set()
-        self.resident += e.nbytes
         self.stats.peak_resident = max(self.stats.peak_resident, self.resident)
 
-    def _try_reserve(self, nbytes: int) -> bool:
+    def _try_reserve(self, nbytes: int, evict_pending: bool = True, reuse: bool = True) -> bool:
+        """Make room for ``nbytes``, evicting LRU tensors nobody holds; tensors prefetched and not acquired
+        yet go last (a demand read may take them: a prefetch that is never used cannot block the step),
+        and never for another prefetch (``evict_pending=False``). ``reuse``: a spare buffer of exactly
+        ``nbytes`` will serve :meth:`_alloc` (otherwise spares are freed first to make room)."""
         if nbytes > self.budget:
             return False
-        while self.resident + nbytes > self.budget:
-            if not self._evict_one():
+        while True:
+            if reuse and any(b.nbytes() == nbytes for b in self._spares):
+                return True
+            if self.resident + nbytes <= self.budget:
+                return True
+            if self._spares:  # free memory nobody uses before evicting a tensor
+                i = next((i for i, b in enumerate(self._spares) if b.nbytes() != nbytes), 0)
+                self.resident -= self._spares.pop(i).nbytes()
+                continue
+            if not self._evict_one(pending=False) and not (evict_pending and self._evict_one(pending=True)):
                 return False
-        return True
 
-    def _reserve(self, nbytes: int) -> None:
-        while not self._try_reserve(nbytes):
+    def _free_spares(self) -> None:
+        while self._spares:
+            self.resident -= self._spares.pop().nbytes()
+
+    def _reserve(self, nbytes: int, reuse: bool = True) -> None:
+        while not self._try_reserve(nbytes, reuse=reuse):
             held = sum(x.nbytes for x in self.entries.values() if x.host is not None and x.pins)
             if self._inflight:  # a prefetch holds memory for a moment: wait for it
                 self._freed.wait(timeout=1.0)
@@ -309,8 +362,8 @@ class ExpertStore:
     def minimum_hint(self, need: int) -> int:
         return max(need, getattr(self, "min_budget", 0))
 
-    def _evict_one(self) -> bool:
-        cands = [x for x in self.entries.values() if x.host is not None and x.pins == 0]
+    def _evict_one(self, pending: bool = True) -> bool:
+        cands = [x for x in self.entries.values() if x.host is not None and x.pins == 0 and (pending or not x.pending)]
         if not cands:
             return False
         victim = min(cands, key=lambda x: x.last_use)
@@ -319,11 +372,21 @@ class ExpertStore:
         return True
 
     def _drop(self, e: _Entry) -> None:
+        """Forget ``e``'s host copy; its memory becomes a spare buffer (still counted in ``resident``) when
+        nothing else references it (no caller kept the tensor or a view of it), else it is released."""
         if e.host is not None:
-            self.resident -= e.nbytes
+            h = e.host
+            e.host = None
+            # references: ``h`` and getrefcount's argument; the storage: h and untyped_storage()'s temporary
+            if (sys.getrefcount(h) <= 2 and torch._C._storage_Use_Count(h.untyped_storage()._cdata) <= 2
+                    and h.is_contiguous() and h.storage_offset() == 0 and h.untyped_storage().nbytes() == e.nbytes):
+                self._spares.append(h.untyped_storage())
+            else:
+                self.resident -= e.nbytes
         e.host = None
         e.loaded = set()
         e.dirty = set()
+        e.pending = False
 
     def _file(self, e: _Entry) -> PositionalFile:
         f = self._files.get(e.key)
@@ -352,6 +415,7 @@ class ExpertStore:
                                    "written are untouched)") from err
             self.stats.bytes_written += rb
             self.stats.writes += 1
+            self.stats.count(self.phase, e.kind, "write", rb)
             e.on_disk.add(x)
         e.dirty = set()
 
@@ -373,8 +437,10 @@ class ExpertStore:
         for x in todo:
             f.readv(x * rb, [flat[x * rb:(x + 1) * rb]])
             f.drop_cache(x * rb, rb)  # the bytes are in the host tier now; no second copy in the page cache
-            self.stats.bytes_read += rb
-            self.stats.reads += 1
+            with self._lock:  # IO threads count too
+                self.stats.bytes_read += rb
+                self.stats.reads += 1
+                self.stats.count(e.io_phase, e.kind, "read", rb)
 
     # ------------------------------------------------------------------ bookkeeping
     def reset_stats(self) -> StoreStats:
@@ -405,6 +471,7 @@ class ExpertStore:
                 if e.host is not None and e.pins == 0:
                     self._write_back(e)
                     self._drop(e)
+            self._free_spares()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -54,7 +54,7 @@ from torch.optim.optimizer import _get_scalar_dtype
 from semoe.layers.experts import Experts
 from semoe.parallel.grads import expert_grad_sq
 from semoe.parallel.mesh import dp_group
-from semoe.storage.expert_store import ExpertStore, StoreBudgetError
+from semoe.storage.expert_store import ExpertStore, StoreBudgetError, StoreStats
 from semoe.storage.safetensors_io import SafetensorsReader, SafetensorsWriter, read_header
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,7 @@ class ExpertOffload:
         self._opt = torch.optim.AdamW([self._opt_param], lr=lr, betas=betas, weight_decay=weight_decay,
                                       fused=True)
         self._ctx: list[Any] = []
+        self.last_stats: StoreStats | None = None  # the counters step_stats() reported last
         self.trace: list[tuple[str, str, tuple[int, ...]]] | None = None  # set to [] to record fetches (tests)
 
     def sink(self) -> ExpertStoreSink:
@@ -164,6 +165,7 @@ class ExpertOffload:
             counts = list(args[1])
             routed = [i for i, c in enumerate(counts) if c]
             layer.routed_fwd = routed
+            self.store.phase = "forward"
             for k in layer.keys:
                 k.bwd_routed = routed
                 k.handle.data = self._to_device(self.store.acquire(f"{k.name}/W", routed), k)
@@ -205,6 +207,7 @@ class ExpertOffload:
         if not (isinstance(saved, tuple) and len(saved) == 3 and saved[0] is _SAVED):
             return saved
         _, k, routed = saved
+        self.store.phase = "backward"
         if not k.held_bwd:
             k.handle.data = self._to_device(self.store.acquire(f"{k.name}/W", routed), k)
             if self.trace is not None:
@@ -229,6 +232,7 @@ class ExpertOffload:
         def hook(h: torch.Tensor) -> None:
             g = h.grad
             h.grad = None
+            self.store.phase = "backward"
             gkey = f"{k.name}/G"
             entry = self.store.entries[gkey]
             routed = set(range(k.shape[0]) if k.bwd_routed is None else k.bwd_routed)
@@ -301,16 +305,18 @@ class ExpertOffload:
         group = self._opt.param_groups[0]
         group["lr"] = lr
         p = self._opt_param
+        self.store.phase = "optimizer"
         for i, k in enumerate(self.keys):
+            names = [f"{k.name}/{kind}" for kind in ("W", "G", "m", "v")]
+            # this key first, then the next d keys into what is left of the budget: prefetching them before
+            # this key is held would evict their own prefetched tensors when this key is read on demand
+            W, G, m, v = (self.store.acquire(n) for n in names)
             for nk in self.keys[i + 1:i + 1 + self.depth]:
                 for kind in ("G", "W", "m", "v"):
                     self.store.prefetch(f"{nk.name}/{kind}")
-            names = [f"{k.name}/{kind}" for kind in ("W", "G", "m", "v")]
-            W, G, m, v = (self.store.acquire(n) for n in names)
             g = self._final_grad(k, G)
             if coef is not None:
-                g = g if g is not G else g.clone()
-                g.mul_(coef)
+                g.mul_(coef)  # in place, G too: it is forgotten (set_zero) after this update, never written
             if k.step is None:
                 k.step = torch.tensor(0.0, dtype=_get_scalar_dtype())
             p.data, p.grad = W, g
@@ -419,7 +425,7 @@ class ExpertOffload:
     # ------------------------------------------------------------------ progress
     def step_stats(self) -> dict[str, float]:
         """Bytes moved (read + written) and seconds waited for IO since the last call."""
-        s = self.store.reset_stats()
+        s = self.last_stats = self.store.reset_stats()  # its ``by``: bytes per phase, tensor kind, read/write
         return {"io_mb": (s.bytes_read + s.bytes_written) / 2**20, "io_read_mb": s.bytes_read / 2**20,
                 "io_write_mb": s.bytes_written / 2**20, "stall_ms": 1e3 * s.stall_s,
                 "store_peak_mb": s.peak_resident / 2**20}
