@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -54,7 +53,7 @@ import time
 import traceback
 from pathlib import Path
 
-from common import cpu_model, stdout_to_stderr
+from common import cpu_model, deepspeed_hf_moe_engine, stdout_to_stderr
 
 HERE = Path(__file__).resolve().parent
 ALL_IMPLS = ("semoe", "transformers", "transformers-eager", "deepspeed-zero2", "deepspeed-zero3")
@@ -266,28 +265,10 @@ def _semoe_step(args: argparse.Namespace, folder: Path, rows):
 
 
 def _deepspeed_step(impl: str, model, opt, B: int, loss_of, x, dev, dtype):
-    import logging
-
-    import deepspeed
-    from deepspeed.utils import logger as ds_logger
-
     from semoe.precision import autocast
 
-    ds_logger.setLevel(logging.ERROR)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                      LOCAL_WORLD_SIZE="1")
-    deepspeed.init_distributed(dist_backend="gloo")
-    stage = 3 if impl == "deepspeed-zero3" else 2
-    if stage == 3:
-        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-
-        deepspeed.utils.set_z3_leaf_modules(model, [MixtralSparseMoeBlock])
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config={
-        "train_micro_batch_size_per_gpu": B, "gradient_clipping": 1.0, "steps_per_print": 10**9,
-        "zero_optimization": {"stage": stage}})
+    stage = 3 if impl == "deepspeed-zero3" else 2  # at 3 the MoE block is a leaf module
+    engine = deepspeed_hf_moe_engine(model, B, {"stage": stage}, optimizer=opt, config={"gradient_clipping": 1.0})
 
     def step() -> float:
         with autocast(dev, dtype):
