@@ -29,9 +29,17 @@ class ElasticLayout:
     def __init__(self, plan: Plan, rank: int, mesh: DeviceMesh | None, distributed: bool) -> None:
         self.plan, self.rank, self.mesh, self.distributed = plan, rank, mesh, distributed
         self.groups = task_groups([list(r) for r in plan.experts_on]) if distributed else [None] * len(plan.tasks)
+        self._classes_of: tuple[int, tuple] | None = None  # (id of the model, its classes): named once
 
     def _classes(self, model: nn.Module) -> tuple[list[nn.Parameter], dict[str, list[nn.Parameter]],
                                                    list[nn.Parameter]]:
+        """(shared, {task: parameters}, token-gated experts) of ``model``, computed once per model."""
+        if self._classes_of is None or self._classes_of[0] != id(model):
+            self._classes_of = (id(model), self._name_classes(model))
+        return self._classes_of[1]
+
+    def _name_classes(self, model: nn.Module) -> tuple[list[nn.Parameter], dict[str, list[nn.Parameter]],
+                                                        list[nn.Parameter]]:
         shared: list[nn.Parameter] = []
         tasks: dict[str, list[nn.Parameter]] = {t: [] for t in self.plan.tasks}
         experts: list[nn.Parameter] = []
@@ -51,14 +59,17 @@ class ElasticLayout:
     def _sum_(params: list[nn.Parameter], group: dist.ProcessGroup | None) -> None:
         if not params:
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, group=group)
-        off = 0
-        for p, g in zip(params, grads):
-            n = g.numel()
-            p.grad = flat[off:off + n].view_as(p).clone()
-            off += n
+        off, views = 0, []
+        for g in grads:
+            views.append(flat[off:off + g.numel()].view_as(g))
+            off += g.numel()
+        torch._foreach_copy_(grads, views)  # into the gradients in place: no new tensor per parameter
 
     def sync_gradients(self, model: nn.Module) -> None:
         if not self.distributed:
@@ -76,8 +87,10 @@ class ElasticLayout:
         shared, tasks, experts = self._classes(model)
 
         def sq(ps: list[nn.Parameter]) -> torch.Tensor:
-            vals = [torch.linalg.vector_norm(p.grad.detach()).double().square() for p in ps if p.grad is not None]
-            return torch.stack(vals).sum() if vals else torch.zeros((), dtype=torch.float64)
+            grads = [p.grad.detach() for p in ps if p.grad is not None]
+            if not grads:
+                return torch.zeros((), dtype=torch.float64)
+            return torch.stack(torch._foreach_norm(grads)).double().square().sum()
         own = torch.zeros((), dtype=torch.float64)
         for i, t in enumerate(self.plan.tasks):
             if self.plan.experts_on[i][0] == self.rank:
@@ -93,7 +106,5 @@ class ElasticLayout:
         if max_norm > 0 and math.isfinite(float(total)):
             coef = max_norm / (float(total) + 1e-6)
             if coef < 1.0:
-                for p in model.parameters():
-                    if p.grad is not None:
-                        p.grad.mul_(coef)
+                torch._foreach_mul_([p.grad for p in model.parameters() if p.grad is not None], coef)
         return total

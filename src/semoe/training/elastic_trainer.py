@@ -30,7 +30,7 @@ from semoe.config import MultiTaskRunConfig, to_dict
 from semoe.elastic.checkpoint import AsyncCheckpointer, check_task_set, clean_partial, owned_tensors
 from semoe.elastic.data import load_tasks, task_batch, task_specs
 from semoe.elastic.layout import ElasticLayout, token_ep_size
-from semoe.elastic.planner import Plan, plan_tasks, replan
+from semoe.elastic.planner import Plan, choose_measured, plan_key, plan_tasks, replan
 from semoe.models.multitask import MultiTaskMoE, param_task
 from semoe.parallel import apply_expert_parallel, build_mesh, init_distributed
 from semoe.storage import checkpoint as ckpt
@@ -103,6 +103,7 @@ class ElasticTrainer:
                 log.info("resumed from %s at step %d on %d ranks (written on %s)", resume_from, self.start_step,
                          self.world, manifest.get("world_size"))
         self.busy: list[np.ndarray] = []  # per-step per-rank busy seconds since the last (re-)plan
+        self.measured: dict[tuple, tuple[float, Plan]] = {}  # plan_key -> (median busiest-rank time, plan)
 
     # ------------------------------------------------------------------ setup
     def _barrier(self) -> None:
@@ -173,10 +174,7 @@ class ElasticTrainer:
         kept, norm = optimizer_step(self.optimizer, [None], objective, lr=lr_at(step, tc),
                                     sync=lambda: self.layout.sync_gradients(self.model),
                                     clip=lambda: self.layout.clip_(self.model, tc.grad_clip), check=check)
-        self._record_busy(c0)
-        stats = kept[0][1]
-        if self.distributed:
-            dist.all_reduce(stats)
+        stats = self._gather_stats(kept[0][1], time.process_time() - c0)
         row: dict[str, float] = {"loss": 0.0, "grad_norm": norm, "lr": lr_at(step, tc)}
         for i, t in enumerate(self.plan.tasks):
             loss_t = float(stats[i, 0] / stats[i, 2])
@@ -185,16 +183,18 @@ class ElasticTrainer:
             row[f"acc_{t}"] = float(stats[i, 1] / stats[i, 2])
         return row
 
-    def _record_busy(self, c0: float) -> None:
-        """Gather this rank's busy time of the step: its CPU time since ``c0`` (forward, backward, gradient
-        sync, clipping, optimizer update; not wall time: a rank that waits in a collective, or for a core, is
-        not busy), so what each task costs on a rank beyond its rows counts too."""
-        t = torch.tensor([time.process_time() - c0], dtype=torch.float64)
+    def _gather_stats(self, stats: torch.Tensor, busy_s: float) -> torch.Tensor:
+        """Sum the per-task stats over the ranks and gather every rank's busy time of the step in the same
+        collective. Busy = this rank's CPU time of the step (forward, backward, gradient sync, clipping,
+        optimizer update; not wall time: a rank that waits in a collective, or for a core, is not busy), so
+        what each task costs on a rank beyond its rows counts too."""
+        busy = torch.zeros(self.world, dtype=torch.float64)
+        busy[self.rank] = busy_s
+        both = torch.cat([stats.reshape(-1), busy])
         if self.distributed:
-            all_t = [torch.zeros_like(t) for _ in range(self.world)]
-            dist.all_gather(all_t, t)
-            t = torch.cat(all_t)
-        self.busy.append(t.numpy())
+            dist.all_reduce(both)
+        self.busy.append(both[stats.numel():].numpy().copy())
+        return both[:stats.numel()].view_as(stats)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, tuple[float, float]]:
@@ -242,12 +242,15 @@ class ElasticTrainer:
 
     def maybe_replan(self, step: int) -> bool:
         """Every ``replan_every`` steps: re-plan from the measured busy times; move to the new plan through a
-        checkpoint (written synchronously) when it is better by ``replan_gain``."""
+        checkpoint (written synchronously) when it is better by ``replan_gain`` (predicted, or measured for a
+        plan trained before: ``planner.choose_measured`` goes back to a plan measured faster)."""
         ec = self.run.elastic
         if not ec.replan_every or not self.busy or (step % ec.replan_every):
             return False
         times = np.median(np.stack(self.busy), 0)
+        self.measured[plan_key(self.plan)] = (float(times.max()), self.plan)
         new = replan(self.plan, times, share=ec.share_ranks, gain=ec.replan_gain)
+        new = choose_measured(self.plan, new, self.measured, ec.replan_gain)
         self.busy = []
         if new == self.plan:
             return False
