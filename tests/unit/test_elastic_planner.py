@@ -3,6 +3,7 @@ multi-task data (held-out splits, layout-independent batches)."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -10,7 +11,17 @@ import pytest
 
 from semoe.config import ElasticConfig
 from semoe.elastic.data import batch_indices, load_tasks
-from semoe.elastic.planner import Plan, bound_ratio, load_plan, measured_costs, plan_tasks, replan, uniform_plan
+from semoe.elastic.planner import (
+    Plan,
+    bound_ratio,
+    choose_measured,
+    load_plan,
+    measured_costs,
+    plan_key,
+    plan_tasks,
+    replan,
+    uniform_plan,
+)
 
 UFO = {"a": (8, 1.0), "b": (4, 1.0), "c": (2, 1.0), "d": (1, 1.0)}
 
@@ -193,3 +204,26 @@ def test_line_partition_never_puts_a_task_twice_on_a_rank() -> None:
         for t, (b, _) in tasks.items():
             sl = plan.slices(t)
             assert sl[0][1] == 0 and sl[-1][2] == b and all(x[2] == y[1] for x, y in itertools.pairwise(sl))
+
+
+def test_choose_measured_goes_back_to_the_faster_plan_and_does_not_repeat_a_refuted_move() -> None:
+    tasks = {"synth": (128, 8.0), "digits": (64, 4.0), "cancer": (32, 2.0), "wine": (16, 1.0)}
+    a = plan_tasks(tasks, 4)  # largest remainder: synth on 3 ranks, the rest on the 4th
+    b = plan_tasks(tasks, 4, overhead=60.0)  # the line: digits split over two ranks
+    assert plan_key(a) != plan_key(b)
+    assert plan_key(dataclasses.replace(a, costs=(1.0,) * 4)) == plan_key(a)  # costs do not count
+    # nothing measured but the current plan: the proposal is taken
+    assert choose_measured(a, b, {plan_key(a): (1.0, a)}) is b
+    # b measured slower than a (by more than the gain): back to a
+    measured = {plan_key(a): (1.0, a), plan_key(b): (1.2, b)}
+    assert choose_measured(b, b, measured) is a
+    # from a, the re-planner proposes b again: refuted by its measurement, stay
+    assert choose_measured(a, b, measured) is a
+    # within the gain: no move back
+    close = {plan_key(a): (1.0, a), plan_key(b): (1.05, b)}
+    assert choose_measured(b, b, close) is b
+    # b was measured faster than the current a: back to b, whatever the proposal
+    faster = {plan_key(a): (1.0, a), plan_key(b): (0.8, b)}
+    assert choose_measured(a, a, faster) is b
+    with pytest.raises(ValueError, match="no measured time"):
+        choose_measured(a, b, {plan_key(b): (1.0, b)})

@@ -351,3 +351,28 @@ def replan(plan: Plan, rank_times: np.ndarray | None = None, world: int | None =
     if same or new.rank_loads().max() > (1 - gain) * old_on_new_costs.rank_loads().max():
         return plan
     return new
+
+
+def plan_key(plan: Plan) -> tuple:
+    """What makes two plans do the same work: the ranks and the slices of every task (not the costs)."""
+    return plan.ranks, tuple(tuple(plan.slices(t)) for t in plan.tasks)
+
+
+def choose_measured(current: Plan, proposal: Plan, measured: dict[tuple, tuple[float, Plan]],
+                    gain: float = 0.1) -> Plan:
+    """The plan to train next, given ``measured`` {``plan_key``: (measured busiest-rank time, plan)} of every
+    plan trained so far (``current``'s included) and the re-planner's ``proposal``: back to a plan measured at
+    least ``gain`` faster than ``current``; ``current`` when the proposal was measured before and was not
+    ``gain`` faster; else the proposal. The cost model cannot see everything (a task split over one more rank
+    pays its all-reduce there); a move the measurements refute is undone and not made again."""
+    cur = plan_key(current)
+    if cur not in measured:
+        raise ValueError("the current plan has no measured time; record it in `measured` first")
+    cur_t = measured[cur][0]
+    best = min(measured, key=lambda k: measured[k][0])
+    if best != cur and measured[best][0] < (1 - gain) * cur_t:
+        return measured[best][1]
+    new = plan_key(proposal)
+    if new != cur and new in measured and measured[new][0] >= (1 - gain) * cur_t:
+        return current
+    return proposal
