@@ -483,7 +483,8 @@ class MultiTaskModelConfig:
     sequences of feature vectors), ``n_blocks`` residual MLP blocks, a task-routed MoE layer (UFO style: a
     shared expert plus one expert per task, mixed by a learned per-task policy) after every
     ``task_moe_every``-th block, an optional token-gated MoE layer (``token_moe``, the standard MoELayer)
-    after the last block, mean pooling and a per-task head."""
+    after the last block, mean pooling and a per-task head. The shared expert is ``shared_expert_d_ff`` wide
+    (default: as wide as the task experts, ``task_expert_d_ff``)."""
 
     d_model: int = 64
     n_blocks: int = 2
@@ -492,10 +493,13 @@ class MultiTaskModelConfig:
     task_expert_d_ff: int = 128
     token_moe: MoEConfig | None = None
     init_std: float = 0.02
+    shared_expert_d_ff: int | None = None  # the task-routed layers' shared expert; None: task_expert_d_ff
 
     def __post_init__(self) -> None:
-        for name in ("d_model", "n_blocks", "d_ff", "task_moe_every", "task_expert_d_ff"):
+        for name in ("d_model", "n_blocks", "d_ff", "task_moe_every", "task_expert_d_ff", "shared_expert_d_ff"):
             v = getattr(self, name)
+            if name == "shared_expert_d_ff" and v is None:
+                continue
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"model.{name} must be a positive integer, got {v!r}")
         if self.token_moe is not None and self.token_moe.d_model != self.d_model:

@@ -16,11 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from semoe.config import ElasticConfig, MoEConfig, MultiTaskModelConfig, MultiTaskRunConfig, RouterConfig, TrainConfig
-from semoe.elastic.data import load_tasks, task_batch
+from semoe.elastic.data import load_tasks, task_batch, task_specs
 from semoe.elastic.planner import Plan, plan_tasks
-from semoe.elastic.data import task_specs
-from semoe.training.elastic_trainer import ElasticTrainer
 from semoe.models.multitask import MultiTaskMoE
+from semoe.training.elastic_trainer import ElasticTrainer
 from semoe.training.trainer import lr_at, param_groups
 from tests.dist.launcher import run_ranks
 
@@ -33,7 +32,7 @@ TASKS = "synth2=8,digits=4,cancer=2,wine=1"  # 8:4:2:1
 def small_run(tasks: str = TASKS, token_moe: bool = True, steps: int = 3) -> MultiTaskRunConfig:
     moe = MoEConfig(d_model=16, d_ff=16, num_experts=4, activation="gelu",
                     router=RouterConfig(top_k=2, capacity_factor=None, eval_capacity_factor=None))
-    model = MultiTaskModelConfig(d_model=16, n_blocks=2, d_ff=32, task_expert_d_ff=24,
+    model = MultiTaskModelConfig(d_model=16, n_blocks=2, d_ff=32, task_expert_d_ff=24, shared_expert_d_ff=20,
                                  token_moe=moe if token_moe else None)
     train = TrainConfig(steps=steps, lr=1e-2, min_lr=1e-3, warmup_steps=1, eval_every=100, ckpt_every=100,
                         dtype="float64", grad_clip=0.5)
@@ -102,11 +101,11 @@ def _check(run: MultiTaskRunConfig, plan: Plan, tmp_path: Path, steps: int = 3) 
             torch.testing.assert_close(g["logits"][t], logits[t][lo:hi], rtol=TOL, atol=TOL)
         for name, grad in g["grads"].items():  # every gradient this rank holds, after the elastic rules
             torch.testing.assert_close(grad, _ref_slice(name, grads[name], g["offsets"], grad), rtol=TOL, atol=TOL,
-                                       msg=lambda m, n=name: f"rank {r} grad {n}: {m}")
+                                       msg=lambda m, n=name, r=r: f"rank {r} grad {n}: {m}")
             seen.add(name)
         for name, p in g["params"].items():  # after `steps` AdamW steps with global-norm clipping
             torch.testing.assert_close(p, _ref_slice(name, params[name], g["offsets"], p), rtol=TOL, atol=TOL,
-                                       msg=lambda m, n=name: f"rank {r} param {n}: {m}")
+                                       msg=lambda m, n=name, r=r: f"rank {r} param {n}: {m}")
     assert seen == set(grads)  # every parameter of the one-process model is held by some rank
 
 

@@ -58,9 +58,9 @@ class FFN(nn.Module):
 class TaskMoE(nn.Module):
     """Shared expert + per-task experts, mixed by a learned per-task policy (softmax over 2 logits)."""
 
-    def __init__(self, d: int, d_ff: int, tasks: list[str]) -> None:
+    def __init__(self, d: int, d_ff: int, tasks: list[str], shared_d_ff: int | None = None) -> None:
         super().__init__()
-        self.shared = FFN(d, d_ff)
+        self.shared = FFN(d, d_ff if shared_d_ff is None else shared_d_ff)
         self.task_experts = nn.ModuleDict({t: FFN(d, d_ff) for t in tasks})
         self.policy = nn.ParameterDict({t: nn.Parameter(torch.zeros(2)) for t in tasks})
 
@@ -83,7 +83,8 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(cfg.d_model)
         self.mlp = FFN(cfg.d_model, cfg.d_ff)
         self.norm2 = nn.LayerNorm(cfg.d_model) if task_moe else None
-        self.task_moe = TaskMoE(cfg.d_model, cfg.task_expert_d_ff, tasks) if task_moe else None
+        self.task_moe = (TaskMoE(cfg.d_model, cfg.task_expert_d_ff, tasks, cfg.shared_expert_d_ff) if task_moe
+                         else None)
 
     def forward(self, h_ND: torch.Tensor, spans: list[tuple[str, int, int]]) -> torch.Tensor:
         h_ND = h_ND + self.mlp(self.norm1(h_ND))
