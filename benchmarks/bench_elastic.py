@@ -6,8 +6,11 @@ and global batches, at W ranks (gloo, 1 thread per rank).
 
 Workload: 4 tasks with global batches 8:4:2:1 (``--tasks``, default synth=128,digits=64,cancer=32,wine=16; per-sample
 costs = tokens per sample 8, 4, 2, 1), the multi-task model of ``semoe.models.multitask`` with wide task-routed
-layers (``--task-ff``) and a narrow backbone, so the task experts carry most of the work. Loss: the sum over tasks of
-each task's mean cross-entropy. AdamW. No token-gated layer (its all-to-all would make every placement wait alike).
+layers (``--task-ff``, the task experts; ``--shared-ff``, the shared expert and DeepSpeed's residual MLP, default as
+wide as the task experts) and a narrow backbone, so the experts carry most of the work. Loss: the sum over tasks of
+each task's mean cross-entropy. AdamW (fused, the trainers' ``build_optimizer``, for every placement). No
+token-gated layer (its all-to-all would make every placement wait alike). docs/elastic.md says why
+``--shared-ff 384`` (half the task expert) is the UFO-like workload.
 
 Placements:
   elastic    ``semoe.elastic`` (``ElasticTrainer``), its plan re-planned from measured times: a calibration launch
@@ -36,6 +39,12 @@ measures the scheduler (every placement takes about total CPU / cores), and this
 ``peak_rss_mb``: peak resident set, max over ranks; ``train_rss_mb``: its growth from just before the model is
 built (max over ranks). ``bound_ratio``: the analytic bound of elastic over one-rank-per-task placement,
 W * max_t load_t / sum_t load_t (notes/elastic.md).
+``--breakdown`` adds per rank the CPU time of each part of the step (``breakdown_ms``: forward by component,
+backward, each kind of collective, gradient-sync glue, clipping, optimizer, the rest; exclusive timers that add up
+to the step; and the experts' forward + backward timed alone at the rows they got) and ``critical_path_ms`` /
+``samples_per_critical_s``: per step the sum over the stretches between world collectives of the slowest rank's
+CPU time, the step with a core per rank and no waiting beyond what the collectives force (the hooks cost a little:
+read the breakdown rows against each other, the rows without it for throughput).
 Output: one JSON line per (placement, world), then one summary line per world with the ratios and targets.
 """
 
@@ -70,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--d-ff", type=int, default=64)
     p.add_argument("--task-ff", type=int, default=768)
+    p.add_argument("--shared-ff", type=int, default=None, help="width of the shared expert and of DeepSpeed's "
+                   "residual MLP (PR-MoE); default: --task-ff")
     p.add_argument("--blocks", type=int, default=2)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=12)
@@ -78,6 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calib-rounds", type=int, default=3, help="re-plans of the elastic calibration launch")
     p.add_argument("--calib-steps", type=int, default=6, help="steps measured before each re-plan")
     p.add_argument("--calib-gain", type=float, default=0.03, help="elastic.replan_gain of the calibration")
+    p.add_argument("--breakdown", action="store_true", help="per-rank CPU time of each part of the step "
+                   "(forward by component, backward, all-reduce, all-to-all, clipping, optimizer; exclusive "
+                   "timers) and each expert's forward + backward timed alone at its rows (``breakdown`` in a row)")
     p.add_argument("--smoke", action="store_true", help="tiny, 1 world of 2, no DeepSpeed (CI)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -93,8 +107,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _run_config(args: argparse.Namespace):
     from semoe.config import ElasticConfig, MultiTaskModelConfig, MultiTaskRunConfig, TrainConfig
 
+    shared = {} if args.shared_ff is None else {"shared_expert_d_ff": args.shared_ff}
     model = MultiTaskModelConfig(d_model=args.d_model, n_blocks=args.blocks, d_ff=args.d_ff,
-                                 task_expert_d_ff=args.task_ff, token_moe=None)
+                                 task_expert_d_ff=args.task_ff, token_moe=None, **shared)
     train = TrainConfig(steps=10**6, lr=1e-3, warmup_steps=0, eval_every=10**6, ckpt_every=10**6, dtype="float32")
     return MultiTaskRunConfig(model=model, train=train, elastic=ElasticConfig(tasks=args.tasks))
 
@@ -118,6 +133,171 @@ def _vm_hwm_mb() -> float:
     return peak_rss_mb()
 
 
+# ------------------------------------------------------------------------------------------ breakdown
+class _Phases:
+    """Exclusive CPU-time (process time) timers: a phase nested in another is not counted in the outer one,
+    so the phases and the rest add up to the step. ``segments``: per step, the CPU time between collectives
+    over the whole world and inside each of them (every rank runs the same sequence of them), from which
+    ``_launch`` takes the step's critical path with a core per rank: the sum over segments of the max over
+    ranks (a rank cannot leave a world collective before the slowest rank has entered it)."""
+
+    def __init__(self, world: int) -> None:
+        self.world = world
+        self.total: dict[str, float] = {}
+        self.rows: dict[str, int] = {}
+        self.module_rows: dict[int, int] = {}
+        self.segments: list[list[float]] = []
+        self._stack: list[list] = []
+        self._seg_c0 = 0.0
+        self.on = False
+
+    def start_step(self) -> None:
+        self.on, self._seg_c0 = True, time.process_time()
+        self.segments.append([])
+
+    def end_step(self) -> None:
+        self.segments[-1].append(time.process_time() - self._seg_c0)
+        self.on = False
+
+    def wrap_collective(self, obj, attr: str) -> None:
+        import inspect
+
+        import torch.distributed as dist
+
+        orig = getattr(obj, attr)
+        sig = inspect.signature(orig)
+        name = f"collective {attr}"
+
+        def timed(*a, **k):
+            if not self.on:
+                return orig(*a, **k)
+            group = sig.bind_partial(*a, **k).arguments.get("group")
+            whole = group is None or dist.get_world_size(group) == self.world
+            c0 = time.process_time()
+            if whole:
+                self.segments[-1].append(c0 - self._seg_c0)
+            self.enter(name)
+            try:
+                return orig(*a, **k)
+            finally:
+                self.exit()
+                if whole:
+                    c1 = time.process_time()
+                    self.segments[-1].append(c1 - c0)
+                    self._seg_c0 = c1
+        setattr(obj, attr, timed)
+
+    def enter(self, name: str) -> None:
+        if self.on:
+            self._stack.append([name, time.process_time(), 0.0])
+
+    def exit(self) -> None:
+        if not self.on or not self._stack:
+            return
+        name, c0, child = self._stack.pop()
+        dt = time.process_time() - c0
+        self.total[name] = self.total.get(name, 0.0) + dt - child
+        if self._stack:
+            self._stack[-1][2] += dt
+
+    def wrap(self, obj, attr: str, name: str) -> None:
+        orig = getattr(obj, attr)
+
+        def timed(*a, **k):
+            self.enter(name)
+            try:
+                return orig(*a, **k)
+            finally:
+                self.exit()
+        setattr(obj, attr, timed)
+
+    def hook(self, module, name: str) -> None:
+        def pre(m, args):
+            x = args[0] if args else None
+            if self.on and hasattr(x, "shape"):
+                self.rows[name] = self.rows.get(name, 0) + int(x.shape[0])
+                self.module_rows[id(m)] = self.module_rows.get(id(m), 0) + int(x.shape[0])
+            self.enter(name)
+
+        module.register_forward_pre_hook(pre)
+        module.register_forward_hook(lambda m, a, o: self.exit())
+
+
+def _install_breakdown(model, optimizer, extra: dict) -> _Phases:
+    """Timers on this rank's model: forward by component, backward, collectives, optimizer; ``extra``:
+    more ``{name: (object, attribute)}`` to time (clipping)."""
+    import torch
+    import torch.distributed as dist
+
+    ph = _Phases(dist.get_world_size())
+    for t, m in model.stems.items():
+        ph.hook(m, "fwd stems+heads")
+        ph.hook(model.heads[t], "fwd stems+heads")
+    for b in model.blocks:
+        for m in (b.norm1, b.mlp, b.norm2):
+            if m is not None:
+                ph.hook(m, "fwd backbone")
+        moe = b.task_moe
+        if moe is None:
+            continue
+        ph.hook(moe, "fwd task layer: mixing, routing, all-to-all")
+        if hasattr(moe, "moe"):  # DeepSpeed: residual MLP (PR-MoE), gate, experts
+            ph.hook(moe.moe.mlp, "fwd shared expert")
+            ph.hook(moe.moe.deepspeed_moe.gate, "fwd gate")
+            ph.hook(moe.moe.deepspeed_moe.experts, "fwd task experts")
+        else:
+            ph.hook(moe.shared, "fwd shared expert")
+            for e in moe.task_experts.values():
+                ph.hook(e, "fwd task experts")
+    ph.hook(model.norm_f, "fwd backbone")
+    ph.wrap(torch.Tensor, "backward", "backward (all)")
+    for fn in ("all_reduce", "all_gather", "broadcast", "barrier", "all_to_all_single"):
+        ph.wrap_collective(dist, fn)
+    ph.wrap(optimizer, "step", "optimizer step")
+    ph.wrap(optimizer, "zero_grad", "optimizer zero_grad")
+    for name, (obj, attr) in extra.items():
+        ph.wrap(obj, attr, name)
+    return ph
+
+
+def _expert_alone_ms(model, ph: _Phases, steps: int, reps: int = 5) -> dict[str, float]:
+    """Per step, ms of CPU: the shared experts and the task experts of the task-routed layers, forward +
+    backward alone at the rows each got per step (so the experts' backward can be told from the rest)."""
+    import torch
+
+    shared, task = [], []
+    for b in model.blocks:
+        moe = b.task_moe
+        if moe is None:
+            continue
+        if hasattr(moe, "moe"):
+            shared.append(moe.moe.mlp)
+            task.append(moe.moe.deepspeed_moe.experts)
+        else:
+            shared.append(moe.shared)
+            task += list(moe.task_experts.values())
+    out: dict[str, float] = {}
+    D = model.cfg.d_model
+    for kind, mods in (("shared", shared), ("task", task)):
+        if kind == "task" and any(not hasattr(m, "fc1") for m in mods):
+            continue  # DeepSpeed's experts take its dispatched [E, capacity, D] layout: not timed alone
+        work = [(m, ph.module_rows.get(id(m), 0) // max(steps, 1)) for m in mods]
+        work = [(m, n) for m, n in work if n > 0]
+        if not work:
+            continue
+        times = []
+        for _ in range(reps):
+            xs = [torch.randn(n, D, requires_grad=True) for _, n in work]
+            c0 = time.process_time()
+            for (m, _), x in zip(work, xs):
+                m(x).sum().backward()
+            times.append(time.process_time() - c0)
+        for m, _ in work:
+            m.zero_grad(set_to_none=True)
+        out[f"fwd+bwd alone: {kind} expert"] = 1e3 * statistics.median(times)
+    return out
+
+
 # ------------------------------------------------------------------------------------------ placements
 def _uniform_step(args, run, rank: int, world: int):
     """The uniform placement: a step function and the model (see the module docstring)."""
@@ -131,7 +311,7 @@ def _uniform_step(args, run, rank: int, world: int):
     from semoe.models.multitask import MultiTaskMoE
     from semoe.parallel.all_to_all import all_to_all
     from semoe.training.step import optimizer_step
-    from semoe.training.trainer import param_groups
+    from semoe.training.trainer import build_optimizer
 
     batches = run.elastic.task_batches()
     data = load_tasks(list(batches))
@@ -174,7 +354,7 @@ def _uniform_step(args, run, rank: int, world: int):
     for block in model.blocks:
         if block.task_moe is not None:
             block.task_moe = UniformTaskMoE(block.task_moe)
-    opt = torch.optim.AdamW(param_groups(model, run.train), lr=run.train.lr, foreach=True)
+    opt = build_optimizer(model, run.train)  # the elastic trainer's AdamW (fused)
     replicated = [p for n, p in model.named_parameters() if ".task_experts." not in n]
 
     def sync() -> None:  # the task experts' gradients came back through the all-to-all: complete already
@@ -198,6 +378,7 @@ def _uniform_step(args, run, rank: int, world: int):
         kept, _ = optimizer_step(opt, [None], objective, lr=run.train.lr, sync=sync,
                                  clip=lambda: torch.zeros(()))
         return kept[0]
+    step.parts = (model, opt, {})
     return step, plan
 
 
@@ -216,7 +397,7 @@ def _deepspeed_step(args, run, rank: int, world: int):
     from semoe.elastic.planner import uniform_plan
     from semoe.models.multitask import FFN, MultiTaskMoE
     from semoe.training.step import optimizer_step
-    from semoe.training.trainer import param_groups
+    from semoe.training.trainer import build_optimizer
 
     ds_logger.setLevel(logging.ERROR)
     with stdout_to_stderr():
@@ -235,6 +416,8 @@ def _deepspeed_step(args, run, rank: int, world: int):
                            k=1, use_residual=True, drop_tokens=False, capacity_factor=1.0, eval_capacity_factor=1.0,
                            min_capacity=1)
             self.moe.set_deepspeed_parallelism()
+            if getattr(run.model, "shared_expert_d_ff", None) is not None:  # residual MLP = semoe's shared expert
+                self.moe.mlp = FFN(D, run.model.shared_expert_d_ff)
             self.aux = torch.zeros(())
 
         def forward(self, x_ND, spans):
@@ -246,7 +429,7 @@ def _deepspeed_step(args, run, rank: int, world: int):
         for block in model.blocks:
             if block.task_moe is not None:
                 block.task_moe = DSTaskMoE()
-    opt = torch.optim.AdamW(param_groups(model, run.train), lr=run.train.lr, foreach=True)
+    opt = build_optimizer(model, run.train)  # the elastic trainer's AdamW (fused)
     dense = [p for p in model.parameters() if getattr(p, "allreduce", True)]
     expert = [p for p in model.parameters() if not getattr(p, "allreduce", True)]
     assert expert, "DeepSpeed MoE experts not found"
@@ -274,6 +457,7 @@ def _deepspeed_step(args, run, rank: int, world: int):
             return v, float(v.detach())
         kept, _ = optimizer_step(opt, [None], objective, lr=run.train.lr, sync=sync, clip=lambda: torch.zeros(()))
         return kept[0]
+    step.parts = (model, opt, {})
     return step, plan
 
 
@@ -303,6 +487,8 @@ def _elastic_step(args, run, rank: int, world: int, out_dir: str, plan_json: dic
 
     def step(s: int) -> float:
         return trainer.train_step(s)["loss"]
+    step.parts = (trainer.model, trainer.optimizer, {"clip (norm)": (trainer.layout, "clip_"),
+                                                      "gradient sync": (trainer.layout, "sync_gradients")})
     return step, trainer.plan
 
 
@@ -332,16 +518,28 @@ def _worker(rank: int, world: int, placement: str, args: argparse.Namespace, sto
             step, plan = _deepspeed_step(args, run, rank, world)
         for s in range(args.warmup):
             step(s)
+        ph = _install_breakdown(*step.parts) if args.breakdown else None
         times, cpu = [], 0.0
         for s in range(args.warmup, args.warmup + args.steps):
             dist.barrier()
+            if ph is not None:
+                ph.start_step()
             t0, c0 = time.perf_counter(), time.process_time()
             step(s)
             cpu += time.process_time() - c0
             times.append(time.perf_counter() - t0)
+            if ph is not None:
+                ph.end_step()
         peak = _vm_hwm_mb()
         result.update(step_s=statistics.median(times), cpu_s=cpu, peak_rss_mb=peak, train_rss_mb=peak - base_rss,
                       plan=plan.describe())
+        if ph is not None:
+            parts = {k: 1e3 * v / args.steps for k, v in sorted(ph.total.items())}
+            parts["rest (python, loss, data, glue)"] = 1e3 * cpu / args.steps - sum(parts.values())
+            parts.update(_expert_alone_ms(step.parts[0], ph, args.steps))
+            result["breakdown_ms"] = parts
+            result["breakdown_rows"] = {k: v // args.steps for k, v in ph.rows.items()}
+            result["segments_s"] = ph.segments
     except _Done:
         pass
     except Exception as e:  # recorded, the other contenders still run
@@ -379,7 +577,23 @@ def _launch(placement: str, world: int, args: argparse.Namespace, workdir: Path,
             "plan": ranks[0]["plan"].splitlines(),
             "busy_max_over_mean": max(cpu) / statistics.mean(cpu), "busy_s_per_rank": cpu,
             "cpu_step_ms_max": 1e3 * cpu_step, "samples_per_cpu_s": samples / cpu_step,
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks), "train_rss_mb": max(r["train_rss_mb"] for r in ranks)}
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks), "train_rss_mb": max(r["train_rss_mb"] for r in ranks),
+            **({"breakdown_ms": [r["breakdown_ms"] for r in ranks],
+                "breakdown_rows": [r["breakdown_rows"] for r in ranks], **_critical_path(ranks, samples)}
+               if "breakdown_ms" in ranks[0] else {})}
+
+
+def _critical_path(ranks: list[dict], samples: int) -> dict:
+    """The step with a core per rank, from the per-rank CPU time between world collectives: per step the sum
+    over segments of the max over ranks (the median over steps); None when the ranks' segments do not line up."""
+    per_step = []
+    for segs in zip(*(r["segments_s"] for r in ranks)):
+        if len({len(x) for x in segs}) != 1:
+            return {"critical_path_ms": None}
+        per_step.append(sum(max(col) for col in zip(*segs)))
+    crit = statistics.median(per_step)
+    return {"critical_path_ms": 1e3 * crit, "samples_per_critical_s": samples / crit,
+            "world_collectives_per_step": len(ranks[0]["segments_s"][0]) // 2}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -409,6 +623,7 @@ def main(argv: list[str] | None = None) -> int:
                 ok = sorted((g for g in got if "error" not in g), key=lambda g: g["samples_per_s"])
                 row = ok[len(ok) // 2] if ok else got[0]
                 row = {**row, "bound_ratio": bound_ratio(loads, world), "tasks": args.tasks, "rounds": len(got),
+                       "task_ff": args.task_ff, "shared_ff": args.shared_ff or args.task_ff,
                        "samples_per_s_all": [g.get("samples_per_s") for g in got]}
                 emit_json(row)
                 rows[placement] = row

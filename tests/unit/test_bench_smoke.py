@@ -145,6 +145,21 @@ def test_elastic_smoke() -> None:
     assert summary["elastic_over_uniform"] > 0
 
 
+
+def test_elastic_smoke_breakdown() -> None:
+    """``bench_elastic.py --smoke --breakdown``: per rank the parts of the step (exclusive CPU timers), the experts
+    timed alone, and the critical path over world collectives, which no rank's own CPU time can exceed."""
+    lines = _run([sys.executable, str(ROOT / "benchmarks" / "bench_elastic.py"), "--smoke", "--breakdown"],
+                 timeout=300)
+    for r in lines[:-1]:
+        assert len(r["breakdown_ms"]) == 2
+        for parts in r["breakdown_ms"]:
+            assert {"backward (all)", "fwd shared expert", "fwd task experts", "optimizer step",
+                    "collective all_reduce"} <= parts.keys()
+            assert parts["fwd+bwd alone: shared expert"] > 0
+        assert r["critical_path_ms"] > 0 and r["world_collectives_per_step"] >= 1
+
+
 EXPERT_OFFLOAD_KEYS = {"impl", "model", "batch", "cache", "tokens_per_s", "bound_tokens_per_s", "bytes_read_per_token",
                        "peak_rss_mb", "x_of_bound", "budget_mb", "model_mb"}
 
