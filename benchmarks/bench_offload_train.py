@@ -15,7 +15,15 @@ reset once the trainer is built, so it covers the timed steps):
   leaf: it returns a dataclass, in which DeepSpeed does not find the tensors to hook its pre-backward gather
   on, so the experts are still partitioned when autograd runs their backward; see docs/storage.md.)
 
-Also measured in the same run: the fp32 matmul rate F (one expert's ``[T_e, D] x [D, F]``) and the disk
+``--dtype float32,bfloat16`` (default float32): every row in each dtype (bfloat16: CPU autocast over float32
+master weights, AdamW state float32, for semoe as ``train.dtype=bfloat16``; for DeepSpeed its ``"bf16":
+{"enabled": true}``), a ``dtype`` field in each row. The summary compares like with like for the step-time targets
+(``ratio_vs_in_memory_<cache>@<dtype>``: offloaded vs in memory in the same dtype) and best with best for
+DeepSpeed (``ratio_vs_deepspeed_<cache>``: semoe offloaded at its fastest dtype over DeepSpeed's fastest row,
+as benchmarks/bench_finetune.py reports each contender's fastest); the unsuffixed ``ratio_vs_in_memory_<cache>``
+etc. are those of the first dtype given.
+
+Also measured in the same run: the matmul rate F in the row's dtype (one expert's ``[T_e, D] x [D, F]``) and the disk
 bandwidth B (pwrite + fdatasync, then pread after dropping the pages, in the store's directory), from which
 T* = b * F / (6 * B) with b the bytes moved per expert parameter per step, and the bound
 ``bound_step_ms = max(in-memory step, bytes moved / B)``. Summary line: the ratios against the targets.
@@ -65,15 +73,15 @@ def write_corpus(path: Path, n_lines: int = 4000) -> None:
 def overrides(args: argparse.Namespace) -> list[str]:
     return [f"model.d_model={args.d_model}", f"model.moe.d_ff={args.d_ff}", f"model.moe.num_experts={args.experts}",
             f"model.n_layers={args.layers}", f"model.max_seq_len={args.seq}", f"train.seq_len={args.seq}",
-            f"train.batch_size={args.batch}", "train.dtype=float32", f"train.steps={args.steps + 1}",
+            f"train.batch_size={args.batch}", f"train.dtype={args.dtype}", f"train.steps={args.steps + 1}",
             "train.eval_every=1000", "train.ckpt_every=1000", "model.moe.router.capacity_factor=none",
             "model.moe.router.eval_capacity_factor=none", "train.val_fraction=0.3"]  # no eval; big batches fit
 
 
-def matmul_rate(t_e: int, d: int, f: int) -> float:
+def matmul_rate(t_e: int, d: int, f: int, dtype: str = "float32") -> float:
     import torch
 
-    a, b = torch.randn(t_e, d), torch.randn(d, f)
+    a, b = torch.randn(t_e, d).to(getattr(torch, dtype)), torch.randn(d, f).to(getattr(torch, dtype))
     torch.mm(a, b)
     reps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < 0.3:
@@ -149,7 +157,7 @@ def row_semoe(args: argparse.Namespace, impl: str, cache: str) -> dict:
     tokens = args.batch * args.seq
     t_e = tokens * 2 / args.experts  # top-2, dropless: tokens per expert per step (balanced)
     step_ms = 1e3 * statistics.median(times)
-    out = {"impl": impl, "cache": cache if impl == "semoe-offload" else "warm",
+    out = {"impl": impl, "cache": cache if impl == "semoe-offload" else "warm", "dtype": args.dtype,
            "tokens_per_s": tokens / (step_ms / 1e3), "step_ms": step_ms, "peak_rss_mb": status("VmHWM") / 2**20,
            "budget_mb": budget_mb,
            "expert_state_mb": state / 2**20, "bytes_moved_per_step": statistics.median(io) if io else 0.0,
@@ -171,7 +179,7 @@ def row_semoe(args: argparse.Namespace, impl: str, cache: str) -> dict:
         out["schedule_read_bytes_per_step"] = 4 * e_params * (2 + 4)
         out["schedule_write_bytes_per_step"] = 4 * e_params * (1 + 3)
         out["schedule_bytes_per_step"] = out["schedule_read_bytes_per_step"] + out["schedule_write_bytes_per_step"]
-        out["flops"] = matmul_rate(int(t_e), args.d_model, args.d_ff)
+        out["flops"] = matmul_rate(int(t_e), args.d_model, args.d_ff, args.dtype)
         out["disk_bytes_per_s"] = disk_bandwidth(work / "bw", min(state, 256 * 2**20))
     return out
 
@@ -202,7 +210,7 @@ def row_deepspeed(args: argparse.Namespace, device: str) -> dict:
     from common import deepspeed_hf_moe_engine, process_io_bytes
 
     e_params = 3 * args.layers * args.experts * args.d_model * args.d_ff
-    base = {"impl": "deepspeed", "cache": "warm" if device == "cpu" else "cold", "offload": device,
+    base = {"impl": "deepspeed", "cache": "warm" if device == "cpu" else "cold", "offload": device, "dtype": args.dtype,
             "tokens_per_s": None, "step_ms": None, "peak_rss_mb": None, "budget_mb": None,
             "expert_state_mb": 16 * e_params / 2**20, "bytes_moved_per_step": None, "bound_step_ms": None,
             "threads": args.threads, "cpu": cpu_model()}
@@ -215,9 +223,11 @@ def row_deepspeed(args: argparse.Namespace, device: str) -> dict:
         if device == "nvme":
             (Path(args.workdir) / "ds-nvme").mkdir(exist_ok=True)
             off["nvme_path"] = str(Path(args.workdir) / "ds-nvme")
+        config = {"gradient_clipping": 1.0, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1}}}
+        if args.dtype == "bfloat16":  # DeepSpeed's mixed precision: bf16 model, float32 master weights in the optimizer
+            config["bf16"] = {"enabled": True}
         engine = deepspeed_hf_moe_engine(model, args.batch, {
-            "stage": 3, "offload_param": dict(off), "offload_optimizer": dict(off)}, config={
-            "gradient_clipping": 1.0, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1}}})
+            "stage": 3, "offload_param": dict(off), "offload_optimizer": dict(off)}, config=config)
         x = torch.randint(0, 320, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
 
         def step() -> None:
@@ -248,10 +258,11 @@ def row_deepspeed(args: argparse.Namespace, device: str) -> dict:
 
 
 def child(args: argparse.Namespace) -> None:
-    if args.row.startswith("deepspeed:"):
-        res = row_deepspeed(args, args.row.split(":")[1])
+    row, args.dtype = args.row.split("@")
+    if row.startswith("deepspeed:"):
+        res = row_deepspeed(args, row.split(":")[1])
     else:
-        impl, cache = args.row.split(":")
+        impl, cache = row.split(":")
         res = row_semoe(args, impl, cache)
     print("RESULT " + json.dumps(res), flush=True)
 
@@ -269,20 +280,33 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--budget-frac", type=float, default=0.25, help="host budget / expert state (<= 0.25)")
     ap.add_argument("--peers", default="auto", choices=["auto", "none"])
+    ap.add_argument("--dtype", default="float32",
+                    help="float32, bfloat16 or float32,bfloat16: every row in each (bf16: autocast, float32 masters)")
     ap.add_argument("--row", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.smoke:
         args.steps, args.d_model, args.d_ff, args.experts, args.batch, args.seq = 2, 32, 128, 4, 4, 32
+    dtypes = args.dtype.split(",")
+    bad = [d for d in dtypes if d not in ("float32", "bfloat16")]
+    if bad or not dtypes:
+        ap.error(f"--dtype {args.dtype!r}: choose float32, bfloat16 or float32,bfloat16")
     if args.row is not None:
         child(args)
         return
-    rows = ["in-memory:warm", "semoe-offload:warm", "semoe-offload:cold"] + (
-        ["deepspeed:cpu", "deepspeed:nvme"] if args.peers == "auto" else [])
+    rows = [f"{r}@{d}" for d in dtypes for r in ["in-memory:warm", "semoe-offload:warm", "semoe-offload:cold"]]
+    rows += [f"{r}@{d}" for d in dtypes for r in (["deepspeed:cpu", "deepspeed:nvme"] if args.peers == "auto" else [])]
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_offload_") as work:
         write_corpus(Path(work) / "corpus.txt")
-        fwd = [a for a in sys.argv[1:] if a not in ("--peers", "auto", "none")]
+        fwd, skip = [], False
+        for a in sys.argv[1:]:  # the child gets the sizes; --peers / --dtype are the parent's
+            if skip:
+                skip = False
+            elif a in ("--peers", "--dtype"):
+                skip = True
+            elif not a.startswith(("--peers=", "--dtype=")):
+                fwd.append(a)
         for row in rows:
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(args.threads),
                    "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
@@ -290,14 +314,15 @@ def main() -> None:
                                  capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
             line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
             if not line:
-                r = {"impl": row.split(":")[0], "cache": "warm", "error": res.stderr[-600:]}
+                r = {"impl": row.split(":")[0], "cache": "warm", "dtype": row.split("@")[1], "error": res.stderr[-600:]}
             else:
                 r = json.loads(line[-1][len("RESULT "):])
             results.append(r)
-    mem = next(r for r in results if r["impl"] == "in-memory")
-    if "error" in mem:
-        print(json.dumps(mem), flush=True)
-        raise SystemExit(f"the in-memory row failed: {mem['error'][-600:]}")
+    mems = {r["dtype"]: r for r in results if r["impl"] == "in-memory"}
+    for mem in mems.values():
+        if "error" in mem:
+            print(json.dumps(mem), flush=True)
+            raise SystemExit(f"the in-memory row ({mem['dtype']}) failed: {mem['error'][-600:]}")
     for r in results:
         if r["impl"] == "semoe-offload" and "error" not in r:
             b = r["bytes_moved_per_step"] / r["expert_params"]
@@ -305,26 +330,37 @@ def main() -> None:
             r["t_star"] = b * r["flops"] / (6 * r["disk_bytes_per_s"])
             io_floor_ms = 1e3 * r["bytes_moved_per_step"] / r["disk_bytes_per_s"]
             r["io_floor_ms"] = io_floor_ms
-            r["bound_step_ms"] = max(mem["step_ms"], io_floor_ms)
+            r["bound_step_ms"] = max(mems[r["dtype"]]["step_ms"], io_floor_ms)  # compute side: same dtype
         elif "error" not in r and r.get("step_ms") is not None:
             r.setdefault("bound_step_ms", r["step_ms"])
         print(json.dumps(r), flush=True)
-    offs = {r["cache"]: r for r in results if r["impl"] == "semoe-offload" and "error" not in r}
     ds_rows = [r for r in results if r["impl"] == "deepspeed" and r.get("tokens_per_s")]
-    ds = max(ds_rows, key=lambda r: r["tokens_per_s"], default=None)  # DeepSpeed's fastest setup
-    summary = {"summary": True, "smoke": args.smoke, "cpu": cpu_model(),
-               "errors": [r["error"][:200] for r in results if "error" in r] or None}
-    for cache, r in offs.items():
-        summary[f"ratio_vs_in_memory_{cache}"] = r["step_ms"] / mem["step_ms"]
-        summary[f"ratio_vs_bound_{cache}"] = r["step_ms"] / r["bound_step_ms"]
-        summary[f"tokens_per_expert_over_t_star_{cache}"] = r["tokens_per_expert"] / r["t_star"]
-        summary[f"moved_over_schedule_{cache}"] = r["bytes_moved_per_step"] / r["schedule_bytes_per_step"]
-        summary[f"read_over_schedule_{cache}"] = r["bytes_read_per_step"] / r["schedule_read_bytes_per_step"]
-        summary[f"written_over_schedule_{cache}"] = r["bytes_written_per_step"] / r["schedule_write_bytes_per_step"]
-        summary[f"rss_over_budget_mb_{cache}"] = r["peak_rss_mb"] - r["budget_mb"]
-    for cache, r in offs.items():
-        summary[f"ratio_vs_deepspeed_{cache}"] = r["tokens_per_s"] / ds["tokens_per_s"] if ds else None
-    summary["deepspeed_fastest"] = ds.get("offload") if ds else None
+    ds = max(ds_rows, key=lambda r: r["tokens_per_s"], default=None)  # DeepSpeed's fastest setup and dtype
+    summary = {"summary": True, "smoke": args.smoke, "cpu": cpu_model(), "dtypes": dtypes,
+               "errors": [f"{r['impl']}:{r.get('offload', r['cache'])}@{r['dtype']}: {r['error'][:200]}"
+                          for r in results if "error" in r] or None}
+    for d in dtypes:  # like with like: offloaded vs in memory in the same dtype
+        mem = mems[d]
+        offs = {r["cache"]: r for r in results if r["impl"] == "semoe-offload" and r["dtype"] == d and "error" not in r}
+        for cache, r in offs.items():
+            vals = {"ratio_vs_in_memory": r["step_ms"] / mem["step_ms"],
+                    "ratio_vs_bound": r["step_ms"] / r["bound_step_ms"],
+                    "tokens_per_expert_over_t_star": r["tokens_per_expert"] / r["t_star"],
+                    "moved_over_schedule": r["bytes_moved_per_step"] / r["schedule_bytes_per_step"],
+                    "read_over_schedule": r["bytes_read_per_step"] / r["schedule_read_bytes_per_step"],
+                    "written_over_schedule": r["bytes_written_per_step"] / r["schedule_write_bytes_per_step"],
+                    "rss_over_budget_mb": r["peak_rss_mb"] - r["budget_mb"]}
+            for k, v in vals.items():
+                summary[f"{k}_{cache}@{d}"] = v
+                if d == dtypes[0]:
+                    summary[f"{k}_{cache}"] = v
+    for cache in ("warm", "cold"):  # best with best: semoe offloaded at its fastest dtype vs DeepSpeed's fastest
+        offs = [r for r in results if r["impl"] == "semoe-offload" and r["cache"] == cache and "error" not in r]
+        best = max(offs, key=lambda r: r["tokens_per_s"], default=None)
+        if best is not None:
+            summary[f"best_dtype_{cache}"] = best["dtype"]
+            summary[f"ratio_vs_deepspeed_{cache}"] = best["tokens_per_s"] / ds["tokens_per_s"] if ds else None
+    summary["deepspeed_fastest"] = f"{ds['offload']}@{ds['dtype']}" if ds else None
     summary["targets"] = {"ratio_vs_in_memory": 1.3, "ratio_vs_bound": 1.15, "moved_over_schedule": 1.05,
                           "ratio_vs_deepspeed": 2.0, "tokens_per_expert_over_t_star": 1.5}
     print(json.dumps(summary), flush=True)

@@ -12,9 +12,10 @@ tensor in their place whose storage is swapped in around each use:
 * forward (pre-hook of each ``Experts``): the experts that received tokens are fetched (router-aware:
   an expert without tokens is not read), the layers L+1..L+d are prefetched with the experts that were
   routed to in the previous step (a prediction; a miss is read on demand when the router has decided);
-  autograd's saved copy of the weight is replaced by a key (``saved_tensors_hooks``), so nothing of the
-  layer stays in memory after its forward;
-* backward (unpacking that key): the weights of the routed experts are fetched again, layers L-1..L-d
+  autograd's saved copy of the weight (the float32 master, or under bf16 autocast its bf16 cast) is replaced
+  by a key (``saved_tensors_hooks``), so nothing of the layer stays in memory after its forward;
+* backward (unpacking that key): the weights of the routed experts are fetched again (and cast again under
+  autocast: the same values as the forward's cast, the master is released at once), layers L-1..L-d
   prefetched with the routing of this micro-batch (exact); the gradient goes into ``/G`` when autograd
   has accumulated it (``register_post_accumulate_grad_hook``: ``G += g``, or the first micro-batch's ``g``
   itself), and the weights are released;
@@ -195,34 +196,60 @@ class ExpertOffload:
 
     def _pack(self, layer: _Layer, routed: list[int]) -> Callable:
         ptrs = {k.handle.data_ptr(): k for k in layer.keys}
+        handles = {id(k.handle): k for k in layer.keys}
 
         def pack(t: torch.Tensor) -> Any:
-            k = ptrs.get(t.data_ptr()) if t.numel() else None
+            if not t.numel():
+                return t
+            k = ptrs.get(t.data_ptr())
             if k is not None and tuple(t.shape) == k.shape and t.dtype == k.dtype:
-                return (_SAVED, k, routed)
+                return (_SAVED, k, routed, None)
+            # under autocast the op saves the weights' casts (``Experts._compute_operands``: ``w.to(bf16)`` of
+            # the float32 master, a ToCopyBackward node over the master's AccumulateGrad): a key too, the cast
+            # is made again from the stored master in backward (same values, so the same gradients)
+            fn = t.grad_fn
+            if fn is not None and len(fn.next_functions) == 1 and fn.name() == "ToCopyBackward0":
+                k = handles.get(id(getattr(fn.next_functions[0][0], "variable", None)))
+                if k is not None and tuple(t.shape) == k.shape:
+                    return (_SAVED, k, routed, t.dtype)
             return t
         return pack
 
     def _unpack(self, saved: Any) -> torch.Tensor:
-        if not (isinstance(saved, tuple) and len(saved) == 3 and saved[0] is _SAVED):
+        if not (isinstance(saved, tuple) and len(saved) == 4 and saved[0] is _SAVED):
             return saved
-        _, k, routed = saved
+        _, k, routed, cast = saved
         self.store.phase = "backward"
+        if cast is not None:  # the cast copy: made from the master, which is released at once
+            W = self._to_device(self.store.acquire(f"{k.name}/W", routed), k)
+            out = W.to(cast)
+            del W
+            self.store.release(f"{k.name}/W")
+            if self.trace is not None:
+                self.trace.append(("backward", k.name, tuple(routed)))
+            k.bwd_routed = routed
+            self._prefetch_before(k)
+            return out
         if not k.held_bwd:
             k.handle.data = self._to_device(self.store.acquire(f"{k.name}/W", routed), k)
             if self.trace is not None:
                 self.trace.append(("backward", k.name, tuple(routed)))
             k.held_bwd = True
             k.bwd_routed = routed
-            for other in reversed(self.layers[max(0, k.layer - self.depth):k.layer]):
-                for o in other.keys:
-                    self.store.prefetch(f"{o.name}/W", other.routed_fwd)
+            self._prefetch_before(k)
         return k.handle
+
+    def _prefetch_before(self, k: _Key) -> None:
+        """Backward: the weights of layers L-1..L-d, with the experts their forward routed to."""
+        for other in reversed(self.layers[max(0, k.layer - self.depth):k.layer]):
+            for o in other.keys:
+                self.store.prefetch(f"{o.name}/W", other.routed_fwd)
 
     def _shape_hook(self, k: _Key) -> Callable:
         """Before autograd accumulates the gradient into the leaf, the leaf must have its shape: under bf16
-        autocast the op saved the bf16 copies, not the leaf, so no unpack restored it. A stride-0 expanded
-        scalar gives it the shape without memory (autograd then keeps the incoming gradient as it is)."""
+        autocast the op saved the bf16 copies, not the leaf (their unpack recasts them from the stored master
+        and leaves the leaf empty). A stride-0 expanded scalar gives it the shape without memory (autograd then
+        keeps the incoming gradient as it is)."""
         def hook(g: torch.Tensor) -> None:
             if k.handle.numel() == 0:
                 k.handle.data = torch.zeros((), dtype=k.dtype, device=k.handle.device).expand(k.shape)
