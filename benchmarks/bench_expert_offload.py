@@ -250,8 +250,9 @@ def run_semoe(spec: dict[str, Any]) -> dict[str, Any]:
     from semoe.inference.ring import RingEngine
 
     strategy = spec["impl"].removeprefix("semoe-") if spec["budget"] is not None else "auto"
+    extra = {"prefetch_width": spec["prefetch_width"]} if spec.get("prefetch_width") else {}
     engine = RingEngine(spec["model"], max_memory=spec["budget"], strategy=strategy, dtype="float32",
-                        batch_size=len(spec["prompts"][0]), drop_page_cache=spec["budget"] is not None)
+                        batch_size=len(spec["prompts"][0]), drop_page_cache=spec["budget"] is not None, **extra)
     files = sorted(Path(spec["model"]).glob("*.safetensors"))
     times, stats, io_bytes = [], [], 0
     try:
@@ -431,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="compute threads per process (default 1)")
     ap.add_argument("--llama-cpp-src", type=Path, default=Path(tempfile.gettempdir()) / "semoe-llama-src",
                     help="folder with llama.cpp's convert_hf_to_gguf.py and gguf-py")
+    ap.add_argument("--prefetch-width", type=int, default=0,
+                    help="semoe rows: predict the top (k + this) experts (RingEngine prefetch_width; default 0)")
     ap.add_argument("--no-confine", action="store_true",
                     help="run llama.cpp without the memory cgroup (its decode then runs from memory)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -471,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         for B in batches:
             prompts = prompt_sets(B, args.prompt_len, reps, cfg["vocab_size"])
             common = dict(model=str(model), prompts=prompts, new=args.new, threads=args.threads, reps=reps,
-                          workdir=str(args.workdir))
+                          workdir=str(args.workdir), prefetch_width=args.prefetch_width)
             bw = read_bandwidth(files, True, 3)
             res = run_worker({**common, "impl": "semoe-auto", "budget": None}, not args.smoke)
             compute_pass = res["wall_s"] / res["passes"]
@@ -548,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
             agree[f"{m}/B{B}"] = {i: o == ref for i, o in outs.items()} if ref is not None else None
     emit_json({"summary": True, "smoke": args.smoke, "targets": targets, "greedy_tokens_equal_semoe_layer": agree,
                "notes": notes, "reps": reps, "threads": args.threads, "prompt_len": args.prompt_len,
-               "new_tokens": args.new, "budget_frac": args.budget_frac})
+               "new_tokens": args.new, "budget_frac": args.budget_frac, "prefetch_width": args.prefetch_width})
     return 0
 
 

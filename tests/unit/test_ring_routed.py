@@ -74,7 +74,7 @@ def test_routed_variants_are_bit_identical(tmp_path) -> None:
     d = _save(tmp_path, "mixtral", seed=12, layers=6)
     ref = _resident(d)
     variants = [dict(layers_per_section=2), dict(expert_cache=0), dict(prefetch=False), dict(io_threads=1),
-                dict(prefetch_depth=1), dict(prefetch_depth=1, layers_per_section=2),
+                dict(prefetch_depth=1), dict(prefetch_depth=1, layers_per_section=2), dict(prefetch_width=3),
                 dict(dense_cache=False), dict(expert_cache=0, prefetch=False, layers_per_section=2),
                 dict(io_threads=3, expert_cache=0, prefetch=False)]
     for kw in variants:
@@ -185,6 +185,12 @@ def test_prediction_depths_and_one_router_call_per_routed_layer(tmp_path) -> Non
     assert st.predicted_d1_needed == needed and st.predicted_d2_needed == 0
     with pytest.raises(ValueError, match="prefetch_depth must be 1"):
         RingEngine(d, max_memory=_ring_budget(d), strategy="routed", prefetch_depth=3)
+    with pytest.raises(ValueError, match="prefetch_width must be an integer >= 0"):
+        RingEngine(d, max_memory=_ring_budget(d), strategy="routed", prefetch_width=-1)
+    # a wider prediction (top k + 3 of 8) names more of the picked experts at depth 1 than the top k
+    with RingEngine(d, max_memory=_ring_budget(d), strategy="routed", expert_cache=0, prefetch_width=3) as e:
+        wide = e.generate(PROMPTS, NEW).stats
+    assert wide.predicted_d1_needed == needed and wide.predicted_d1_hits > st.predicted_d1_hits
 
 
 def test_dense_cache_reads_each_dense_part_once(tmp_path) -> None:

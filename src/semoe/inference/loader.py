@@ -324,8 +324,15 @@ class SlotRing:
                 if self.urgent:  # a router waits for these
                     job = self.urgent.popleft()
                 elif pj is not None and (not self._ready() or pj.ticket < self.requests[0][0]):
-                    job = pj  # needed before any later ticket's section
-                    self.prefetch.remove(pj)
+                    # needed before any later ticket's section; at most one expert per reader thread at a time, so
+                    # that an on-demand read (a router waits) never waits behind a long prediction
+                    n = max(1, self.pool.threads)
+                    if len(pj.experts) > n:
+                        job = _Job(pj.ticket, pj.section, pj.layer, pj.experts[:n])
+                        pj.experts = pj.experts[n:]
+                    else:
+                        job = pj
+                        self.prefetch.remove(pj)
                 elif self._ready():
                     job = self.requests.popleft()
                     self.ticket_section[job[0]] = job[1]

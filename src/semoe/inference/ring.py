@@ -41,6 +41,7 @@ measured size.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import logging
 import math
@@ -250,6 +251,8 @@ class RingEngine:
     ``prefetch_depth`` 2 (default) also predicts the layer after it (its router on the same output; read once the
     earlier predictions are served: more time to read, lower accuracy), 1 only the next layer. Predictions run on
     resident copies of the MoE layers' ffn norms and routers (a few KiB per layer, in the budget).
+    ``prefetch_width``: a top-k router's prediction names its top (k + width) experts instead of k (default 0): more
+    hits, more bytes; queued predictions the router then did not pick are dropped unread.
     ``dense_cache``: with "routed" / "auto", keep the sections' dense parts (attention, norms, routers, embedding,
     head) in what the budget leaves after the ring and the wave, before the expert cache gets the rest: every pass
     uses every dense byte, an expert only when a router picks it, so per byte the dense part is worth the most.
@@ -263,7 +266,8 @@ class RingEngine:
                  dtype: torch.dtype | str = torch.float32, kv_device: str | torch.device | None = None,
                  batch_size: int = 8, drop_page_cache: bool = False, readahead: bool = False,
                  strategy: str = "auto", expert_cache: str | int | None = "auto", io_threads: int = 2,
-                 prefetch: bool = True, dense_cache: bool = True, prefetch_depth: int = 2) -> None:
+                 prefetch: bool = True, dense_cache: bool = True, prefetch_depth: int = 2,
+                 prefetch_width: int = 0) -> None:
         self.source = model if isinstance(model, ModelSource) else open_model(model)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -299,6 +303,9 @@ class RingEngine:
                              f"or a budget below {math.ceil(self.plan.total_bytes / 0.75 / MiB)}MB")
         if self.resident:
             self.strategy = "layer"
+        if not isinstance(prefetch_width, int) or prefetch_width < 0:
+            raise ValueError(f"prefetch_width must be an integer >= 0 (extra experts per predicted token), got "
+                             f"{prefetch_width!r}")
         if prefetch_depth not in (1, 2):
             raise ValueError(f"prefetch_depth must be 1 (the next layer's experts) or 2 (also the layer after), "
                              f"got {prefetch_depth!r}; prefetch=False turns prediction off")
@@ -315,7 +322,11 @@ class RingEngine:
             for i, block in enumerate(self.model.layers):
                 if block.is_moe:
                     self._predictors[i] = None
-                    self._predictor_shells[i] = (copy.deepcopy(block.ffn_norm), copy.deepcopy(block.moe.router))
+                    norm, router = copy.deepcopy(block.ffn_norm), copy.deepcopy(block.moe.router)
+                    if prefetch_width and router.cfg.kind == "topk":  # predict the top (k + width) experts
+                        router.cfg = dataclasses.replace(router.cfg, top_k=min(router.cfg.top_k + prefetch_width,
+                                                                               router.num_experts))
+                    self._predictor_shells[i] = (norm, router)
                     predictor_bytes += sum(p.numel() * p.element_size() for m in (block.ffn_norm, block.moe.router)
                                            for p in m.parameters())
         self.ring_bytes = sum(sizes) + self.plan.staging_bytes
