@@ -22,9 +22,17 @@ Rows (``impl``), each in its own process, the budget --budget-frac of the weight
   accelerate    ``from_pretrained(device_map="auto", max_memory={"cpu": budget}, offload_folder=...)``
   llama.cpp     llama-cpp-python (built from source), the GGUF memory-mapped (llama.cpp's default), batched
                 decode through ``llama_decode`` with one sequence id per prompt, f32 KV cache; no budget exists
-                in llama.cpp: it maps the whole file and populates the mapping on load (the whole model is read
-                then, ``cold_load_s``, and stays mapped: ``peak_file_mb``), so its decode runs from memory;
-                ``tokens_per_s_incl_load`` adds that cold load to the timed call
+                in llama.cpp: it maps the whole file and populates the mapping on load (``cold_load_s``;
+                ``tokens_per_s_incl_load`` adds it to the timed call). So it runs confined to the same memory
+                (``MemoryCgroup``, cgroup v1, where a writable memory controller exists; ``--no-confine`` to
+                skip): its worker moves itself into a fresh group before it starts and, after its imports, sets the
+                group's limit to what is charged then (its post-import base: interpreter, libllama, numpy) +
+                the budget + semoe's documented overhead (24 MiB), i.e. what semoe's rows may use above their own
+                post-import base. v1 charges the mapped GGUF's page cache to the group, so the kernel evicts
+                mapped pages under the limit and llama.cpp reads them from disk again. JSON: ``confined``,
+                ``cgroup_base_mb``, ``cgroup_limit_mb``, ``cgroup_peak_mb``, ``cgroup_failcnt`` (times the limit
+                was hit); ``confined: false`` (and a note) where no cgroup could be made: then its decode runs
+                from memory
 Decode: B prompts (B = 1, 4, 16) of --prompt-len tokens, --new tokens each, greedy; tokens_per_s counts new tokens
 (the prefill pass is inside the timed call). Page cache cold: the model's files are evicted
 (``posix_fadvise(DONTNEED)``) before every timed call, semoe drops each range after reading it (every pass reads
@@ -96,9 +104,111 @@ def sentencepiece_model(path: Path) -> None:
 
 def ensure_model(workdir: Path, name: str, cfg: dict[str, Any]) -> Path:
     """The HF folder of ``name`` (random Mixtral-layout weights, routers spread wide), made once, with a
-    SentencePiece ``tokenizer.model`` when sentencepiece is installed."""
+    SentencePiece ``tokenizer.model`` when sentencepiece is installed (added to a folder made without it)."""
     has_spm = importlib.util.find_spec("sentencepiece") is not None
-    return random_mixtral_checkpoint(workdir, name, cfg, sentencepiece_model if has_spm else None)
+    path = random_mixtral_checkpoint(workdir, name, cfg, sentencepiece_model if has_spm else None)
+    if has_spm and not (path / "tokenizer.model").is_file():
+        sentencepiece_model(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ memory cgroup
+class MemoryCgroup:
+    """A cgroup (v1 memory controller) that confines one child process, page cache included: in v1 the file pages a
+    process faults in (its memory-mapped GGUF) are charged to its cgroup, so under the limit the kernel evicts them
+    and a mapped model is read from disk again, as semoe's ring reads what its budget cannot hold.
+
+    :meth:`create` makes ``<this process's memory cgroup>/<name>`` (nested, so the machine's own accounting still
+    covers it; the mount's root as a fallback) or returns ``(None, why)`` where no writable memory controller
+    exists (then the row runs unconfined). The child moves itself in before it starts (:meth:`command`); the child
+    sets the limit once its imports are charged (:func:`confine_after_imports`); :meth:`remove` moves any process
+    left back to the parent group, then removes the group."""
+
+    ROOT = Path("/sys/fs/cgroup/memory")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def create(cls, name: str) -> tuple[MemoryCgroup | None, str | None]:
+        if not (cls.ROOT / "memory.limit_in_bytes").is_file():
+            return None, f"no cgroup v1 memory controller at {cls.ROOT}"
+        bases = []
+        try:
+            with open("/proc/self/cgroup") as f:
+                for line in f:
+                    _, ctrl, rel = line.rstrip("\n").split(":", 2)
+                    if "memory" in ctrl.split(","):
+                        bases.append(cls.ROOT / rel.lstrip("/"))
+        except OSError:
+            pass
+        bases.append(cls.ROOT)
+        errors = []
+        for base in dict.fromkeys(bases):
+            path = base / name
+            try:
+                path.mkdir()
+                (path / "memory.limit_in_bytes").write_text("-1")  # unlimited until the child sets its limit
+                return cls(path), None
+            except OSError as e:
+                errors.append(f"{path}: {e}")
+                if path.is_dir():
+                    cls(path).remove()
+        return None, "no writable memory cgroup: " + "; ".join(errors)
+
+    def command(self, argv: list[str]) -> list[str]:
+        """``argv`` run by a shell that first moves itself into this group (the pid is kept by ``exec``)."""
+        return ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self.path / "cgroup.procs"), *argv]
+
+    def remove(self) -> None:
+        parent = self.path.parent / "cgroup.procs"
+        for _ in range(50):
+            try:
+                pids = (self.path / "cgroup.procs").read_text().split()
+            except OSError:
+                return
+            for pid in pids:
+                try:
+                    parent.write_text(pid)
+                except OSError:
+                    pass
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                time.sleep(0.1)
+        log(f"could not remove the cgroup {self.path}")
+
+
+def _cg_read(path: Path, key: str) -> int:
+    return int((path / key).read_text().split()[0])
+
+
+def confine_after_imports(cgroup: str, extra: int) -> dict[str, Any]:
+    """In the child, after its imports: the group's limit = what is charged to it now (interpreter, libraries and
+    their pages, i.e. the post-import base) + ``extra`` (semoe's budget + its documented overhead); the peak counter
+    restarts here."""
+    path = Path(cgroup)
+    base = _cg_read(path, "memory.usage_in_bytes")
+    (path / "memory.limit_in_bytes").write_text(str(base + extra))
+    (path / "memory.max_usage_in_bytes").write_text("0")
+    return {"cgroup_base_mb": base / MiB, "cgroup_limit_mb": _cg_read(path, "memory.limit_in_bytes") / MiB}
+
+
+def cgroup_peaks(cgroup: str) -> dict[str, Any]:
+    path = Path(cgroup)
+    return {"cgroup_peak_mb": _cg_read(path, "memory.max_usage_in_bytes") / MiB,
+            "cgroup_failcnt": _cg_read(path, "memory.failcnt")}
+
+
+def evict_plain(paths: list[Path]) -> None:
+    """``posix_fadvise(DONTNEED)`` of whole files (for the llama.cpp worker, which does not import torch)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def ensure_gguf(model: Path, src: Path | None) -> tuple[Path | None, str | None]:
@@ -140,8 +250,9 @@ def run_semoe(spec: dict[str, Any]) -> dict[str, Any]:
     from semoe.inference.ring import RingEngine
 
     strategy = spec["impl"].removeprefix("semoe-") if spec["budget"] is not None else "auto"
+    extra = {"prefetch_width": spec["prefetch_width"]} if spec.get("prefetch_width") else {}
     engine = RingEngine(spec["model"], max_memory=spec["budget"], strategy=strategy, dtype="float32",
-                        batch_size=len(spec["prompts"][0]), drop_page_cache=spec["budget"] is not None)
+                        batch_size=len(spec["prompts"][0]), drop_page_cache=spec["budget"] is not None, **extra)
     files = sorted(Path(spec["model"]).glob("*.safetensors"))
     times, stats, io_bytes = [], [], 0
     try:
@@ -160,6 +271,8 @@ def run_semoe(spec: dict[str, Any]) -> dict[str, Any]:
                "cache_hit_rate": sum(s.expert_cache_hits for s in stats) / max(1, sum(s.experts_needed for s in stats)),
                "prefetch_hit_rate": sum(s.expert_prefetch_hits for s in stats) / max(1, sum(s.experts_needed
                                                                                           for s in stats)),
+               **{f"prediction_hit_rate_d{d}": sum(getattr(s, f"predicted_d{d}_hits", 0) for s in stats) / max(
+                   1, sum(getattr(s, f"predicted_d{d}_needed", 0) for s in stats)) for d in (1, 2)},
                "routed_layer_loads": sum(s.routed_layer_loads for s in stats),
                "full_layer_loads": sum(s.full_layer_loads for s in stats),
                "cache_mb": engine.cache.capacity_bytes / MiB if engine.cache is not None else 0.0,
@@ -209,7 +322,7 @@ def run_llama(spec: dict[str, Any]) -> dict[str, Any]:
     B, P, N = len(spec["prompts"][0]), len(spec["prompts"][0][0]), spec["new"]
     times, loads, io_bytes, out = [], [], 0, []
     for rep, prompts in enumerate(spec["prompts"]):
-        evict([gguf])
+        evict_plain([gguf])
         t_load = time.perf_counter()
         with stdout_to_stderr():  # llama.cpp maps the file and populates the mapping: this reads the whole model
             llm = llama_cpp.Llama(str(gguf), n_ctx=16, n_threads=spec["threads"], use_mmap=True, verbose=False)
@@ -233,7 +346,7 @@ def run_llama(spec: dict[str, Any]) -> dict[str, Any]:
             return [int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(V,))))
                     for i, it in enumerate(items) if it[3]]
 
-        evict([gguf])  # drops what is not mapped (with a populated mapping: nothing)
+        evict_plain([gguf])  # drops what is not mapped (unconfined, with a populated mapping: nothing)
         b0, t0 = read_bytes(), time.perf_counter()
         nxt = decode([(t, p, b, p == P - 1) for b, pr in enumerate(prompts) for p, t in enumerate(pr)])
         toks = [[x] for x in nxt]
@@ -254,32 +367,45 @@ def run_llama(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
-    import torch
-
-    torch.set_num_threads(spec["threads"])
-    if spec["impl"] == "accelerate":
-        import accelerate  # noqa: F401
-        import transformers  # noqa: F401
-    elif spec["impl"] == "llama.cpp":
+    if spec["impl"] == "llama.cpp":  # no torch in this process: its base is llama.cpp's own
         import llama_cpp  # noqa: F401
+        import numpy  # noqa: F401
     else:
-        import semoe.inference.ring  # noqa: F401
+        import torch
+
+        torch.set_num_threads(spec["threads"])
+        if spec["impl"] == "accelerate":
+            import accelerate  # noqa: F401
+            import transformers  # noqa: F401
+        else:
+            import semoe.inference.ring  # noqa: F401
     base = _status()["VmRSS"]
+    confined = confine_after_imports(spec["cgroup"], spec["cgroup_extra"]) if spec.get("cgroup") else {}
     with MemorySampler() as mem:
         fn = {"accelerate": run_accelerate, "llama.cpp": run_llama}.get(spec["impl"], run_semoe)
         res = fn(spec)
+    if confined:
+        confined.update(cgroup_peaks(spec["cgroup"]))
     res.update(base_rss_mb=base, peak_rss_mb=_status()["VmHWM"], peak_anon_mb=mem.anon, peak_file_mb=mem.file,
-               wall_s=median(res["times"]))
+               wall_s=median(res["times"]), **confined)
     return res
 
 
-def run_worker(spec: dict[str, Any], isolated: bool) -> dict[str, Any]:
+def run_worker(spec: dict[str, Any], isolated: bool, cgroup: MemoryCgroup | None = None) -> dict[str, Any]:
+    """The row in a child process (``isolated``; in this process otherwise), inside ``cgroup`` when given (the child
+    moves itself in before it starts; the group is removed afterwards)."""
     if not isolated:
         return worker(spec)
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                          timeout=1200)
+    argv = [sys.executable, __file__, "--worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cgroup.command(argv) if cgroup is not None else argv, capture_output=True, text=True,
+                              timeout=1200)
+    finally:
+        if cgroup is not None:
+            cgroup.remove()
     if proc.returncode != 0:
-        raise RuntimeError(f"worker {spec['impl']} B={len(spec['prompts'][0])} failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"worker {spec['impl']} B={len(spec['prompts'][0])} failed (exit {proc.returncode}):\n"
+                           f"{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -306,6 +432,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="compute threads per process (default 1)")
     ap.add_argument("--llama-cpp-src", type=Path, default=Path(tempfile.gettempdir()) / "semoe-llama-src",
                     help="folder with llama.cpp's convert_hf_to_gguf.py and gguf-py")
+    ap.add_argument("--prefetch-width", type=int, default=0,
+                    help="semoe rows: predict the top (k + this) experts (RingEngine prefetch_width; default 0)")
+    ap.add_argument("--no-confine", action="store_true",
+                    help="run llama.cpp without the memory cgroup (its decode then runs from memory)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker is not None:
@@ -344,14 +474,23 @@ def main(argv: list[str] | None = None) -> int:
         for B in batches:
             prompts = prompt_sets(B, args.prompt_len, reps, cfg["vocab_size"])
             common = dict(model=str(model), prompts=prompts, new=args.new, threads=args.threads, reps=reps,
-                          workdir=str(args.workdir))
+                          workdir=str(args.workdir), prefetch_width=args.prefetch_width)
             bw = read_bandwidth(files, True, 3)
             res = run_worker({**common, "impl": "semoe-auto", "budget": None}, not args.smoke)
             compute_pass = res["wall_s"] / res["passes"]
             for impl in impls:
                 if impl == "llama.cpp" and gguf is None:
                     continue
-                r = run_worker({**common, "impl": impl, "budget": budget, "gguf": str(gguf)}, not args.smoke)
+                spec = {**common, "impl": impl, "budget": budget, "gguf": str(gguf)}
+                cgroup = None
+                if impl == "llama.cpp" and not args.smoke and not args.no_confine:
+                    cgroup, why_not = MemoryCgroup.create(f"semoe-bench-llama-{os.getpid()}-{B}")
+                    if cgroup is None:
+                        notes["llama.cpp/confined"] = why_not or ""
+                        log(f"llama.cpp runs unconfined: {why_not}")
+                    else:
+                        spec.update(cgroup=str(cgroup.path), cgroup_extra=budget + OVERHEAD_MIB * MiB)
+                r = run_worker(spec, not args.smoke, cgroup)
                 c = r.get("cache_fraction", 0.0) if impl in ("semoe-routed", "semoe-auto") else 0.0
                 whole = impl in ("semoe-layer", "accelerate")
                 per_pass = [pass_bytes(T, dense, experts, E, k, c, whole)
@@ -367,9 +506,13 @@ def main(argv: list[str] | None = None) -> int:
                        "experts": E, "top_k": k, "f_B": 1 - (1 - k / E) ** B, "read_gb_per_s": bw / 1e9,
                        "resident_compute_s_per_pass": compute_pass, "wall_s": r["wall_s"], "new_tokens": new,
                        "tokens_out": r["tokens_out"]}
-                for key in ("semoe_bytes_per_token", "cache_hit_rate", "prefetch_hit_rate", "routed_layer_loads",
+                if impl == "llama.cpp":
+                    row["confined"] = "cgroup_limit_mb" in r
+                for key in ("semoe_bytes_per_token", "cache_hit_rate", "prefetch_hit_rate", "prediction_hit_rate_d1",
+                            "prediction_hit_rate_d2", "routed_layer_loads",
                             "full_layer_loads", "cache_mb", "cache_fraction", "load_s", "wait_s", "compute_s",
-                            "cold_load_s", "tokens_per_s_incl_load"):
+                            "cold_load_s", "tokens_per_s_incl_load", "cgroup_base_mb", "cgroup_limit_mb",
+                            "cgroup_peak_mb", "cgroup_failcnt"):
                     if key in r:
                         row[key] = r[key]
                 rows.append(row)
@@ -392,7 +535,10 @@ def main(argv: list[str] | None = None) -> int:
             best = max((tps(i, m, B) or 0) for i in ("semoe-routed", "semoe-auto", "semoe-layer"))
             ll = tps("llama.cpp", m, B)
             if ll and best:
-                targets[f"{m}/B{B}_semoe_over_llama.cpp"] = {"ratio": best / ll, "target": 1.3, "met": best / ll >= 1.3}
+                confined = next(r["confined"] for r in rows
+                                if (r["impl"], r["model"], r["batch"]) == ("llama.cpp", m, B))
+                targets[f"{m}/B{B}_semoe_over_llama.cpp"] = {"ratio": best / ll, "target": 1.3, "met": best / ll >= 1.3,
+                                                             "llama_cpp_confined": confined}
     semoe_rows = [r for r in rows if r["impl"].startswith("semoe")]
     targets["semoe_within_1.3x_of_bound"] = all(r["x_of_bound"] <= 1.3 for r in semoe_rows)
     targets["semoe_peak_rss_le_base_budget_overhead"] = all(
@@ -405,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
             agree[f"{m}/B{B}"] = {i: o == ref for i, o in outs.items()} if ref is not None else None
     emit_json({"summary": True, "smoke": args.smoke, "targets": targets, "greedy_tokens_equal_semoe_layer": agree,
                "notes": notes, "reps": reps, "threads": args.threads, "prompt_len": args.prompt_len,
-               "new_tokens": args.new, "budget_frac": args.budget_frac})
+               "new_tokens": args.new, "budget_frac": args.budget_frac, "prefetch_width": args.prefetch_width})
     return 0
 
 

@@ -74,6 +74,7 @@ def test_routed_variants_are_bit_identical(tmp_path) -> None:
     d = _save(tmp_path, "mixtral", seed=12, layers=6)
     ref = _resident(d)
     variants = [dict(layers_per_section=2), dict(expert_cache=0), dict(prefetch=False), dict(io_threads=1),
+                dict(prefetch_depth=1), dict(prefetch_depth=1, layers_per_section=2), dict(prefetch_width=3),
                 dict(dense_cache=False), dict(expert_cache=0, prefetch=False, layers_per_section=2),
                 dict(io_threads=3, expert_cache=0, prefetch=False)]
     for kw in variants:
@@ -153,6 +154,43 @@ def test_expert_counts_and_bytes_match_the_routers_record(tmp_path) -> None:
     assert st.experts_needed == needed and st.expert_prefetch_hits + st.expert_misses == needed
     assert st.experts_prefetched == st.expert_prefetch_hits + st.prefetch_wasted and st.prefetch_hit_rate > 0.5
     assert st.expert_bytes_read <= (needed + st.prefetch_wasted) * xl.disk_bytes
+
+
+def test_prediction_depths_and_one_router_call_per_routed_layer(tmp_path) -> None:
+    """The per-depth prediction counters against the resident model's routing record: depth 1 (the layer before's
+    output) covers every routed layer of every pass; depth 2 (two layers before) exists once the routers' resident
+    copies do (after the first pass) and for every layer but the first (the embedding is the only unit before it).
+    And the model's router runs once per routed layer and chunk: its routing is handed to the MoE layer (the
+    predictions use the copies)."""
+    d = _save(tmp_path, "mixtral", seed=18)
+    picked = _routing_record(d)
+    needed = sum(len(v) for v in picked.values())
+    later = sum(len(v) for (p, layer), v in picked.items() if p >= 1 and layer >= 1)
+    with RingEngine(d, max_memory=_ring_budget(d), strategy="routed", expert_cache=0) as e:
+        st = e.generate(PROMPTS, NEW).stats
+        assert st.experts_needed == needed
+        assert st.predicted_d1_needed == needed and st.predicted_d2_needed == later
+        assert 0 < st.predicted_d1_hits <= needed and 0 < st.predicted_d2_hits <= later
+        assert st.prediction_hit_rate_d1 == st.predicted_d1_hits / needed
+        assert st.expert_prefetch_hits + st.expert_misses == needed
+        assert st.experts_prefetched == st.expert_prefetch_hits + st.prefetch_wasted
+        calls = [0]
+        for block in e.model.layers:
+            block.moe.router.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        one = e.generate(PROMPTS[:1], NEW, return_logits=True)
+    assert calls[0] == 4 * NEW  # one sequence: one chunk per pass, 4 routed layers, NEW passes
+    _same(one, _resident(d, prompts=PROMPTS[:1]))
+    with RingEngine(d, max_memory=_ring_budget(d), strategy="routed", expert_cache=0, prefetch_depth=1) as e:
+        st = e.generate(PROMPTS, NEW).stats
+    assert st.predicted_d1_needed == needed and st.predicted_d2_needed == 0
+    with pytest.raises(ValueError, match="prefetch_depth must be 1"):
+        RingEngine(d, max_memory=_ring_budget(d), strategy="routed", prefetch_depth=3)
+    with pytest.raises(ValueError, match="prefetch_width must be an integer >= 0"):
+        RingEngine(d, max_memory=_ring_budget(d), strategy="routed", prefetch_width=-1)
+    # a wider prediction (top k + 3 of 8) names more of the picked experts at depth 1 than the top k
+    with RingEngine(d, max_memory=_ring_budget(d), strategy="routed", expert_cache=0, prefetch_width=3) as e:
+        wide = e.generate(PROMPTS, NEW).stats
+    assert wide.predicted_d1_needed == needed and wide.predicted_d1_hits > st.predicted_d1_hits
 
 
 def test_dense_cache_reads_each_dense_part_once(tmp_path) -> None:

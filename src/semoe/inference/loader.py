@@ -190,8 +190,19 @@ class SlotRing:
                 elif x.prefetched and not x.needed:
                     st.expert_prefetch_hits += 1
                 x.needed = True
-            if new:
-                self.urgent.append(_Job(ticket, self._section_of(ticket), layer, new))
+            # predictions of this layer still queued (not started): the picked ones join the on-demand job (one
+            # batch through the reader pool), the others are no longer worth reading (this layer's routing is known)
+            promoted: list[int] = []
+            if self.prefetch:
+                keep = deque()
+                for j in self.prefetch:
+                    if j.ticket == ticket and j.layer.layer == layer.layer:
+                        promoted += [e for e in j.experts if table[(layer.layer, e)].needed]
+                    else:
+                        keep.append(j)
+                self.prefetch = keep
+            if new or promoted:
+                self.urgent.append(_Job(ticket, self._section_of(ticket), layer, new + promoted))
                 self.cv.notify_all()
             while self.error is None and not all(table[(layer.layer, e)].done for e in experts):
                 if self._drops:  # the compute thread would only wait: it does a pending page-cache drop meanwhile
@@ -209,12 +220,15 @@ class SlotRing:
             st.expert_misses += sum(table[(layer.layer, e)].source == "disk" for e in new)
         st.wait_s += time.perf_counter() - t0
 
-    def prefetch_experts(self, ticket: int, layer: ExpertLayer, experts: list[int]) -> None:
+    def prefetch_experts(self, ticket: int, layer: ExpertLayer, experts: list[int],
+                         section: Section | None = None) -> None:
         """Load these experts of ``layer`` into ``ticket``'s slot when the loader has nothing more urgent (a
-        prediction: they may not be needed); one job, its disk reads in parallel through the reader pool."""
+        prediction: they may not be needed); one job, its disk reads in parallel through the reader pool. The job
+        waits until the ticket's dense part is loaded (its slot is free then); jobs of earlier tickets go first.
+        ``section``: the ticket's section (needed when the loader has not taken the ticket up yet)."""
         with self.cv:
             table = self.experts.setdefault(ticket, {})
-            section = self._section_of(ticket)
+            section = section if section is not None else self._section_of(ticket)
             new = [e for e in experts if (layer.layer, e) not in table]
             for e in new:
                 table[(layer.layer, e)] = _Expert(prefetched=True)
@@ -300,15 +314,25 @@ class SlotRing:
             torch.cuda.set_device(self.device)
         while True:
             with self.cv:
-                while not (self.stopping or self.urgent or self.prefetch or self._ready() or self._drops):
+                while not (self.stopping or self.urgent or self._next_prefetch() is not None or self._ready()
+                           or self._drops):
                     self.cv.wait()
                 if self.stopping:
                     return
                 job: _Job | tuple[int, int, str] | None = None
+                pj = self._next_prefetch()
                 if self.urgent:  # a router waits for these
                     job = self.urgent.popleft()
-                elif self.prefetch and (not self._ready() or self.prefetch[0].ticket < self.requests[0][0]):
-                    job = self.prefetch.popleft()  # needed before any later ticket's section
+                elif pj is not None and (not self._ready() or pj.ticket < self.requests[0][0]):
+                    # needed before any later ticket's section; at most one expert per reader thread at a time, so
+                    # that an on-demand read (a router waits) never waits behind a long prediction
+                    n = max(1, self.pool.threads)
+                    if len(pj.experts) > n:
+                        job = _Job(pj.ticket, pj.section, pj.layer, pj.experts[:n])
+                        pj.experts = pj.experts[n:]
+                    else:
+                        job = pj
+                        self.prefetch.remove(pj)
                 elif self._ready():
                     job = self.requests.popleft()
                     self.ticket_section[job[0]] = job[1]
@@ -342,6 +366,15 @@ class SlotRing:
                 idle = not (self._ready() or self.urgent or self.prefetch)
             if idle and self.readahead and self.K < len(self.plan.sections) and not isinstance(job, _Job):
                 self._hint((job[1] + 1) % len(self.plan.sections))
+
+    def _next_prefetch(self) -> _Job | None:
+        """The prediction to serve next (call with ``cv`` held): of those whose ticket is loaded (its slot holds that
+        ticket: a prediction two layers ahead may be asked for before), the earliest ticket's oldest."""
+        best = None
+        for j in self.prefetch:
+            if j.ticket in self.done and (best is None or j.ticket < best.ticket):
+                best = j
+        return best
 
     def _ready(self) -> bool:
         """Whether the next requested ticket's slot is free (call with ``cv`` held)."""

@@ -40,6 +40,8 @@ measured size.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import logging
 import math
@@ -245,7 +247,12 @@ class RingEngine:
     ones ahead, misses on demand), "auto" (default: the cost model of :meth:`_mode_for` per section and pass).
     ``expert_cache``: memory for routed experts between uses (:mod:`semoe.inference.expert_cache`): "auto" (what
     the budget leaves after the ring and the wave), a size, or 0/None (off). ``io_threads``: reader threads for
-    on-demand expert reads. ``prefetch``: predict the next layer's experts (its router on this layer's output).
+    on-demand expert reads. ``prefetch``: predict the next layer's experts (its router on this layer's output);
+    ``prefetch_depth`` 2 (default) also predicts the layer after it (its router on the same output; read once the
+    earlier predictions are served: more time to read, lower accuracy), 1 only the next layer. Predictions run on
+    resident copies of the MoE layers' ffn norms and routers (a few KiB per layer, in the budget).
+    ``prefetch_width``: a top-k router's prediction names its top (k + width) experts instead of k (default 0): more
+    hits, more bytes; queued predictions the router then did not pick are dropped unread.
     ``dense_cache``: with "routed" / "auto", keep the sections' dense parts (attention, norms, routers, embedding,
     head) in what the budget leaves after the ring and the wave, before the expert cache gets the rest: every pass
     uses every dense byte, an expert only when a router picks it, so per byte the dense part is worth the most.
@@ -259,7 +266,8 @@ class RingEngine:
                  dtype: torch.dtype | str = torch.float32, kv_device: str | torch.device | None = None,
                  batch_size: int = 8, drop_page_cache: bool = False, readahead: bool = False,
                  strategy: str = "auto", expert_cache: str | int | None = "auto", io_threads: int = 2,
-                 prefetch: bool = True, dense_cache: bool = True) -> None:
+                 prefetch: bool = True, dense_cache: bool = True, prefetch_depth: int = 2,
+                 prefetch_width: int = 0) -> None:
         self.source = model if isinstance(model, ModelSource) else open_model(model)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -295,12 +303,43 @@ class RingEngine:
                              f"or a budget below {math.ceil(self.plan.total_bytes / 0.75 / MiB)}MB")
         if self.resident:
             self.strategy = "layer"
-        self.ring_bytes = sum(sizes) + self.plan.staging_bytes
-        self._check_cache_fits()
+        if not isinstance(prefetch_width, int) or prefetch_width < 0:
+            raise ValueError(f"prefetch_width must be an integer >= 0 (extra experts per predicted token), got "
+                             f"{prefetch_width!r}")
+        if prefetch_depth not in (1, 2):
+            raise ValueError(f"prefetch_depth must be 1 (the next layer's experts) or 2 (also the layer after), "
+                             f"got {prefetch_depth!r}; prefetch=False turns prediction off")
         self.model = build_meta_model(self.cfg, dtype)
         _share_workspaces(self.model)
         for layer in moe_layers(self.model):  # generation needs no router losses (~3% of a decode pass)
             layer.compute_losses = False
+        # resident copies of each MoE layer's ffn norm and router for the predictions (made when the layer's dense
+        # part is first bound): a layer's experts can be predicted before its section is loaded
+        self._predictors: dict[int, tuple[nn.Module, nn.Module] | None] = {}
+        self._predictor_shells: dict[int, tuple[nn.Module, nn.Module]] = {}  # meta copies, filled on capture
+        predictor_bytes = 0
+        if prefetch and self.strategy != "layer":
+            for i, block in enumerate(self.model.layers):
+                if block.is_moe:
+                    self._predictors[i] = None
+                    norm, router = copy.deepcopy(block.ffn_norm), copy.deepcopy(block.moe.router)
+                    if prefetch_width and router.cfg.kind == "topk":  # predict the top (k + width) experts
+                        router.cfg = dataclasses.replace(router.cfg, top_k=min(router.cfg.top_k + prefetch_width,
+                                                                               router.num_experts))
+                    self._predictor_shells[i] = (norm, router)
+                    predictor_bytes += sum(p.numel() * p.element_size() for m in (block.ffn_norm, block.moe.router)
+                                           for p in m.parameters())
+        self.ring_bytes = sum(sizes) + self.plan.staging_bytes
+        # the copies may take at most 1/4 of what the budget leaves after the ring and one sequence (the rest is for
+        # the waves, the dense and the expert cache)
+        if predictor_bytes and self.budget is not None and 4 * predictor_bytes > (
+                self.budget - self.ring_bytes - self._cache_reserved - self._one_sequence_bytes()):
+            log.info("no room for the routers' resident copies (%.2f MiB): predictions one layer ahead, from the "
+                     "next section's own router once its dense part is in", predictor_bytes / MiB)
+            self._predictors.clear()
+            predictor_bytes = 0
+        self.ring_bytes += predictor_bytes
+        self._check_cache_fits()
         self._buffers = {f"model.{n}": b.to(device=self.device, dtype=dtype if b.is_floating_point() else b.dtype)
                          for n, b in self.source.buffers.items()}
         self.stats = RingStats()
@@ -315,6 +354,11 @@ class RingEngine:
         self._cur_section = 0
         self._pass_tokens = self._next_pass_tokens = 0
         self.prefetch = prefetch
+        self.prefetch_depth = prefetch_depth
+        # predictions for sections not requested yet: section index -> [(expert layer, experts, depth)]
+        self._deferred: dict[int, list[tuple[ExpertLayer, list[int], int]]] = {}
+        # the predictions made for each (ticket, layer): depth -> experts (for the per-depth hit rates)
+        self._predicted: dict[tuple[int, int], dict[int, set[int]]] = {}
         self.dense_cache = dense_cache and self.strategy != "layer"
         self._dense_total = sum(n for sec in self.plan.sections for _, n in self._ring.dense_slot_ranges(sec))
         self._finalizer = weakref.finalize(self, self._ring.close)  # stops the loader if close() is forgotten
@@ -623,6 +667,8 @@ class RingEngine:
                     self.cache.tick()
         finally:
             self._kv_scratch = None
+            self._deferred.clear()
+            self._predicted.clear()
             self._unbind()
 
     def _acquire(self, section: int) -> tuple[int, int, str]:
@@ -630,8 +676,12 @@ class RingEngine:
         cost model's mode, and wait for the one of ``section``: (ticket, slot, mode)."""
         ring, S = self._ring, len(self.plan.sections)
         while len(self._pending) < ring.K and len(self._pending) < self._allowed:
-            mode = self._mode_for(self.plan.sections[self._next_section])
-            self._pending.append((ring.request(self._next_section, mode), self._next_section, mode))
+            sec = self.plan.sections[self._next_section]
+            mode = self._mode_for(sec)
+            t = ring.request(sec.index, mode)
+            self._pending.append((t, sec.index, mode))
+            for xl, experts, depth in self._deferred.pop(sec.index, []) if mode == "dense" else ():
+                self._submit_prediction(t, sec, xl, experts, depth)
             self._next_section = (self._next_section + 1) % S
         ticket, sec, mode = self._pending.popleft()
         assert sec == section, f"ring schedule out of order: got section {sec}, expected {section}"
@@ -726,6 +776,8 @@ class RingEngine:
                 if xl is not None:
                     self._routed_layer(layer, i, xl, ticket, active)
                 else:
+                    if layer.is_moe:
+                        self._capture_predictor(i, layer)
                     for g in active:
                         outs = [self._layer(layer, i, g, sl, x) for sl, x in zip(g.chunks(), g.x)]
                         g.x = [out for out, _ in outs]
@@ -738,61 +790,115 @@ class RingEngine:
     def _routed_layer(self, layer: nn.Module, i: int, xl: ExpertLayer, ticket: int, active: list[_Group]) -> None:
         """An MoE layer whose experts are not loaded yet: attention and the router over the whole wave (every
         group, every chunk), then the union of the routed experts is made sure to be in the slot (prefetched,
-        cached or read now), then the MoE layer. The same ops in the same order as ``Block.forward`` (the router
-        runs twice: once here for the expert ids, once inside the MoE layer), so the output is bit-identical."""
+        cached or read now), then the MoE layer, given the routing computed here (the router runs once). The same
+        ops in the same order as ``Block.forward``, so the output is bit-identical."""
         D = self.cfg.d_model
-        parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
-        picked: set[int] = set()
+        parts: list[list[tuple[torch.Tensor, torch.Tensor, Any]]] = []
+        ids: list[torch.Tensor] = []
         for g in active:
-            hy = []
+            hyr = []
             for sl, x in zip(g.chunks(), g.x):
                 h_BSD = self._layer(layer, i, g, sl, x, attention_only=True)
                 y_BSD = layer.ffn_norm(h_BSD)
-                picked.update(layer.moe.router(y_BSD.reshape(-1, D), layer.moe.comm).expert_A.unique().tolist())
-                hy.append((h_BSD, y_BSD))
-            parts.append(hy)
-        need = sorted(picked)
+                routing = layer.moe.router(y_BSD.reshape(-1, D), layer.moe.comm)
+                ids.append(routing.expert_A)
+                hyr.append((h_BSD, y_BSD, routing))
+            parts.append(hyr)
+        need = torch.cat(ids).unique().tolist()
+        self._capture_predictor(i, layer)
         self._ring.ensure_experts(ticket, xl, need)
+        self._count_predictions(ticket, i, need)
         if self.cache is not None:
             self.cache.touch(i, need)
-        for g, hy in zip(active, parts):
-            g.x = [h_BSD + layer.moe(y_BSD).out for h_BSD, y_BSD in hy]
+        for g, hyr in zip(active, parts):
+            g.x = [h_BSD + layer.moe(y_BSD, routing=routing).out for h_BSD, y_BSD, routing in hyr]
+
+    def _capture_predictor(self, i: int, layer: nn.Module) -> None:
+        """Resident copies of layer ``i``'s ffn norm and router (its parameters cloned out of the slot; buffers are
+        resident already), made once, while its section is bound."""
+        if self._predictors.get(i, False) is not None:
+            return
+        shells = self._predictor_shells[i]
+        for bound, cp in zip((layer.ffn_norm, layer.moe.router), shells):
+            for src, dst in zip(bound.modules(), cp.modules()):
+                for name, t in src._parameters.items():
+                    if t is not None:
+                        dst._parameters[name] = t.detach().clone()
+                for name, t in src._buffers.items():
+                    if t is not None:
+                        dst._buffers[name] = t
+        self._predictors[i] = shells
+
+    def _count_predictions(self, ticket: int, i: int, need: list[int]) -> None:
+        """Per-depth accuracy of the predictions made for layer ``i`` of ``ticket``."""
+        made = self._predicted.pop((ticket, i), None)
+        if not made:
+            return
+        st, picked = self.stats, set(need)
+        for depth, experts in made.items():
+            hits = len(picked & experts)
+            if depth == 1:
+                st.predicted_d1_needed += len(picked)
+                st.predicted_d1_hits += hits
+            else:
+                st.predicted_d2_needed += len(picked)
+                st.predicted_d2_hits += hits
+
+    def _submit_prediction(self, ticket: int, section: Section, xl: ExpertLayer, experts: list[int],
+                           depth: int) -> None:
+        self._predicted.setdefault((ticket, xl.layer), {})[depth] = set(experts)
+        self._ring.prefetch_experts(ticket, xl, experts, section)
+
+    def _upcoming(self, section: Section, pos: int, ticket: int, mode: str
+                  ) -> list[tuple[int, Section, int | None, str | None]]:
+        """The next ``prefetch_depth`` layers after unit ``pos`` of ``section`` in this pass: (layer index, its
+        section, its ticket (None: not requested yet), its load mode (None: not chosen yet)). Stops at the head."""
+        out: list[tuple[int, Section, int | None, str | None]] = []
+        sections = self.plan.sections
+        later = [(sections[sec], tk, md) for tk, sec, md in self._pending]
+        nxt = self._next_section
+        for _ in range(self.prefetch_depth):
+            later.append((sections[nxt], None, None))
+            nxt = (nxt + 1) % len(sections)
+        walk = [(section, ticket, mode, u) for u in section.units[pos + 1:]]
+        walk += [(sec, tk, md, u) for sec, tk, md in later for u in sec.units]
+        for sec, tk, md, u in walk:
+            if not u.startswith("layer.") or len(out) == self.prefetch_depth:
+                break
+            out.append((int(u.split(".")[1]), sec, tk, md))
+        return out
 
     def _prefetch_next(self, section: Section, pos: int, ticket: int, mode: str, active: list[_Group],
                        model: MoETransformer) -> None:
-        """Prediction: the next MoE layer's router applied to this unit's output (through that layer's ffn norm);
-        its experts are loaded ahead. The next layer may be in this section, or the first unit of the next one
-        (then that ticket's dense part must be in: it holds the router)."""
+        """Prediction: the next MoE layers' routers (depth 1: the next layer, depth 2: the one after) applied to this
+        unit's output (through each one's ffn norm), on the resident copies of :meth:`_capture_predictor`; their
+        experts are loaded ahead into their tickets' slots (a section not requested yet gets them when it is).
+        Before a layer's copies exist (the first pass), depth 1 binds the next section's dense part instead (it
+        holds the router) and depth 2 is skipped."""
         if not self.prefetch:
             return
-        if pos + 1 < len(section.units):
-            if mode != "dense":
-                return
-            nxt, nxt_ticket = section.units[pos + 1], ticket
-            nxt_section = section
-        else:
-            if not self._pending or self._pending[0][2] != "dense":
-                return
-            nxt_ticket, sec_idx, _ = self._pending[0]
-            nxt_section = self.plan.sections[sec_idx]
-            nxt = nxt_section.units[0]
-        if not nxt.startswith("layer."):
-            return
-        j = int(nxt.split(".")[1])
-        xl = nxt_section.expert_layer(j)
-        if xl is None:
-            return
-        if nxt_section is not section:
-            self._ring.wait_loaded(nxt_ticket)
-            self._bind(self._section_bindings(nxt_section, nxt_ticket % self._ring.K))
-        layer = model.layers[j]
         D = self.cfg.d_model
-        picked: set[int] = set()
-        for g in active:
-            for x in g.x:
-                routing = layer.moe.router(layer.ffn_norm(x).reshape(-1, D), layer.moe.comm)
-                picked.update(routing.expert_A.unique().tolist())
-        self._ring.prefetch_experts(nxt_ticket, xl, sorted(picked))
+        for depth, (j, sec, tk, md) in enumerate(self._upcoming(section, pos, ticket, mode), start=1):
+            xl = sec.expert_layer(j)
+            if xl is None or md == "full" or (tk == ticket and md != "dense"):
+                continue
+            pred = self._predictors.get(j)
+            if pred is not None:
+                norm, router = pred
+            elif depth == 1 and tk is not None:
+                if sec is not section:
+                    self._ring.wait_loaded(tk)
+                    self._bind(self._section_bindings(sec, tk % self._ring.K))
+                norm, router = model.layers[j].ffn_norm, model.layers[j].moe.router
+            else:
+                continue
+            comm = model.layers[j].moe.comm
+            ids = [router(norm(x).reshape(-1, D), comm).expert_A for g in active for x in g.x]
+            experts = torch.cat(ids).unique().tolist()
+            if tk is None:
+                self._deferred.setdefault(sec.index, []).append((xl, experts, depth))
+            else:
+                self._submit_prediction(tk, sec, xl, experts, depth)
 
     def _layer(self, layer: nn.Module, i: int, g: _Group, sl: slice, x_BSD: torch.Tensor,
                attention_only: bool = False) -> Any:

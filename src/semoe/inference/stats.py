@@ -47,6 +47,12 @@ class RingStats:
     prefetch_wasted: int = 0  # prefetched experts the router then did not pick
     expert_bytes_read: int = 0  # file bytes of single-expert reads (part of bytes_read)
     dense_cache_bytes: int = 0  # dense-part bytes copied from the dense cache instead of read
+    # prediction accuracy per depth (1: layer i+1's experts from layer i's output, 2: layer i+2's): the picked
+    # experts of the routed layers a depth-d prediction was made for, and how many of them it had predicted
+    predicted_d1_needed: int = 0
+    predicted_d1_hits: int = 0
+    predicted_d2_needed: int = 0
+    predicted_d2_hits: int = 0
     cache_inserts: int = 0
     cache_evictions: int = 0
 
@@ -59,6 +65,16 @@ class RingStats:
     def prefetch_hit_rate(self) -> float:
         """Share of the experts needed in routed layers that a prediction had loaded (or started) in time."""
         return self.expert_prefetch_hits / self.experts_needed if self.experts_needed else 0.0
+
+    @property
+    def prediction_hit_rate_d1(self) -> float:
+        """Share of the picked experts that the depth-1 prediction (the layer before's output) had named."""
+        return self.predicted_d1_hits / self.predicted_d1_needed if self.predicted_d1_needed else 0.0
+
+    @property
+    def prediction_hit_rate_d2(self) -> float:
+        """Share of the picked experts that the depth-2 prediction (two layers before's output) had named."""
+        return self.predicted_d2_hits / self.predicted_d2_needed if self.predicted_d2_needed else 0.0
 
     @property
     def bytes_per_token(self) -> float:

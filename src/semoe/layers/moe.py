@@ -131,14 +131,17 @@ class MoELayer(nn.Module):
         if x.shape[-1] != self.cfg.d_model:
             raise ValueError(f"MoELayer input has hidden size {x.shape[-1]}, expected d_model={self.cfg.d_model}")
 
-    def forward(self, x: torch.Tensor) -> MoEOutput:
+    def forward(self, x: torch.Tensor, routing: Routing | None = None) -> MoEOutput:
+        """``routing``: this layer's router output for ``x`` computed by the caller (``self.router(x.reshape(-1, D),
+        self.comm)``, e.g. by an inference engine that needed the expert ids first); None: computed here."""
         self._check_input(x)
         cfg, comm = self.cfg, self.comm
         E, R, r = cfg.num_experts, comm.ep_size, comm.ep_rank
         x_TD = x.reshape(-1, cfg.d_model)
         T = x_TD.shape[0]
 
-        routing: Routing = self.router(x_TD, comm)
+        if routing is None:
+            routing = self.router(x_TD, comm)
         K = routing.num_choices
 
         # one small collective: routed counts (per chunk of the comm's dispatch: a chunk is a range of
