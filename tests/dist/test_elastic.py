@@ -146,11 +146,13 @@ def _replan(rank: int, world: int, run: MultiTaskRunConfig, out: str):
     t = ElasticTrainer(run, Path(out), resume=None)
     before = t.plan
     losses = [t.train_step(s)["loss"] for s in range(2)]
+    comm = t.comm_model()  # measured over the two steps: the shared sum and any task held by both ranks
     loads = before.rank_loads()
     t.busy = [np.where(np.arange(world) == 0, 3.0, 1.0) * loads / loads.max()]  # rank 0's tasks: 3x as costly
     moved = t.maybe_replan(2)
     losses += [t.train_step(s)["loss"] for s in range(2, 4)]
-    return {"moved": moved, "before": before.to_json(), "after": t.plan.to_json(), "losses": losses}
+    return {"moved": moved, "before": before.to_json(), "after": t.plan.to_json(), "losses": losses,
+            "comm": None if comm is None else (list(comm.numel), comm.rate)}
 
 
 def test_replan_from_measured_times_moves_tasks_and_training_goes_on(tmp_path) -> None:
@@ -166,3 +168,11 @@ def test_replan_from_measured_times_moves_tasks_and_training_goes_on(tmp_path) -
     assert got[0]["moved"] and got[0]["after"]["ranks"] != got[0]["before"]["ranks"]
     assert got[0]["after"]["costs"] != got[0]["before"]["costs"]  # measured costs replaced the token counts
     assert got[0]["losses"] == pytest.approx(want, rel=0, abs=TOL)
+    numel, rate = got[0]["comm"]
+    data = load_tasks(list(run.elastic.task_batches()))
+    full = MultiTaskMoE(run.model, task_specs(data), seed=run.train.seed)
+    from semoe.models.multitask import param_task
+
+    want_numel = [sum(p.numel() for n, p in full.named_parameters() if param_task(n) == t)
+                  for t in got[0]["before"]["tasks"]]
+    assert numel == want_numel and rate > 0  # every task's element count reached every rank

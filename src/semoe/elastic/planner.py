@@ -2,7 +2,9 @@
 
 Input: tasks {name: (global batch B_t, cost per sample c_t)}, the world size W and ``overhead`` f, the fixed
 cost of holding a task on a rank (its stem, head and task experts run and step once per rank, whatever the
-rows). A rank's predicted time is ``sum over its slices (rows x c_t) + f x (number of tasks on it)``.
+rows), and ``comm`` (a ``CommModel``), the cost on each of its ranks of summing the gradients of a task held by
+more than one rank. A rank's predicted time is ``sum over its slices (rows x c_t) + f x (number of tasks on it)
++ sum over its tasks held by n_t > 1 ranks of comm_t(n_t)``.
 
 Two candidate plans; the one with the lighter predicted busiest rank wins (the first on ties):
 
@@ -37,6 +39,23 @@ import numpy as np
 
 
 @dataclass(frozen=True)
+class CommModel:
+    """The cost, on each of its ``n`` ranks, of summing a task's gradients over them: ``latency + rate *
+    numel * 2 (n - 1) / n`` (a ring all-reduce moves ``2 (n - 1) / n`` of the buffer through every rank), 0 on
+    one rank. ``numel``: gradient elements of each task's parameters, in the plan's task order; ``rate`` and
+    ``latency`` in the units of the plan's costs (measured: ``fit_comm``)."""
+
+    numel: tuple[int, ...]
+    rate: float
+    latency: float = 0.0
+
+    def cost(self, i: int, n: int) -> float:
+        if n <= 1:
+            return 0.0
+        return self.latency + self.rate * self.numel[i] * 2 * (n - 1) / n
+
+
+@dataclass(frozen=True)
 class Plan:
     """A placement. ``ranks[i]``: the ranks of task ``tasks[i]``; ``experts_on[i]``: the ranks that hold task
     i's parameters (= ``ranks[i]`` for an elastic plan, one rank for uniform)."""
@@ -50,6 +69,7 @@ class Plan:
     placement: str = "elastic"
     rows: tuple[tuple[int, ...], ...] | None = None  # rows of task i on each of ranks[i]; None: equal slices
     overhead: float = 0.0  # fixed cost of a task on a rank, in the units of rows x cost
+    comm: CommModel | None = None  # cost of a task's gradient sum on each of its ranks when it has several
 
     # --------------------------------------------------------------- queries
     def index(self, task: str) -> int:
@@ -79,12 +99,25 @@ class Plan:
         return [t for t, on in zip(self.tasks, self.experts_on) if rank in on]
 
     def rank_loads(self) -> np.ndarray:
-        """[W] predicted work per rank: sum over its slices of rows x cost, plus ``overhead`` per slice."""
+        """[W] predicted work per rank: sum over its slices of rows x cost, plus ``overhead`` per slice, plus
+        the gradient sum of every task it holds with other ranks (``comm``)."""
+        return self.row_loads() + self.overhead * self.tasks_on() + self.comm_loads()
+
+    def row_loads(self) -> np.ndarray:
+        """[W] sum over each rank's slices of rows x cost."""
         load = np.zeros(self.world)
         for t, c in zip(self.tasks, self.costs):
             for r, lo, hi in self.slices(t):
-                if hi > lo:
-                    load[r] += (hi - lo) * c + self.overhead
+                load[r] += (hi - lo) * c
+        return load
+
+    def comm_loads(self) -> np.ndarray:
+        """[W] predicted cost of each rank's task-group gradient sums (0 without a ``comm`` model)."""
+        load = np.zeros(self.world)
+        if self.comm is not None:
+            for i, on in enumerate(self.experts_on):
+                for r in on:
+                    load[r] += self.comm.cost(i, len(on))
         return load
 
     def tasks_on(self) -> np.ndarray:
@@ -113,6 +146,8 @@ class Plan:
     def describe(self) -> str:
         loads = self.rank_loads()
         over = f", overhead {self.overhead:.3g} per task on a rank" if self.overhead else ""
+        if self.comm is not None:
+            over += f", gradient sum {self.comm.rate:.3g} per element + {self.comm.latency:.3g}"
         lines = [f"{self.placement} plan for {self.world} ranks (busy max/mean {self.busy_max_over_mean():.3f}"
                  f"{over}):"]
         for t, b, c, rs in zip(self.tasks, self.batches, self.costs, self.ranks):
@@ -131,7 +166,9 @@ class Plan:
                    costs=tuple(float(c) for c in d["costs"]), ranks=tuple(tuple(r) for r in d["ranks"]),
                    experts_on=tuple(tuple(r) for r in d["experts_on"]), placement=d.get("placement", "elastic"),
                    rows=None if d.get("rows") is None else tuple(tuple(int(n) for n in r) for r in d["rows"]),
-                   overhead=float(d.get("overhead", 0.0)))
+                   overhead=float(d.get("overhead", 0.0)), comm=None if d.get("comm") is None else CommModel(
+                       numel=tuple(int(n) for n in d["comm"]["numel"]), rate=float(d["comm"]["rate"]),
+                       latency=float(d["comm"].get("latency", 0.0))))
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=1))
@@ -181,15 +218,20 @@ def _largest_remainder(quota: np.ndarray, total: int, minimum: int, cap: np.ndar
 
 
 def plan_tasks(tasks: dict[str, tuple[int, float]], world: int, share: bool = True,
-               overhead: float = 0.0) -> Plan:
+               overhead: float = 0.0, comm: CommModel | None = None) -> Plan:
     """The elastic plan of ``tasks`` {name: (global batch, cost per sample)} on ``world`` ranks; ``overhead``:
-    the fixed cost of a task on a rank (same units as batch x cost)."""
+    the fixed cost of a task on a rank (same units as batch x cost); ``comm``: the cost of a task's gradient
+    sum on each of its ranks when it has more than one (same units; None: free)."""
     if world < 1:
         raise ValueError(f"world size must be >= 1, got {world}")
     if not tasks:
         raise ValueError("no tasks to plan; give at least one name=batch in elastic.tasks")
     if not (overhead >= 0 and math.isfinite(overhead)):
         raise ValueError(f"overhead per task must be a number >= 0, got {overhead}")
+    if comm is not None and (len(comm.numel) != len(tasks) or not all(
+            x >= 0 and math.isfinite(x) for x in (comm.rate, comm.latency, *comm.numel))):
+        raise ValueError(f"comm model {comm} needs one element count per task ({len(tasks)}) and a rate and "
+                         "latency >= 0; measure it with fit_comm")
     names = list(tasks)
     for t, (b, c) in tasks.items():
         if b < 1:
@@ -216,16 +258,16 @@ def plan_tasks(tasks: dict[str, tuple[int, float]], world: int, share: bool = Tr
     rank_load = np.zeros(world)
     for i in range(len(names)):
         for r in ranks[i]:
-            rank_load[r] += load[i] / len(ranks[i]) + overhead
+            rank_load[r] += load[i] / len(ranks[i]) + overhead + (comm.cost(i, len(ranks[i])) if comm else 0.0)
     for i in sorted((i for i in range(len(names)) if not ranks[i]), key=lambda i: -load[i]):
         r = int(np.argmin(rank_load))  # lightest rank so far (the first on ties)
         ranks[i] = [r]
         rank_load[r] += load[i] + overhead
     common = dict(world=world, tasks=tuple(names), batches=tuple(int(b) for b in batch),
-                  costs=tuple(float(c) for c in cost), placement="elastic", overhead=float(overhead))
+                  costs=tuple(float(c) for c in cost), placement="elastic", overhead=float(overhead), comm=comm)
     plan = Plan(ranks=tuple(tuple(r) for r in ranks), experts_on=tuple(tuple(r) for r in ranks), **common)
     check_plan(plan)
-    line = _line_partition(batch, cost, world, overhead) if share else None
+    line = _line_partition(batch, cost, world, overhead, comm) if share else None
     if line is not None:
         cand = Plan(ranks=tuple(tuple(r for r, _ in x) for x in line), experts_on=tuple(tuple(r for r, _ in x)
                     for x in line), rows=tuple(tuple(k for _, k in x) for x in line), **common)
@@ -236,27 +278,35 @@ def plan_tasks(tasks: dict[str, tuple[int, float]], world: int, share: bool = Tr
     return plan
 
 
-def _line_partition(batch: np.ndarray, cost: np.ndarray, world: int,
-                    overhead: float) -> list[list[tuple[int, int]]] | None:
+def _line_partition(batch: np.ndarray, cost: np.ndarray, world: int, overhead: float,
+                    comm: CommModel | None = None) -> list[list[tuple[int, int]]] | None:
     """Per task, its (rank, rows) pieces when the tasks (heaviest first) are laid end to end and cut into
-    ``world`` pieces of the least possible busiest time; None if some rank would stay idle."""
+    ``world`` pieces of the least possible busiest time; None if some rank would stay idle. A task cut over
+    ranks pays ``comm`` on each of them (for the number of pieces it had in the previous fill: a few fills
+    until that number holds)."""
     order = np.argsort(-(batch * cost), kind="stable")
 
-    def fill(limit: float) -> list[list[tuple[int, int]]] | None:
+    def fill(limit: float, pieces: list[int]) -> list[list[tuple[int, int]]] | None:
         out: list[list[tuple[int, int]]] = [[] for _ in batch]
         r, used = 0, 0.0
         for i in order:
             left = int(batch[i])
+            split = comm.cost(int(i), max(pieces[i], 2)) if comm is not None else 0.0
             while left:
                 room = limit - used - overhead
-                k = min(left, math.floor(room / cost[i] + 1e-9)) if room > 0 else 0
+                if not out[i] and room >= 0 and left * cost[i] <= room * (1 + 1e-12):
+                    k, extra = left, 0.0  # the whole task fits here: no gradient sum with another rank
+                else:
+                    room -= split
+                    k = min(left, math.floor(room / cost[i] + 1e-9)) if room > 0 else 0
+                    extra = split
                 if k <= 0:
                     if used == 0 or r + 1 >= world:
                         return None
                     r, used = r + 1, 0.0
                     continue
                 out[i].append((r, k))
-                used += overhead + k * cost[i]
+                used += overhead + k * cost[i] + extra
                 left -= k
                 if left:  # this rank is full for task i (k was all that fit): its next rows go to the next rank
                     if r + 1 >= world:
@@ -265,15 +315,23 @@ def _line_partition(batch: np.ndarray, cost: np.ndarray, world: int,
         return out
 
     total = float((batch * cost).sum())
-    lo, hi = total / world, total + overhead * len(batch)
-    best = fill(hi)
-    for _ in range(60):  # the least limit for which the greedy fill covers every task within W ranks
-        mid = (lo + hi) / 2
-        got = fill(mid)
-        if got is None:
-            lo = mid
-        else:
-            hi, best = mid, got
+    pieces = [1] * len(batch)
+    best = None
+    for _ in range(4 if comm is not None else 1):
+        lo = total / world
+        hi = total + overhead * len(batch) + (sum(comm.cost(i, world) for i in range(len(batch))) if comm else 0)
+        best = fill(hi, pieces)
+        for _ in range(60):  # the least limit for which the greedy fill covers every task within W ranks
+            mid = (lo + hi) / 2
+            got = fill(mid, pieces)
+            if got is None:
+                lo = mid
+            else:
+                hi, best = mid, got
+        got_pieces = [len(x) for x in best] if best is not None else pieces
+        if got_pieces == pieces:
+            break
+        pieces = got_pieces
     used = {r for x in best or [] for r, _ in x}
     return best if len(used) == world else None
 
@@ -302,18 +360,22 @@ def measured_costs(plan: Plan, rank_times: np.ndarray) -> dict[str, float]:
     return fit_costs(plan, rank_times, fit_overhead=False)[0]
 
 
-def fit_costs(plan: Plan, rank_times: np.ndarray, fit_overhead: bool = True) -> tuple[dict[str, float], float]:
+def fit_costs(plan: Plan, rank_times: np.ndarray, fit_overhead: bool = True,
+              comm: CommModel | None = None) -> tuple[dict[str, float], float]:
     """(cost per sample of every task, overhead per task on a rank), in the units of ``rank_times``.
 
-    The overhead comes from a least-squares fit ``time_r = a * predicted_rows_load_r + f * tasks_on_r``
-    (plus a per-rank constant, equal on every rank, when the ranks tell all three apart); it needs ranks
-    with different numbers of tasks, and a fit with a negative term is not taken: then the plan's overhead
-    (rescaled) is kept. The costs split each rank's time less ``f * tasks_on_r`` (and the constant) over its
-    slices in proportion to rows x current cost."""
+    ``comm`` (same units, measured: ``fit_comm``): each rank's task-group gradient sums under ``plan`` are
+    taken off its time first. The overhead comes from a least-squares fit ``time_r = a *
+    predicted_rows_load_r + f * tasks_on_r`` (plus a per-rank constant, equal on every rank, when the ranks
+    tell all three apart); it needs ranks with different numbers of tasks, and a fit with a negative term is
+    not taken: then the plan's overhead (rescaled) is kept. The costs split each rank's time less ``f *
+    tasks_on_r`` (and the constant) over its slices in proportion to rows x current cost."""
     times = np.asarray(rank_times, dtype=np.float64)
-    row_load = plan.rank_loads() - plan.overhead * plan.tasks_on()
+    if comm is not None:
+        times = np.maximum(times - replace(plan, comm=comm).comm_loads(), 1e-12 * max(times.max(), 1e-300))
+    row_load = plan.row_loads()
     n_on = plan.tasks_on().astype(np.float64)
-    scale = times.sum() / max(plan.rank_loads().sum(), 1e-300)  # plan units -> seconds
+    scale = times.sum() / max((row_load + plan.overhead * n_on).sum(), 1e-300)  # plan units -> seconds
     f, fixed = plan.overhead * scale, 0.0
     if fit_overhead:
         for cols in ((row_load, n_on, np.ones_like(n_on)), (row_load, n_on)):
@@ -332,21 +394,38 @@ def fit_costs(plan: Plan, rank_times: np.ndarray, fit_overhead: bool = True) -> 
     return {t: float(pred[i] / plan.batches[i]) for i, t in enumerate(plan.tasks)}, f
 
 
+def fit_comm(numel: tuple[int, ...], measured: list[tuple[int, int, float]]) -> CommModel | None:
+    """The ``CommModel`` of tasks with ``numel`` gradient elements each, from ``measured`` all-reduces
+    (elements, ranks in the group, time on each rank): ``time = latency + rate * elements * 2 (n - 1) / n``
+    by least squares when the sizes tell the two apart and both come out >= 0, else through the origin.
+    None when nothing was measured over more than one rank."""
+    pts = [(e * 2 * (n - 1) / n, t) for e, n, t in measured if n > 1 and e > 0 and math.isfinite(t) and t >= 0]
+    if not pts:
+        return None
+    x, y = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
+    if len(set(x.tolist())) >= 2:
+        coef = np.linalg.lstsq(np.stack([np.ones_like(x), x], 1), y, rcond=None)[0]
+        if coef[0] >= 0 and coef[1] > 0:
+            return CommModel(numel=tuple(int(n) for n in numel), rate=float(coef[1]), latency=float(coef[0]))
+    return CommModel(numel=tuple(int(n) for n in numel), rate=float(y.sum() / x.sum()), latency=0.0)
+
+
 def replan(plan: Plan, rank_times: np.ndarray | None = None, world: int | None = None, share: bool = True,
-           gain: float = 0.1) -> Plan:
-    """A new plan from measured per-rank times (costs and overhead per task, ``fit_costs``) and/or a new world
-    size, or ``plan`` itself when nothing changes by more than ``gain`` (the predicted busiest rank of the
-    new plan, relative, both predicted with the new costs)."""
+           gain: float = 0.1, comm: CommModel | None = None) -> Plan:
+    """A new plan from measured per-rank times (costs and overhead per task, ``fit_costs``; ``comm``: the
+    measured cost of the task-group gradient sums, in the units of the times) and/or a new world size, or
+    ``plan`` itself when nothing changes by more than ``gain`` (the predicted busiest rank of the new plan,
+    relative, both predicted with the new costs)."""
     world = plan.world if world is None else world
     if rank_times is None:
-        costs, overhead = dict(zip(plan.tasks, plan.costs)), plan.overhead
+        costs, overhead, comm = dict(zip(plan.tasks, plan.costs)), plan.overhead, plan.comm
     else:
-        costs, overhead = fit_costs(plan, rank_times)
+        costs, overhead = fit_costs(plan, rank_times, comm=comm)
     tasks = {t: (b, costs[t]) for t, b in zip(plan.tasks, plan.batches)}
-    new = plan_tasks(tasks, world, share, overhead=overhead)
+    new = plan_tasks(tasks, world, share, overhead=overhead, comm=comm)
     if world != plan.world:
         return new
-    old_on_new_costs = replace(plan, costs=new.costs, overhead=new.overhead)
+    old_on_new_costs = replace(plan, costs=new.costs, overhead=new.overhead, comm=new.comm)
     same = new.ranks == plan.ranks and [new.slices(t) for t in new.tasks] == [plan.slices(t) for t in plan.tasks]
     if same or new.rank_loads().max() > (1 - gain) * old_on_new_costs.rank_loads().max():
         return plan

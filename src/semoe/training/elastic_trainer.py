@@ -30,7 +30,7 @@ from semoe.config import MultiTaskRunConfig, to_dict
 from semoe.elastic.checkpoint import AsyncCheckpointer, check_task_set, clean_partial, owned_tensors
 from semoe.elastic.data import load_tasks, task_batch, task_specs
 from semoe.elastic.layout import ElasticLayout, token_ep_size
-from semoe.elastic.planner import Plan, choose_measured, plan_key, plan_tasks, replan
+from semoe.elastic.planner import CommModel, Plan, choose_measured, fit_comm, plan_key, plan_tasks, replan
 from semoe.models.multitask import MultiTaskMoE, param_task
 from semoe.parallel import apply_expert_parallel, build_mesh, init_distributed
 from semoe.storage import checkpoint as ckpt
@@ -103,6 +103,8 @@ class ElasticTrainer:
                 log.info("resumed from %s at step %d on %d ranks (written on %s)", resume_from, self.start_step,
                          self.world, manifest.get("world_size"))
         self.busy: list[np.ndarray] = []  # per-step per-rank busy seconds since the last (re-)plan
+        self.comm: list[np.ndarray] = []  # per step: CPU s per rank of each task's gradient sum, then the shared
+        self.task_numel = np.zeros(len(self.plan.tasks))  # gradient elements of each task's parameters
         self.measured: dict[tuple, tuple[float, Plan]] = {}  # plan_key -> (median busiest-rank time, plan)
 
     # ------------------------------------------------------------------ setup
@@ -118,6 +120,7 @@ class ElasticTrainer:
 
     def _build(self, plan: Plan) -> None:
         self.plan = plan
+        self._busy_prev: float | None = None  # this rank's busy time of the last step, sent with the next one
         cfg, tc = self.run.model, self.run.train
         self.model = MultiTaskMoE(cfg, self.specs, plan.holds(self.rank), seed=tc.seed).to(self.dtype)
         self.mesh = None
@@ -160,21 +163,27 @@ class ElasticTrainer:
         self.model.train()
         tc = self.run.train
         xs, ys = self.local_batch(step)
+        box: dict[str, torch.Tensor] = {}
 
         def objective(_):
             value, _, stats = self.objective(xs, ys)
-            return value, (value, stats)
+            box["stats"] = stats
+            return value, value
+
+        def clip() -> torch.Tensor:  # the norm and every rank's statistics ride one all-reduce
+            norm, box["summed"] = self.layout.clip_(self.model, tc.grad_clip, extra=self._stats_vector(box["stats"]))
+            return norm
 
         def check(kept: list, norm: float) -> None:
-            if not math.isfinite(float(kept[0][0].detach())) or not math.isfinite(norm):
+            if not math.isfinite(float(kept[0].detach())) or not math.isfinite(norm):
                 raise TrainingDiverged(f"loss or grad norm ({norm}) not finite at step {step}; the last checkpoint "
                                        f"is {self.checkpointer.last_path}. Lower train.lr and resume from it.")
 
         c0 = time.process_time()
-        kept, norm = optimizer_step(self.optimizer, [None], objective, lr=lr_at(step, tc),
-                                    sync=lambda: self.layout.sync_gradients(self.model),
-                                    clip=lambda: self.layout.clip_(self.model, tc.grad_clip), check=check)
-        stats = self._gather_stats(kept[0][1], time.process_time() - c0)
+        _, norm = optimizer_step(self.optimizer, [None], objective, lr=lr_at(step, tc),
+                                 sync=lambda: self.layout.sync_gradients(self.model), clip=clip, check=check)
+        stats = self._unpack(box["summed"])
+        self._busy_prev = time.process_time() - c0
         row: dict[str, float] = {"loss": 0.0, "grad_norm": norm, "lr": lr_at(step, tc)}
         for i, t in enumerate(self.plan.tasks):
             loss_t = float(stats[i, 0] / stats[i, 2])
@@ -183,18 +192,52 @@ class ElasticTrainer:
             row[f"acc_{t}"] = float(stats[i, 1] / stats[i, 2])
         return row
 
-    def _gather_stats(self, stats: torch.Tensor, busy_s: float) -> torch.Tensor:
-        """Sum the per-task stats over the ranks and gather every rank's busy time of the step in the same
-        collective. Busy = this rank's CPU time of the step (forward, backward, gradient sync, clipping,
-        optimizer update; not wall time: a rank that waits in a collective, or for a core, is not busy), so
-        what each task costs on a rank beyond its rows counts too."""
-        busy = torch.zeros(self.world, dtype=torch.float64)
-        busy[self.rank] = busy_s
-        both = torch.cat([stats.reshape(-1), busy])
-        if self.distributed:
-            dist.all_reduce(both)
-        self.busy.append(both[stats.numel():].numpy().copy())
-        return both[:stats.numel()].view_as(stats)
+    def _stats_vector(self, stats: torch.Tensor) -> torch.Tensor:
+        """What every rank contributes to the step's one statistics all-reduce (float64): per-task [loss sum,
+        correct, rows]; its busy time of the previous step (in its slot; the step's own is not over yet); the
+        CPU time of each of its task-group gradient sums and of the shared one; the gradient elements of each
+        task whose first rank it is. Busy = the rank's CPU time of a whole step (forward, backward, gradient
+        sync, clipping, optimizer update; not wall time: a rank that waits in a collective, or for a core, is
+        not busy), so what each task costs on a rank beyond its rows counts too."""
+        T, W = len(self.plan.tasks), self.world
+        busy = torch.zeros(W, dtype=torch.float64)
+        if self._busy_prev is not None:
+            busy[self.rank] = self._busy_prev
+        comm = torch.zeros(T + 1, dtype=torch.float64)
+        for i, t in enumerate(self.plan.tasks):
+            comm[i] = self.layout.comm_s.get(t, 0.0)
+        comm[T] = self.layout.comm_s.get("", 0.0)
+        numel = torch.zeros(T, dtype=torch.float64)
+        for t, n in self.layout.numel(self.model)[1].items():
+            if self.plan.experts_on[self.plan.index(t)][0] == self.rank:
+                numel[self.plan.index(t)] = n
+        flag = torch.tensor([1.0 if self._busy_prev is not None else 0.0], dtype=torch.float64)
+        return torch.cat([stats.reshape(-1), busy, comm, numel, flag])
+
+    def _unpack(self, summed: torch.Tensor) -> torch.Tensor:
+        """The summed statistics vector: keeps the busy times (of the previous step, when there was one) and
+        the per-rank CPU time of the gradient sums (a task's sum over its ranks / their number); returns the
+        per-task stats."""
+        T, W = len(self.plan.tasks), self.world
+        stats, busy = summed[:3 * T].view(T, 3), summed[3 * T:3 * T + W]
+        comm, numel, flag = summed[3 * T + W:4 * T + W + 1], summed[4 * T + W + 1:5 * T + W + 1], summed[-1]
+        if float(flag) > 0:
+            self.busy.append(busy.numpy().copy())
+        n_on = np.array([len(on) for on in self.plan.experts_on] + [self.world], dtype=np.float64)
+        self.comm.append(comm.numpy() / n_on)
+        self.task_numel = numel.numpy().copy()
+        return stats
+
+    def comm_model(self) -> CommModel | None:
+        """The measured cost of a task's gradient sum on each of its ranks (``planner.fit_comm``), from the median
+        CPU times since the last plan of this plan's sums over more than one rank (the shared one included)."""
+        if not self.comm or self.world == 1:
+            return None
+        med = np.median(np.stack(self.comm), 0)
+        shared_numel = self.layout.numel(self.model)[0]
+        measured = [(int(self.task_numel[i]), len(on), float(med[i])) for i, on in enumerate(self.plan.experts_on)
+                    if len(on) > 1] + [(shared_numel, self.world, float(med[-1]))]
+        return fit_comm(tuple(int(n) for n in self.task_numel), measured)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, tuple[float, float]]:
@@ -249,9 +292,9 @@ class ElasticTrainer:
             return False
         times = np.median(np.stack(self.busy), 0)
         self.measured[plan_key(self.plan)] = (float(times.max()), self.plan)
-        new = replan(self.plan, times, share=ec.share_ranks, gain=ec.replan_gain)
+        new = replan(self.plan, times, share=ec.share_ranks, gain=ec.replan_gain, comm=self.comm_model())
         new = choose_measured(self.plan, new, self.measured, ec.replan_gain)
-        self.busy = []
+        self.busy, self.comm = [], []
         if new == self.plan:
             return False
         path = self.save(step, wait=True)
@@ -276,7 +319,7 @@ class ElasticTrainer:
             done = step + 1
             result.losses.append(row["loss"])
             result.step_s.append(dt)
-            busy = self.busy[-1]
+            busy = self.busy[-1] if self.busy else np.full(self.world, np.nan)  # the previous step's
             row = {"step": done, **row, "step_ms": 1e3 * dt, "samples_per_s": samples / dt,
                    "busy_max_over_mean": float(busy.max() / busy.mean())}
             if done % tc.eval_every == 0 or done == tc.steps:
