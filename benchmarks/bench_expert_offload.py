@@ -340,6 +340,9 @@ def run_semoe(spec: dict[str, Any]) -> dict[str, Any]:
                **{f"prediction_hit_rate_d{d}": sum(getattr(s, f"predicted_d{d}_hits", 0) for s in stats) / max(
                    1, sum(getattr(s, f"predicted_d{d}_needed", 0) for s in stats)) for d in (1, 2)},
                "routed_layer_loads": sum(s.routed_layer_loads for s in stats),
+               "experts_prefetched": sum(s.experts_prefetched for s in stats),
+               "prefetch_wasted": sum(s.prefetch_wasted for s in stats),
+               "predictions_skipped": sum(s.predictions_skipped for s in stats),
                "full_layer_loads": sum(s.full_layer_loads for s in stats),
                "cache_mb": engine.cache.capacity_bytes / MiB if engine.cache is not None else 0.0,
                "cache_fraction": (engine.cache.capacity / max(1, sum(len(x.reads) for s in engine.plan.sections
@@ -601,7 +604,8 @@ def main(argv: list[str] | None = None) -> int:
                 if impl == "llama.cpp":
                     row["confined"] = "cgroup_limit_mb" in r
                 for key in ("semoe_bytes_per_token", "cache_hit_rate", "prefetch_hit_rate", "prediction_hit_rate_d1",
-                            "prediction_hit_rate_d2", "routed_layer_loads",
+                            "prediction_hit_rate_d2", "routed_layer_loads", "experts_prefetched",
+                            "prefetch_wasted", "predictions_skipped",
                             "full_layer_loads", "cache_mb", "cache_fraction", "load_s", "wait_s", "compute_s",
                             "cold_load_s", "tokens_per_s_incl_load", "cgroup_base_mb", "cgroup_limit_mb",
                             "cgroup_peak_mb", "cgroup_failcnt", "times"):
