@@ -9,7 +9,11 @@ Run (from the repository root; timings under ``flock -x /tmp/semoe-cpu.lock`` on
 
 Models (random weights, float32, made once under --workdir with transformers, offline): ``mixtral-e8k2`` (Mixtral,
 8 experts, top-2) and ``many-e32k4`` (Mixtral layout, 32 experts, top-4: the many-experts regime of OLMoE /
-Qwen-MoE, f(1) = 0.125). Each folder also gets a SentencePiece ``tokenizer.model`` (trained offline; the GGUF
+Qwen-MoE, f(1) = 0.125), 0.75-1.5 MiB per expert: latency-bound reads; ``mixtral-e8k2-big`` / ``many-e32k4-big``:
+the same shapes with experts of a real checkpoint's size (hidden 1024, expert FFN 2048 / 1024: 24 / 12 MiB each in
+float32; OLMoE's are 12 MiB in bf16), 4 layers, 0.8 / 1.6 GiB (one model and batch size per call, ~2-5 min each;
+with 4 layers a budget of 1/2 is the two slots alone: use --budget-frac 0.75).
+Each folder also gets a SentencePiece ``tokenizer.model`` (trained offline; the GGUF
 converter needs a vocabulary) and, when the llama.cpp converter is found (``--llama-cpp-src``: a folder with
 ``convert_hf_to_gguf.py`` and ``gguf-py``, e.g. ``vendor/llama.cpp`` of the llama-cpp-python sdist), a GGUF in
 f32 made by it from the same folder (no quantisation).
@@ -43,10 +47,15 @@ mapped (the pages it touches stay mapped for that call: mmap's behaviour). Each 
 Per row (JSON lines on stdout): impl, model, batch, cache, tokens_per_s, bound_tokens_per_s, x_of_bound,
 bytes_read_per_token (``/proc/self/io`` read_bytes of the timed calls: what storage delivered), semoe's own
 file bytes per token, peak_rss_mb, base_rss_mb, budget_mb, model_mb, hit rates (semoe), read_gb_per_s.
-Bound: per pass max(bytes the policy must read / measured cold read rate, resident compute per pass), summed over
-the passes; bytes = everything (semoe-layer, accelerate) or the dense part + f(T) of the expert bytes not in the
-expert cache, f(T) = 1 - (1 - k/E)^T for the pass's T tokens (routed rows, llama.cpp; uniform random routers make
-it exact in expectation). Resident compute: semoe with no budget, same prompts. The summary line gives the targets
+Bound: per pass max(bytes the policy must read / read rate, resident compute per pass), summed over the passes;
+bytes = everything (semoe-layer, accelerate) or the dense part + f(T) of the expert bytes not in the expert cache,
+f(T) = 1 - (1 - k/E)^T for the pass's T tokens (routed rows, llama.cpp; uniform random routers make it exact in
+expectation). Read rate: the best this disk showed in the batch size's window: 16 MiB sequential reads and single
+experts (2 readers, ``POSIX_FADV_RANDOM``), each measured before and after the rows (mean), and the whole-layer
+ring's own storage bytes over its wall time (``read_gb_per_s``, ``read_gb_per_s_before`` / ``_after``,
+``expert_read_gb_per_s_before`` / ``_after``, ``layer_ring_read_gb_per_s``); ``bound_expert_rate_tokens_per_s``
+prices the expert bytes at the single-expert rate instead. Resident compute: semoe with no budget, same prompts.
+The summary line gives the targets
 of issue #14 (B=1 routed >= 0.7/f(1) x whole-layer; every semoe row within 1.3x of its bound; >= 1.3x llama.cpp
 at B=1 and B=16; peak RSS <= base + budget + 24 MiB) and whatever failed (e.g. llama.cpp not built: the error).
 """
@@ -71,6 +80,7 @@ from bench_offload import MemorySampler, _status, evict, read_bandwidth
 from common import emit_json, log, median, random_mixtral_checkpoint, stdout_to_stderr
 
 MiB = 2**20
+IO_THREADS = 2  # RingEngine's default reader pool
 OVERHEAD_MIB = 24  # documented fixed overhead above the post-import RSS (docs/inference.md)
 BASE = dict(vocab_size=1024, hidden_size=256, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=1,
             max_position_embeddings=256)
@@ -78,12 +88,20 @@ MODELS = {
     "mixtral-e8k2": dict(BASE, intermediate_size=512, num_local_experts=8, num_experts_per_tok=2),
     "many-e32k4": dict(BASE, intermediate_size=256, num_local_experts=32, num_experts_per_tok=4),
 }
+# Realistic per-expert size (OLMoE's experts are 12 MiB in bf16, Mixtral's 336 MiB): 24 / 12 MiB per expert in
+# float32, 4 layers, ~0.8 / 1.6 GiB. Run one model and one batch size per call (--models / --batches).
+BIG = dict(BASE, hidden_size=1024, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2)
+MODELS.update({
+    "mixtral-e8k2-big": dict(BIG, intermediate_size=2048, num_local_experts=8, num_experts_per_tok=2),
+    "many-e32k4-big": dict(BIG, intermediate_size=1024, num_local_experts=32, num_experts_per_tok=4),
+})
 TINY = dict(vocab_size=128, hidden_size=64, num_hidden_layers=12, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=64)
 SMOKE = {
     "mixtral-e8k2": dict(TINY, intermediate_size=64, num_local_experts=8, num_experts_per_tok=2),
     "many-e32k4": dict(TINY, intermediate_size=32, num_local_experts=32, num_experts_per_tok=4),
 }
+SMOKE.update({f"{m}-big": SMOKE[m] for m in list(SMOKE)})
 IMPLS = ("semoe-layer", "semoe-routed", "semoe-auto", "accelerate", "llama.cpp")
 WORDS = ("the king and queen of our land shall speak to thee my lord good night sweet prince what news from rome "
          "to be or not is question noble friends come hither answer one two three four five").split()
@@ -231,6 +249,54 @@ def ensure_gguf(model: Path, src: Path | None) -> tuple[Path | None, str | None]
     return gguf, None
 
 
+def expert_read_bandwidth(files: list[Path], experts: list[list[tuple[Any, int, int]]], threads: int,
+                          n: int = 24) -> float:
+    """Bytes/s of cold reads of ``n`` single experts (a fixed random sample; each its pieces, adjacent ones merged)
+    by ``threads`` readers at once through descriptors marked ``POSIX_FADV_RANDOM``: how the ring reads a routed
+    expert (its default reader pool). The files are evicted first and afterwards."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sample = random.Random(0).sample(experts, min(n, len(experts)))
+    runs = []
+    for pieces in sample:
+        merged: list[list[Any]] = []
+        for path, off, nb in sorted(pieces, key=lambda p: (str(p[0]), p[1])):
+            if merged and merged[-1][0] == path and merged[-1][1] + merged[-1][2] == off:
+                merged[-1][2] += nb
+            else:
+                merged.append([path, off, nb])
+        runs.append(merged)
+    fds = {}
+    for f in {str(p) for pieces in sample for p, _, _ in pieces}:
+        fds[f] = os.open(f, os.O_RDONLY)
+        os.posix_fadvise(fds[f], 0, 0, os.POSIX_FADV_RANDOM)
+    bufs = [bytearray(max(nb for r in runs for _, _, nb in r)) for _ in range(threads)]
+
+    def read(i: int) -> int:
+        mv, got = memoryview(bufs[i % threads]), 0
+        for path, off, nb in runs[i]:
+            done = 0
+            while done < nb:
+                k = os.preadv(fds[str(path)], [mv[done:nb]], off + done)
+                if k <= 0:
+                    raise OSError(f"short read of {path}")
+                done += k
+            got += nb
+        return got
+
+    evict(files)
+    try:
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            total = sum(pool.map(read, range(len(runs))))
+        rate = total / (time.perf_counter() - t0)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+        evict(files)
+    return rate
+
+
 def prompt_sets(batch: int, prompt_len: int, reps: int, vocab: int) -> list[list[list[int]]]:
     """reps + 1 different prompt batches (the first for the warm-up)."""
     rng = random.Random(batch * 1000 + prompt_len)
@@ -274,6 +340,9 @@ def run_semoe(spec: dict[str, Any]) -> dict[str, Any]:
                **{f"prediction_hit_rate_d{d}": sum(getattr(s, f"predicted_d{d}_hits", 0) for s in stats) / max(
                    1, sum(getattr(s, f"predicted_d{d}_needed", 0) for s in stats)) for d in (1, 2)},
                "routed_layer_loads": sum(s.routed_layer_loads for s in stats),
+               "experts_prefetched": sum(s.experts_prefetched for s in stats),
+               "prefetch_wasted": sum(s.prefetch_wasted for s in stats),
+               "predictions_skipped": sum(s.predictions_skipped for s in stats),
                "full_layer_loads": sum(s.full_layer_loads for s in stats),
                "cache_mb": engine.cache.capacity_bytes / MiB if engine.cache is not None else 0.0,
                "cache_fraction": (engine.cache.capacity / max(1, sum(len(x.reads) for s in engine.plan.sections
@@ -422,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny models, B = 1 and 4, one repetition, one process")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "semoe-bench-expert-offload")
-    ap.add_argument("--models", default=",".join(MODELS), help=f"comma list of {list(MODELS)}")
+    ap.add_argument("--models", default="mixtral-e8k2,many-e32k4",
+                    help=f"comma list of {list(MODELS)} (default: the two small ones)")
     ap.add_argument("--batches", default="1,4,16", help="decode batch sizes (default 1,4,16)")
     ap.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {list(IMPLS)}")
     ap.add_argument("--budget-frac", type=float, default=0.25, help="budget as a fraction of the weights' bytes")
@@ -470,14 +540,19 @@ def main(argv: list[str] | None = None) -> int:
         E, k = cfg["num_local_experts"], cfg["num_experts_per_tok"]
         dense = sum(s.dense_bytes_read for s in plan.sections)
         experts = sum(x.disk_bytes * x.num_experts for s in plan.sections for x in s.experts)
+        expert_ranges = [[(rd.path, rd.offset, rd.nbytes) for rd in x.reads[e]]
+                         for s in plan.sections for x in s.experts for e in range(x.num_experts)]
         log(f"{name}: {weights / MiB:.1f} MiB weights ({experts / MiB:.1f} MiB experts), budget {budget / MiB:.1f} MiB")
         for B in batches:
             prompts = prompt_sets(B, args.prompt_len, reps, cfg["vocab_size"])
             common = dict(model=str(model), prompts=prompts, new=args.new, threads=args.threads, reps=reps,
                           workdir=str(args.workdir), prefetch_width=args.prefetch_width)
-            bw = read_bandwidth(files, True, 3)
+            # the read rates are measured in the same window as the rows, before and after them (this disk's rate
+            # moves by up to 2x between minutes): the bound uses their mean, both are reported
+            bw0, xbw0 = read_bandwidth(files, True, 2), expert_read_bandwidth(files, expert_ranges, IO_THREADS)
             res = run_worker({**common, "impl": "semoe-auto", "budget": None}, not args.smoke)
             compute_pass = res["wall_s"] / res["passes"]
+            batch_rows: list[dict[str, Any]] = []
             for impl in impls:
                 if impl == "llama.cpp" and gguf is None:
                     continue
@@ -491,34 +566,59 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         spec.update(cgroup=str(cgroup.path), cgroup_extra=budget + OVERHEAD_MIB * MiB)
                 r = run_worker(spec, not args.smoke, cgroup)
+                batch_rows.append({"impl": impl, **r})
+            bw1, xbw1 = read_bandwidth(files, True, 2), expert_read_bandwidth(files, expert_ranges, IO_THREADS)
+            # the bound's rate: the best this disk showed in the window: the sequential and the single-expert reads'
+            # means, and what the whole-layer ring itself got (storage bytes over its wall time, compute included)
+            seq, xbw = (bw0 + bw1) / 2, (xbw0 + xbw1) / 2
+            layer_eff = max((r["io_bytes_per_token"] * B * args.new / r["wall_s"] for r in batch_rows
+                             if r["impl"] == "semoe-layer"), default=0.0)
+            bw = max(seq, xbw, layer_eff)
+            for r in batch_rows:
+                impl = r["impl"]
                 c = r.get("cache_fraction", 0.0) if impl in ("semoe-routed", "semoe-auto") else 0.0
                 whole = impl in ("semoe-layer", "accelerate")
-                per_pass = [pass_bytes(T, dense, experts, E, k, c, whole)
-                            for T in [B * args.prompt_len] + [B] * (args.new - 1)]
+                Ts = [B * args.prompt_len] + [B] * (args.new - 1)
+                per_pass = [pass_bytes(T, dense, experts, E, k, c, whole) for T in Ts]
                 bound_s = sum(max(b / bw, compute_pass) for b in per_pass)
+                # the same bytes, the experts' at the single-expert read rate (what a routed read got in the window)
+                per_pass_x = [(dense / bw + (b - dense) / xbw) if not whole else b / bw
+                              for b in per_pass]
+                bound_x_s = sum(max(t, compute_pass) for t in per_pass_x)
                 new = B * args.new
                 tps = new / r["wall_s"]
                 row = {"impl": impl, "model": name, "batch": B, "cache": "cold", "tokens_per_s": tps,
                        "bound_tokens_per_s": new / bound_s, "x_of_bound": new / bound_s / tps,
+                       "bound_expert_rate_tokens_per_s": new / bound_x_s,
+                       "x_of_bound_expert_rate": new / bound_x_s / tps,
                        "bytes_read_per_token": r["io_bytes_per_token"], "peak_rss_mb": r["peak_rss_mb"],
                        "base_rss_mb": r["base_rss_mb"], "peak_anon_mb": r["peak_anon_mb"],
                        "peak_file_mb": r["peak_file_mb"], "budget_mb": budget / MiB, "model_mb": weights / MiB,
                        "experts": E, "top_k": k, "f_B": 1 - (1 - k / E) ** B, "read_gb_per_s": bw / 1e9,
+                       "layer_ring_read_gb_per_s": layer_eff / 1e9,
+                       "read_gb_per_s_before": bw0 / 1e9, "read_gb_per_s_after": bw1 / 1e9,
+                       "expert_read_gb_per_s_before": xbw0 / 1e9, "expert_read_gb_per_s_after": xbw1 / 1e9,
+                       "effective_read_gb_per_s": r["io_bytes_per_token"] * new / r["wall_s"] / 1e9,
                        "resident_compute_s_per_pass": compute_pass, "wall_s": r["wall_s"], "new_tokens": new,
                        "tokens_out": r["tokens_out"]}
                 if impl == "llama.cpp":
                     row["confined"] = "cgroup_limit_mb" in r
                 for key in ("semoe_bytes_per_token", "cache_hit_rate", "prefetch_hit_rate", "prediction_hit_rate_d1",
-                            "prediction_hit_rate_d2", "routed_layer_loads",
+                            "prediction_hit_rate_d2", "routed_layer_loads", "experts_prefetched",
+                            "prefetch_wasted", "predictions_skipped",
                             "full_layer_loads", "cache_mb", "cache_fraction", "load_s", "wait_s", "compute_s",
                             "cold_load_s", "tokens_per_s_incl_load", "cgroup_base_mb", "cgroup_limit_mb",
-                            "cgroup_peak_mb", "cgroup_failcnt"):
+                            "cgroup_peak_mb", "cgroup_failcnt", "times"):
                     if key in r:
                         row[key] = r[key]
                 rows.append(row)
                 emit_json({k2: v for k2, v in row.items() if k2 != "tokens_out"})
-                log(f"{name} B={B:2d} {impl:12s} {tps:8.2f} tok/s  bound {row['bound_tokens_per_s']:8.2f}  "
+                log(f"{name} B={B:2d} {impl:12s} {tps:8.2f} tok/s  bound {row['bound_tokens_per_s']:8.2f} "
+                    f"(expert rate {row['bound_expert_rate_tokens_per_s']:8.2f})  "
                     f"{row['bytes_read_per_token'] / MiB:7.2f} MiB/token  peak RSS {row['peak_rss_mb']:.0f} MiB")
+            log(f"{name} B={B}: read {bw0 / 1e9:.2f} / {bw1 / 1e9:.2f} GB/s before / after the rows, single experts "
+                f"{xbw0 / 1e9:.2f} / {xbw1 / 1e9:.2f} GB/s, the whole-layer ring {layer_eff / 1e9:.2f} GB/s: bound at "
+                f"{bw / 1e9:.2f} GB/s")
 
     def tps(impl: str, model: str, B: int) -> float | None:
         return next((r["tokens_per_s"] for r in rows if (r["impl"], r["model"], r["batch"]) == (impl, model, B)), None)
@@ -527,7 +627,8 @@ def main(argv: list[str] | None = None) -> int:
     targets: dict[str, Any] = {}
     for m in models:
         layer1, routed1 = tps("semoe-layer", m, 1), tps("semoe-routed", m, 1)
-        f1 = next(r["f_B"] for r in rows if r["model"] == m and r["batch"] == 1)
+        r0 = next(r for r in rows if r["model"] == m)
+        f1 = r0["top_k"] / r0["experts"]  # f(1)
         if layer1 and routed1:
             targets[f"{m}/B1_routed_over_layer"] = {"ratio": routed1 / layer1, "target": 0.7 / f1,
                                                     "met": routed1 / layer1 >= 0.7 / f1}

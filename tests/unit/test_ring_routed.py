@@ -193,6 +193,47 @@ def test_prediction_depths_and_one_router_call_per_routed_layer(tmp_path) -> Non
     assert wide.predicted_d1_needed == needed and wide.predicted_d1_hits > st.predicted_d1_hits
 
 
+def test_prediction_cost_rule(tmp_path) -> None:
+    """A predicted expert on disk is read ahead only when p * min(t, d * W) > (1 - p) * t * u (p: the depth's measured
+    precision, t: its read time, W: one MoE layer's compute, u: the disk is the bottleneck); cached ones always (a
+    copy); ``prefetch="always"`` reads every one. The formula with fixed numbers, then a run whose reads are priced
+    so slow that no disk prediction pays: bit-identical to the resident model, nothing read ahead, every pick read on
+    demand, the predictions still made and counted (precision and recall keep being measured)."""
+    d = _save(tmp_path, "mixtral", seed=19)
+    picked = _routing_record(d)
+    needed = sum(len(v) for v in picked.values())
+    with RingEngine(d, max_memory=_ring_budget(d), strategy="routed", expert_cache=0) as e:
+        xl = next(x for s in e.plan.sections for x in s.experts)
+        ring = e._ring
+        t = 1e-3  # one expert's read: 1 ms
+        ring.bw_expert.nbytes, ring.bw_expert.seconds = 2**22 * xl.disk_bytes, 2**22 * t
+        assert e._worth_reading(xl, [1, 2], 1) == [1, 2]  # nothing measured yet (W unknown): read
+        e._next_pass_tokens = 1  # f(1) = 0.25 of E = 8: 2 expected needed reads per layer (2 ms)
+        for W, p, depth, read in ((5e-3, 0.3, 1, True),  # compute-bound (2 ms of reads < W): any p pays
+                                  (1e-3, 0.6, 1, True),  # disk-bound: 0.6 * 1 > 0.4 * 1
+                                  (1e-3, 0.4, 1, False),  # 0.4 * 1 < 0.6 * 1
+                                  (0.2e-3, 0.8, 1, False),  # 0.8 * 0.2 < 0.2 * 1
+                                  (0.2e-3, 0.8, 2, True)):  # depth 2 hides twice the compute: 0.8 * 0.4 > 0.2
+            e._layer_compute_s, e._precision[depth] = W, [100 * p, 100.0]
+            assert (e._worth_reading(xl, [1, 2], depth) == [1, 2]) is read, (W, p, depth)
+        e.prefetch = "always"
+        assert e._worth_reading(xl, [1, 2], 1) == [1, 2]
+    with pytest.raises(ValueError, match="prefetch must be True"):
+        RingEngine(d, max_memory=_ring_budget(d), strategy="routed", prefetch="sometimes")
+    with RingEngine(d, max_memory=_ring_budget(d), strategy="routed", expert_cache=0) as e:
+        ring = e._ring
+        ring.bw_expert.nbytes, ring.bw_expert.seconds = 2**30, 1e6  # ~1 KB/s: no read ahead pays once W is known
+        ring.bw_expert.add = lambda *a: None  # type: ignore[method-assign]
+        r = e.generate(PROMPTS, NEW, return_logits=True)
+    st = r.stats
+    _same(r, _resident(d))
+    assert st.experts_needed == needed and st.predicted_d1_needed == needed  # predictions made and counted
+    # the first MoE layer's compute measures W; predictions made before it (for layers 1 and 2 of the first pass)
+    # are read, none after
+    assert 0 < st.predictions_skipped and st.experts_prefetched <= 2 * 8
+    assert st.expert_prefetch_hits + st.expert_misses == needed
+
+
 def test_dense_cache_reads_each_dense_part_once(tmp_path) -> None:
     """With room for every section's dense part, each is read from disk on the first pass only and copied from
     the dense cache on the later ones (bit-identical output, the bytes counted exactly); the expert cache gets what

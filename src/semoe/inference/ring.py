@@ -266,7 +266,7 @@ class RingEngine:
                  dtype: torch.dtype | str = torch.float32, kv_device: str | torch.device | None = None,
                  batch_size: int = 8, drop_page_cache: bool = False, readahead: bool = False,
                  strategy: str = "auto", expert_cache: str | int | None = "auto", io_threads: int = 2,
-                 prefetch: bool = True, dense_cache: bool = True, prefetch_depth: int = 2,
+                 prefetch: bool | str = True, dense_cache: bool = True, prefetch_depth: int = 2,
                  prefetch_width: int = 0) -> None:
         self.source = model if isinstance(model, ModelSource) else open_model(model)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -306,6 +306,9 @@ class RingEngine:
         if not isinstance(prefetch_width, int) or prefetch_width < 0:
             raise ValueError(f"prefetch_width must be an integer >= 0 (extra experts per predicted token), got "
                              f"{prefetch_width!r}")
+        if prefetch not in (True, False, "always"):
+            raise ValueError(f"prefetch must be True (predictions read when the cost rule says they pay), 'always' "
+                             f"(every prediction read) or False (off), got {prefetch!r}")
         if prefetch_depth not in (1, 2):
             raise ValueError(f"prefetch_depth must be 1 (the next layer's experts) or 2 (also the layer after), "
                              f"got {prefetch_depth!r}; prefetch=False turns prediction off")
@@ -355,6 +358,11 @@ class RingEngine:
         self._pass_tokens = self._next_pass_tokens = 0
         self.prefetch = prefetch
         self.prefetch_depth = prefetch_depth
+        # the cost rule of _worth_reading: per depth [experts named that the router then picked, experts named]
+        # (prior 3 of 4: predictions are read until measured otherwise), and the compute time of one MoE layer
+        # (seconds, moving average; None until measured)
+        self._precision: dict[int, list[float]] = {1: [3.0, 4.0], 2: [3.0, 4.0]}
+        self._layer_compute_s: float | None = None
         # predictions for sections not requested yet: section index -> [(expert layer, experts, depth)]
         self._deferred: dict[int, list[tuple[ExpertLayer, list[int], int]]] = {}
         # the predictions made for each (ticket, layer): depth -> experts (for the per-depth hit rates)
@@ -773,6 +781,7 @@ class RingEngine:
                 i = int(unit.split(".")[1])
                 layer = model.layers[i]
                 xl = section.expert_layer(i) if mode == "dense" else None
+                t0, w0 = time.perf_counter(), self.stats.wait_s
                 if xl is not None:
                     self._routed_layer(layer, i, xl, ticket, active)
                 else:
@@ -784,6 +793,10 @@ class RingEngine:
                         if self.cache is not None and layer.is_moe:  # uses feed the cache's scores
                             used = torch.stack([mo.stats.routed_per_expert for _, mo in outs]).sum(0)
                             self.cache.touch(i, used.nonzero().squeeze(1).tolist())
+                if layer.is_moe:  # this layer's compute, without the waits for its experts (the cost rule's W)
+                    w = time.perf_counter() - t0 - (self.stats.wait_s - w0)
+                    W = self._layer_compute_s
+                    self._layer_compute_s = w if W is None else 0.8 * W + 0.2 * w
             if unit != "head":
                 self._prefetch_next(section, pos, ticket, mode, active, model)
 
@@ -837,6 +850,9 @@ class RingEngine:
         st, picked = self.stats, set(need)
         for depth, experts in made.items():
             hits = len(picked & experts)
+            prec = self._precision[depth]
+            prec[0] += hits
+            prec[1] += len(experts)
             if depth == 1:
                 st.predicted_d1_needed += len(picked)
                 st.predicted_d1_hits += hits
@@ -847,7 +863,35 @@ class RingEngine:
     def _submit_prediction(self, ticket: int, section: Section, xl: ExpertLayer, experts: list[int],
                            depth: int) -> None:
         self._predicted.setdefault((ticket, xl.layer), {})[depth] = set(experts)
-        self._ring.prefetch_experts(ticket, xl, experts, section)
+        experts = self._worth_reading(xl, experts, depth)
+        if experts:
+            self._ring.prefetch_experts(ticket, xl, experts, section)
+
+    def _worth_reading(self, xl: ExpertLayer, experts: list[int], depth: int) -> list[int]:
+        """The predicted experts worth loading ahead (``prefetch=True``; all of them with ``"always"``). One in the
+        expert cache is a copy: always. One on disk (read time t at the measured single-expert rate) pays when
+        p * min(t, d * W) > (1 - p) * t * u: a hit (the depth's measured precision p, the share of named experts the
+        router then picks) hides up to d layers of compute (W per MoE layer, measured) of its read; a wasted read
+        delays the needed ones by t when the disk is the bottleneck (u = 1: the layer's expected needed reads,
+        f(T) (E - c) t, take longer than W) and costs nothing when it would idle (u = 0). So with small experts
+        (reads shorter than the compute) every prediction is read, while with experts of several MiB on a disk
+        that is busy anyway only accurate predictions are (random routers: about none)."""
+        if self.prefetch == "always" or self._layer_compute_s is None:
+            return experts
+        cached = [e for e in experts if self.cache is not None and (xl.layer, e) in self.cache]
+        ring = self._ring
+        rate = ring.bw_expert.rate if ring.bw_expert.measured else ring.bw_section.rate
+        t, W = xl.disk_bytes / rate, self._layer_compute_s
+        hits, named = self._precision[depth]
+        p = hits / named
+        E = xl.num_experts
+        c = self.cache.layer_count(xl.layer) if self.cache is not None else 0
+        f = 1.0 - (1.0 - xl.top_k / E) ** max(self._next_pass_tokens, 1)
+        u = 1.0 if f * (E - c) * t > W else 0.0
+        if p * min(t, depth * W) > (1.0 - p) * t * u:
+            return experts
+        self.stats.predictions_skipped += len(experts) - len(cached)
+        return cached
 
     def _upcoming(self, section: Section, pos: int, ticket: int, mode: str
                   ) -> list[tuple[int, Section, int | None, str | None]]:
