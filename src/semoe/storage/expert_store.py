@@ -136,6 +136,8 @@ class ExpertStore:
         self._lock = threading.RLock()
         self._freed = threading.Condition(self._lock)
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="semoe-store-io")
+        # write-behinds on a thread of their own: a read the step waits for never queues behind them
+        self._wpool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semoe-store-write")
         self._inflight: dict[str, Future] = {}
         self.pinned = torch.cuda.is_available()  # host tier in pinned memory, for asynchronous copies
         self._files: dict[str, PositionalFile] = {}
@@ -311,7 +313,7 @@ class ExpertStore:
             if write_behind and e.writing is None and e.host is not None:
                 rows = sorted(x for x in e.dirty if x not in e.zero)
                 if rows:
-                    e.writing = self._pool.submit(self._write_job, e, e.host, rows, e.version, self.phase)
+                    e.writing = self._wpool.submit(self._write_job, e, e.host, rows, e.version, self.phase)
             self._freed.notify_all()
 
     def _write_job(self, e: _Entry, host: torch.Tensor, rows: list[int], version: int, phase: str) -> None:
@@ -583,6 +585,7 @@ class ExpertStore:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._wpool.shutdown(wait=True)
         for f in self._files.values():
             f.close()
         self._files.clear()
