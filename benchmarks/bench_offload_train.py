@@ -32,6 +32,11 @@ Offloaded rows also carry ``moved_by_mb`` (MiB per step by phase / tensor kind /
 counters) and ``stall_by_ms`` (waits for IO by phase), and ``schedule_{read,write}_bytes_per_step`` (what the
 schedule moves between the tiers when nothing stays cached across phases; see docs/storage.md).
 
+Each row also has ``step_ms_min`` and ``step_ms_all`` (the timed steps after ``--warmup`` untimed ones; the summary's
+``ratio_vs_in_memory_of_min_*`` compares the least disturbed steps); DeepSpeed rows ``parts_ms`` (forward, backward,
+optimizer step). ``--malloc default`` runs every row without the fixed mmap threshold (faster allocation, peak
+RSS then keeps freed heap). ``--peers only``: the in-memory and DeepSpeed rows (a shorter run).
+
 Run timings alone: ``flock -x /tmp/semoe-cpu.lock python benchmarks/bench_offload_train.py``.
 """
 
