@@ -32,6 +32,11 @@ Offloaded rows also carry ``moved_by_mb`` (MiB per step by phase / tensor kind /
 counters) and ``stall_by_ms`` (waits for IO by phase), and ``schedule_{read,write}_bytes_per_step`` (what the
 schedule moves between the tiers when nothing stays cached across phases; see docs/storage.md).
 
+Each row also has ``step_ms_min`` and ``step_ms_all`` (the timed steps after ``--warmup`` untimed ones; the summary's
+``ratio_vs_in_memory_of_min_*`` compares the least disturbed steps); DeepSpeed rows ``parts_ms`` (forward, backward,
+optimizer step). ``--malloc default`` runs every row without the fixed mmap threshold (faster allocation, peak
+RSS then keeps freed heap). ``--peers only``: the in-memory and DeepSpeed rows (a shorter run).
+
 Run timings alone: ``flock -x /tmp/semoe-cpu.lock python benchmarks/bench_offload_train.py``.
 """
 
@@ -73,7 +78,7 @@ def write_corpus(path: Path, n_lines: int = 4000) -> None:
 def overrides(args: argparse.Namespace) -> list[str]:
     return [f"model.d_model={args.d_model}", f"model.moe.d_ff={args.d_ff}", f"model.moe.num_experts={args.experts}",
             f"model.n_layers={args.layers}", f"model.max_seq_len={args.seq}", f"train.seq_len={args.seq}",
-            f"train.batch_size={args.batch}", f"train.dtype={args.dtype}", f"train.steps={args.steps + 1}",
+            f"train.batch_size={args.batch}", f"train.dtype={args.dtype}", f"train.steps={args.steps + args.warmup}",
             "train.eval_every=1000", "train.ckpt_every=1000", "model.moe.router.capacity_factor=none",
             "model.moe.router.eval_capacity_factor=none", "train.val_fraction=0.3"]  # no eval; big batches fit
 
@@ -82,10 +87,10 @@ def matmul_rate(t_e: int, d: int, f: int, dtype: str = "float32") -> float:
     import torch
 
     a, b = torch.randn(t_e, d).to(getattr(torch, dtype)), torch.randn(d, f).to(getattr(torch, dtype))
-    torch.mm(a, b)
+    c = torch.mm(a, b)  # out=: the rate of the matmul itself, not of a fresh output's page faults
     reps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < 0.3:
-        torch.mm(a, b)
+        torch.mm(a, b, out=c)
         reps += 1
     return 2.0 * t_e * d * f * reps / (time.perf_counter() - t0)
 
@@ -133,12 +138,13 @@ def row_semoe(args: argparse.Namespace, impl: str, cache: str) -> dict:
     budget_mb = state / 2**20 * args.budget_frac if impl == "semoe-offload" else 0.0
     run = apply_overrides(run, [f"storage.budget_mb={budget_mb}"])
     t = Trainer(run, work / f"{impl}-{cache}", work / "cache", resume=None)
-    t.train_step(0)  # warm-up (allocations, first reads)
+    for s in range(args.warmup):  # warm-up (allocations, buffers grown to the step's sizes, first reads)
+        t.train_step(s)
     if t.offload is not None and cache == "cold":
         t.offload.store.drop_page_cache()
     Path("/proc/self/clear_refs").write_text("5")
     times, io, stalls, reads, writes, by, stall_by = [], [], [], [], [], [], []
-    for s in range(1, args.steps + 1):
+    for s in range(args.warmup, args.warmup + args.steps):
         if t.offload is not None and cache == "cold":
             # the flush writes back what the last step left dirty (counted in this step's bytes, as the warm row
             # writes it when evicting it during the next step)
@@ -158,13 +164,15 @@ def row_semoe(args: argparse.Namespace, impl: str, cache: str) -> dict:
     t_e = tokens * 2 / args.experts  # top-2, dropless: tokens per expert per step (balanced)
     step_ms = 1e3 * statistics.median(times)
     out = {"impl": impl, "cache": cache if impl == "semoe-offload" else "warm", "dtype": args.dtype,
-           "tokens_per_s": tokens / (step_ms / 1e3), "step_ms": step_ms, "peak_rss_mb": status("VmHWM") / 2**20,
+           "tokens_per_s": tokens / (step_ms / 1e3), "step_ms": step_ms, "step_ms_min": 1e3 * min(times),
+           "step_ms_all": [round(1e3 * x, 1) for x in times], "peak_rss_mb": status("VmHWM") / 2**20,
            "budget_mb": budget_mb,
            "expert_state_mb": state / 2**20, "bytes_moved_per_step": statistics.median(io) if io else 0.0,
            "bytes_read_per_step": statistics.median(reads) if reads else 0.0,
            "bytes_written_per_step": statistics.median(writes) if writes else 0.0,
            "stall_ms": statistics.median(stalls) if stalls else 0.0, "tokens_per_expert": t_e,
-           "expert_params": e_params, "steps": args.steps, "threads": args.threads, "cpu": cpu_model()}
+           "expert_params": e_params, "steps": args.steps, "threads": args.threads, "malloc": args.malloc,
+           "cpu": cpu_model()}
     if by:  # MiB per step by phase / tensor kind / read|write (median over the timed steps)
         keys = sorted({k for d in by for k in d})
         out["moved_by_mb"] = {"/".join(k): statistics.median(d.get(k, 0) for d in by) / 2**20 for k in keys}
@@ -213,7 +221,7 @@ def row_deepspeed(args: argparse.Namespace, device: str) -> dict:
     base = {"impl": "deepspeed", "cache": "warm" if device == "cpu" else "cold", "offload": device, "dtype": args.dtype,
             "tokens_per_s": None, "step_ms": None, "peak_rss_mb": None, "budget_mb": None,
             "expert_state_mb": 16 * e_params / 2**20, "bytes_moved_per_step": None, "bound_step_ms": None,
-            "threads": args.threads, "cpu": cpu_model()}
+            "threads": args.threads, "malloc": args.malloc, "cpu": cpu_model()}
     try:
         import torch
 
@@ -230,12 +238,19 @@ def row_deepspeed(args: argparse.Namespace, device: str) -> dict:
             "stage": 3, "offload_param": dict(off), "offload_optimizer": dict(off)}, config=config)
         x = torch.randint(0, 320, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
 
-        def step() -> None:
-            out = engine(input_ids=x, labels=x)  # cross-entropy + router_aux_loss_coef * HF's aux loss
-            engine.backward(out.loss)
-            engine.step()
+        parts: list[tuple[float, float, float]] = []
 
-        step()  # warm-up
+        def step() -> None:
+            t0 = time.perf_counter()
+            out = engine(input_ids=x, labels=x)  # cross-entropy + router_aux_loss_coef * HF's aux loss
+            t1 = time.perf_counter()
+            engine.backward(out.loss)
+            t2 = time.perf_counter()
+            engine.step()
+            parts.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
+
+        for _ in range(args.warmup):
+            step()
         Path("/proc/self/clear_refs").write_text("5")
         times, moved = [], []
         for _ in range(args.steps):
@@ -246,7 +261,11 @@ def row_deepspeed(args: argparse.Namespace, device: str) -> dict:
             r1, w1 = process_io_bytes()
             moved.append((r1 - r0) + (w1 - w0))
         step_ms = 1e3 * statistics.median(times)
-        base.update(step_ms=step_ms, tokens_per_s=args.batch * args.seq / (step_ms / 1e3),
+        timed = parts[-args.steps:]  # where the step goes: forward, backward (with ZeRO-3's gathers), optimizer step
+        base["parts_ms"] = {n: 1e3 * statistics.median(p[i] for p in timed)
+                            for i, n in enumerate(("forward", "backward", "step"))}
+        base.update(step_ms=step_ms, tokens_per_s=args.batch * args.seq / (step_ms / 1e3), step_ms_min=1e3 * min(times),
+                    step_ms_all=[round(1e3 * x, 1) for x in times],
                     peak_rss_mb=status("VmHWM") / 2**20, bytes_moved_per_step=statistics.median(moved),
                     expert_params=e_params, steps=args.steps)
     except BaseException as e:  # recorded, not raised: the row says why DeepSpeed does not run here
@@ -271,6 +290,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, 2 steps (CI)")
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    ap.add_argument("--malloc", default="fixed", choices=["fixed", "default"],
+                    help="fixed: MALLOC_MMAP_THRESHOLD_=65536 (freed blocks go back to the kernel, so peak RSS "
+                         "measures live memory; every fresh block >= 64 KiB costs page faults); default: glibc's "
+                         "dynamic threshold (faster allocation, RSS keeps freed heap)")
     ap.add_argument("--d-model", type=int, default=128)
     ap.add_argument("--d-ff", type=int, default=1024)
     ap.add_argument("--experts", type=int, default=8)
@@ -279,14 +303,15 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--budget-frac", type=float, default=0.25, help="host budget / expert state (<= 0.25)")
-    ap.add_argument("--peers", default="auto", choices=["auto", "none"])
+    ap.add_argument("--peers", default="auto", choices=["auto", "none", "only"],
+                    help="none: no DeepSpeed rows; only: DeepSpeed rows and the in-memory row (a shorter run)")
     ap.add_argument("--dtype", default="float32",
                     help="float32, bfloat16 or float32,bfloat16: every row in each (bf16: autocast, float32 masters)")
     ap.add_argument("--row", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.smoke:
-        args.steps, args.d_model, args.d_ff, args.experts, args.batch, args.seq = 2, 32, 128, 4, 4, 32
+        args.steps, args.warmup, args.d_model, args.d_ff, args.experts, args.batch, args.seq = 2, 1, 32, 128, 4, 4, 32
     dtypes = args.dtype.split(",")
     bad = [d for d in dtypes if d not in ("float32", "bfloat16")]
     if bad or not dtypes:
@@ -294,8 +319,9 @@ def main() -> None:
     if args.row is not None:
         child(args)
         return
-    rows = [f"{r}@{d}" for d in dtypes for r in ["in-memory:warm", "semoe-offload:warm", "semoe-offload:cold"]]
-    rows += [f"{r}@{d}" for d in dtypes for r in (["deepspeed:cpu", "deepspeed:nvme"] if args.peers == "auto" else [])]
+    ours = ["in-memory:warm"] + (["semoe-offload:warm", "semoe-offload:cold"] if args.peers != "only" else [])
+    rows = [f"{r}@{d}" for d in dtypes for r in ours]
+    rows += [f"{r}@{d}" for d in dtypes for r in (["deepspeed:cpu", "deepspeed:nvme"] if args.peers != "none" else [])]
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_offload_") as work:
         write_corpus(Path(work) / "corpus.txt")
@@ -308,8 +334,12 @@ def main() -> None:
             elif not a.startswith(("--peers=", "--dtype=")):
                 fwd.append(a)
         for row in rows:
-            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(args.threads),
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
                    "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
+            if args.malloc == "fixed":
+                env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+            else:
+                env.pop("MALLOC_MMAP_THRESHOLD_", None)
             res = subprocess.run([sys.executable, __file__, *fwd, "--row", row, "--workdir", work],
                                  capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
             line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -344,6 +374,7 @@ def main() -> None:
         offs = {r["cache"]: r for r in results if r["impl"] == "semoe-offload" and r["dtype"] == d and "error" not in r}
         for cache, r in offs.items():
             vals = {"ratio_vs_in_memory": r["step_ms"] / mem["step_ms"],
+                    "ratio_vs_in_memory_of_min": r["step_ms_min"] / mem["step_ms_min"],  # least disturbed steps
                     "ratio_vs_bound": r["step_ms"] / r["bound_step_ms"],
                     "tokens_per_expert_over_t_star": r["tokens_per_expert"] / r["t_star"],
                     "moved_over_schedule": r["bytes_moved_per_step"] / r["schedule_bytes_per_step"],

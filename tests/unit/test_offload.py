@@ -147,6 +147,99 @@ def test_store_reuses_evicted_buffers_within_budget(tmp_path) -> None:
     st.close()
 
 
+def test_store_write_behind(tmp_path, monkeypatch) -> None:
+    """``release(write_behind=True)`` writes the dirty rows on an IO thread: the tensor stays cached and is
+    clean once written (its eviction writes nothing); a tensor modified again while its write is in flight
+    stays dirty (the newer values reach the file later); an eviction never reuses a buffer whose write is in
+    flight (it waits), and flush waits for the writes before it syncs."""
+    from semoe.storage import tensor_io
+
+    st = ExpertStore(tmp_path / "s", 4 * 16 * 4)  # one [4, 16] float32 tensor
+    for k in ("a", "b"):
+        st.declare(k, (4, 16), torch.float32)
+    va = torch.randn(4, 16)
+    t = st.acquire("a", experts=[])
+    t.copy_(va)
+    st.release("a", dirty=range(4), write_behind=True)
+    st.flush()
+    assert not st.entries["a"].dirty and st.entries["a"].on_disk == {0, 1, 2, 3}
+    st.reset_stats()
+    st.acquire("b", experts=[])  # evicts a: already written, so no write now
+    st.release("b")
+    assert st.stats.bytes_written == 0
+
+    gate, entered = threading.Event(), threading.Event()
+    write = tensor_io.PositionalFile.write
+
+    def slow(self, offset, buf):
+        entered.set()
+        gate.wait(10)
+        return write(self, offset, buf)
+
+    monkeypatch.setattr(tensor_io.PositionalFile, "write", slow)
+    t = st.acquire("a")  # b is clean (nothing dirty): evicted without a write
+    assert torch.equal(t, va)
+    t[0] += 1
+    st.release("a", dirty=[0], write_behind=True)
+    assert entered.wait(10)
+    t = st.acquire("a")  # modified again while its write is in flight
+    t[1] += 1
+    st.release("a", dirty=[1])
+    done = threading.Event()
+
+    def need_b() -> None:
+        st.acquire("b")
+        st.release("b")
+        done.set()
+
+    th = threading.Thread(target=need_b)
+    th.start()
+    time.sleep(0.2)
+    assert not done.is_set()  # evicting a waits for its write: its buffer is not reused while being written
+    gate.set()
+    th.join(10)
+    assert done.is_set()
+    monkeypatch.undo()
+    expect = va.clone()
+    expect[0] += 1
+    expect[1] += 1
+    assert torch.equal(st.acquire("a"), expect)  # row 1 stayed dirty, so the eviction wrote it too
+    st.release("a")
+    st.close()
+
+
+def test_store_lends_spare_buffers_for_adopted_gradients(tmp_path) -> None:
+    """A buffer the store lends is a spare (an evicted tensor's memory) when one is there, counted in the
+    budget while lent; adopting it reserves nothing more and frees no spare; a buffer given back is a spare
+    again; without room the store lends an ordinary tensor and the adopt reserves for it."""
+    nb = 4 * 16 * 4
+    st = ExpertStore(tmp_path / "s", 2 * nb)
+    for k in ("W", "m", "G"):
+        st.declare(k, (4, 16), torch.float32)
+    st.put("W", torch.randn(4, 16))
+    st.put("m", torch.randn(4, 16))
+    w_ptr = st.entries["W"].host.data_ptr()
+    assert st.resident == 2 * nb
+    g = st.lend((4, 16), torch.float32)  # no spare yet: evicts W (LRU), takes its memory
+    assert g.data_ptr() == w_ptr and st.resident == 2 * nb and st.entries["W"].host is None
+    g.fill_(3.0)
+    st.adopt("G", g, zero=set())
+    assert st.resident == 2 * nb and st.entries["G"].host.data_ptr() == w_ptr
+    del g
+    assert torch.equal(st.acquire("G"), torch.full((4, 16), 3.0))
+    st.release("G")
+    h = st.lend((4, 16), torch.float32)
+    ptr = h.data_ptr()
+    st.give_back(h)
+    del h
+    assert st.resident == 2 * nb and any(s.data_ptr() == ptr for s in st._spares)
+    held = [st.acquire("G"), st.acquire("m")]
+    x = st.lend((4, 16), torch.float32)  # everything in use: an uncounted tensor
+    assert st.resident == 2 * nb and x.data_ptr() not in st._lent
+    assert len(held) == 2
+    st.close()
+
+
 def test_budget_below_one_layer_states_minimum(tmp_path, corpus_file, cache_dir) -> None:
     run = offload_run(corpus_file, steps=2, budget_mb=0.1)
     with pytest.raises(StoreBudgetError, match=r"at least 0\.5"):

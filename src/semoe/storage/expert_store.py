@@ -68,6 +68,8 @@ class _Entry:
     pins: int = 0
     last_use: int = 0
     pending: bool = False  # prefetched and not acquired since: other prefetches do not evict it
+    writing: Future | None = None  # a write-behind of its host rows in flight (the buffer is not reused until done)
+    version: int = 0  # bumped by every modification: a write-behind clears ``dirty`` only if none came meanwhile
     io_phase: str = ""  # the store's phase when its last read was asked for (the IO counters' label)
 
     @property
@@ -134,10 +136,13 @@ class ExpertStore:
         self._lock = threading.RLock()
         self._freed = threading.Condition(self._lock)
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="semoe-store-io")
+        # write-behinds on a thread of their own: a read the step waits for never queues behind them
+        self._wpool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semoe-store-write")
         self._inflight: dict[str, Future] = {}
         self.pinned = torch.cuda.is_available()  # host tier in pinned memory, for asynchronous copies
         self._files: dict[str, PositionalFile] = {}
         self._spares: list[torch.UntypedStorage] = []  # host memory of dropped tensors, counted in resident
+        self._lent: dict[int, int] = {}  # data_ptr -> bytes of buffers lent (counted in resident) until adopted
         self.phase = ""  # what the caller is doing ("forward", "backward", "optimizer"): labels the IO counters
 
     # ------------------------------------------------------------------ directory
@@ -194,13 +199,57 @@ class ExpertStore:
         experts whose rows are known to be zero (not written to disk)."""
         with self._lock:
             e = self._forget(key)
-            self._reserve(e.nbytes, reuse=False)
+            if self._lent.pop(value.data_ptr(), None) is None:  # a lent buffer is counted already
+                self._reserve(e.nbytes, reuse=False)
+                self.resident += e.nbytes
             e.host = value
-            self.resident += e.nbytes
             e.loaded = set(range(e.experts))
             e.zero = set(zero)
             e.dirty = e.loaded - e.zero
+            e.version += 1
             self._touch(e)
+            self.stats.peak_resident = max(self.stats.peak_resident, self.resident)
+
+    def lend(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A buffer for a tensor that will be :meth:`adopt`-ed (the experts' weight gradient, which the
+        expert op writes into it): a spare buffer of its size where there is one, else new memory, counted in
+        the budget from now on, so the adopt reserves nothing and frees no spare (no fresh pages per step).
+        Where the budget has no room now (everything is in use), an ordinary uncounted tensor: its adopt
+        reserves for it then. A lent buffer that is not adopted goes back with :meth:`give_back`."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        with self._lock:
+            if not self._try_reserve(nbytes):
+                return torch.empty(shape, dtype=dtype)
+            storage = self._take_spare(nbytes)
+            if storage is not None:
+                t = torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+            else:
+                t = torch.empty(shape, dtype=dtype, **({"pin_memory": True} if self.pinned else {}))
+                self.resident += nbytes
+            self._lent[t.data_ptr()] = nbytes
+            self.stats.peak_resident = max(self.stats.peak_resident, self.resident)
+            return t
+
+    def give_back(self, t: torch.Tensor) -> None:
+        """Return a buffer from :meth:`lend` that was not adopted (its contents were added into the stored
+        tensor): a spare again if the caller holds no other reference, else its bytes leave the budget."""
+        with self._lock:
+            nbytes = self._lent.pop(t.data_ptr(), None)
+            if nbytes is None:
+                return
+            # references: the caller's, ``t`` and getrefcount's argument
+            if sys.getrefcount(t) <= 3 and self._sole_storage(t, nbytes):
+                self._spares.append(t.untyped_storage())
+            else:
+                self.resident -= nbytes
+
+    def reclaim_lent(self) -> None:
+        """Forget lent buffers never adopted nor given back (their owner dropped them): their bytes leave the
+        budget's count."""
+        with self._lock:
+            for nbytes in self._lent.values():
+                self.resident -= nbytes
+            self._lent.clear()
 
     def set_zero(self, key: str) -> None:
         """Forget the contents: all zero again (no IO; memory freed)."""
@@ -208,12 +257,14 @@ class ExpertStore:
             e = self._forget(key)
             e.zero = set(range(e.experts))
             e.on_disk.clear()
+            e.version += 1
 
     def _forget(self, key: str) -> _Entry:
         """``key``'s entry with its host copy dropped (after any read in flight; refused while in use).
         The caller holds the lock."""
         e = self.entries[key]
         self._wait_inflight(key)
+        self._wait_writing(e)
         if e.pins:
             raise RuntimeError(f"{key} is in use")
         self._drop(e)
@@ -245,8 +296,11 @@ class ExpertStore:
         self.stats.stall_by[self.phase] = self.stats.stall_by.get(self.phase, 0.0) + dt
         return e.host
 
-    def release(self, key: str, dirty: list[int] | range | set[int] | None = None) -> None:
-        """Done with the tensor; ``dirty``: the experts whose rows were modified."""
+    def release(self, key: str, dirty: list[int] | range | set[int] | None = None, write_behind: bool = False) -> None:
+        """Done with the tensor; ``dirty``: the experts whose rows were modified. ``write_behind``: start
+        writing the dirty rows to disk now on an IO thread (the tensor stays cached; a later eviction then
+        finds it clean and the step does not wait for that write). A tensor modified again before the write
+        is done stays dirty; its buffer is not reused or dropped until the write is done."""
         with self._lock:
             e = self.entries[key]
             if dirty is not None:
@@ -254,8 +308,37 @@ class ExpertStore:
                 e.dirty |= d
                 e.zero -= d
                 e.loaded |= d
+                e.version += 1
             e.pins -= 1
+            if write_behind and e.writing is None and e.host is not None:
+                rows = sorted(x for x in e.dirty if x not in e.zero)
+                if rows:
+                    e.writing = self._wpool.submit(self._write_job, e, e.host, rows, e.version, self.phase)
             self._freed.notify_all()
+
+    def _write_job(self, e: _Entry, host: torch.Tensor, rows: list[int], version: int, phase: str) -> None:
+        ok = False
+        try:
+            self._write_rows(e, host, rows, phase)
+            ok = True
+        finally:  # a failed write leaves the rows dirty: the next write-back (eviction, flush) raises its error
+            with self._lock:
+                if ok:
+                    e.on_disk.update(rows)
+                    if e.version == version:
+                        e.dirty.difference_update(rows)
+                e.writing = None
+                self._freed.notify_all()
+
+    def _wait_writing(self, e: _Entry) -> None:
+        """Wait (the lock released meanwhile) until ``e``'s write-behind, if any, is done; its error is raised."""
+        fut = e.writing
+        if fut is not None:
+            self._lock.release()
+            try:
+                fut.result()
+            finally:
+                self._lock.acquire()
 
     def prefetch(self, key: str, experts: list[int] | range | None = None) -> None:
         """Start reading ``experts`` (None: all) of ``key`` on an IO thread, if it fits without evicting
@@ -312,18 +395,22 @@ class ExpertStore:
         """Host memory for ``e`` after a successful reserve: a spare buffer of its size (memory an evicted
         tensor left, already counted in ``resident``: no page faults, no zeroing of the whole block), else
         a new one. ``zero_fill``: the rows of experts known to be zero are zeroed and count as loaded."""
-        spare = next((i for i, b in enumerate(self._spares) if b.nbytes() == e.nbytes), None)
-        if spare is not None:  # a tensor over the storage itself (not a view: no _base keeping another alive)
-            e.host = torch.empty(0, dtype=e.dtype).set_(self._spares.pop(spare), 0, e.shape)
-            if zero_fill:
-                for x in e.zero:
-                    e.host[x].zero_()
-        else:
+        storage = self._take_spare(e.nbytes)
+        if storage is not None:  # a tensor over the storage itself (not a view: no _base keeping another alive)
+            e.host = torch.empty(0, dtype=e.dtype).set_(storage, 0, e.shape)
+        else:  # not zero-filled: the rows read from disk overwrite theirs, the zero experts' are zeroed below
             kw = {"pin_memory": True} if self.pinned else {}
-            e.host = (torch.zeros if zero_fill else torch.empty)(e.shape, dtype=e.dtype, **kw)
+            e.host = torch.empty(e.shape, dtype=e.dtype, **kw)
             self.resident += e.nbytes
+        if zero_fill:
+            for x in e.zero:
+                e.host[x].zero_()
         e.loaded = set(e.zero) if zero_fill else set()
         self.stats.peak_resident = max(self.stats.peak_resident, self.resident)
+
+    def _take_spare(self, nbytes: int) -> torch.UntypedStorage | None:
+        i = next((i for i, b in enumerate(self._spares) if b.nbytes() == nbytes), None)
+        return None if i is None else self._spares.pop(i)
 
     def _try_reserve(self, nbytes: int, evict_pending: bool = True, reuse: bool = True) -> bool:
         """Make room for ``nbytes``, evicting LRU tensors nobody holds; tensors prefetched and not acquired
@@ -366,7 +453,11 @@ class ExpertStore:
         cands = [x for x in self.entries.values() if x.host is not None and x.pins == 0 and (pending or not x.pending)]
         if not cands:
             return False
-        victim = min(cands, key=lambda x: x.last_use)
+        free = [x for x in cands if x.writing is None]
+        if not free:  # every candidate is being written: wait for the oldest, then look again
+            self._wait_writing(min(cands, key=lambda x: x.last_use))
+            return True
+        victim = min(free, key=lambda x: x.last_use)
         self._write_back(victim)
         self._drop(victim)
         return True
@@ -375,11 +466,11 @@ class ExpertStore:
         """Forget ``e``'s host copy; its memory becomes a spare buffer (still counted in ``resident``) when
         nothing else references it (no caller kept the tensor or a view of it), else it is released."""
         if e.host is not None:
+            assert e.writing is None, f"{e.key}: dropped while its write-behind is in flight"
             h = e.host
             e.host = None
-            # references: ``h`` and getrefcount's argument; the storage: h and untyped_storage()'s temporary
-            if (sys.getrefcount(h) <= 2 and torch._C._storage_Use_Count(h.untyped_storage()._cdata) <= 2
-                    and h.is_contiguous() and h.storage_offset() == 0 and h.untyped_storage().nbytes() == e.nbytes):
+            # references: ``h`` and getrefcount's argument
+            if sys.getrefcount(h) <= 2 and self._sole_storage(h, e.nbytes):
                 self._spares.append(h.untyped_storage())
             else:
                 self.resident -= e.nbytes
@@ -388,7 +479,18 @@ class ExpertStore:
         e.dirty = set()
         e.pending = False
 
+    @staticmethod
+    def _sole_storage(h: torch.Tensor, nbytes: int) -> bool:
+        """``h`` covers its whole storage and no other tensor uses it (the storage's users: ``h`` and
+        untyped_storage()'s temporary)."""
+        return (torch._C._storage_Use_Count(h.untyped_storage()._cdata) <= 2 and h.is_contiguous()
+                and h.storage_offset() == 0 and h.untyped_storage().nbytes() == nbytes)
+
     def _file(self, e: _Entry) -> PositionalFile:
+        with self._lock:
+            return self._open_file(e)
+
+    def _open_file(self, e: _Entry) -> PositionalFile:
         f = self._files.get(e.key)
         if f is None:
             try:
@@ -400,12 +502,19 @@ class ExpertStore:
         return f
 
     def _write_back(self, e: _Entry) -> None:
+        """Write ``e``'s dirty rows now (after its write-behind, if one is in flight). The caller holds the lock."""
+        self._wait_writing(e)
         rows = sorted(x for x in e.dirty if x not in e.zero)
         if not rows:
             e.dirty = set()
             return
+        self._write_rows(e, e.host, rows, self.phase)
+        e.on_disk.update(rows)
+        e.dirty = set()
+
+    def _write_rows(self, e: _Entry, host: torch.Tensor, rows: list[int], phase: str) -> None:
         f, rb = self._file(e), e.row_bytes
-        flat = byte_view(e.host)
+        flat = byte_view(host)
         for x in rows:
             try:
                 f.write(x * rb, flat[x * rb:(x + 1) * rb])
@@ -413,11 +522,10 @@ class ExpertStore:
                 raise StoreIOError(err.errno, f"writing {e.path} failed ({err}): the disk under {self.root} is "
                                    "full or failing; free space or set storage.dir elsewhere (checkpoints already "
                                    "written are untouched)") from err
-            self.stats.bytes_written += rb
-            self.stats.writes += 1
-            self.stats.count(self.phase, e.kind, "write", rb)
-            e.on_disk.add(x)
-        e.dirty = set()
+            with self._lock:  # IO threads count too
+                self.stats.bytes_written += rb
+                self.stats.writes += 1
+                self.stats.count(phase, e.kind, "write", rb)
 
     def _load_rows(self, e: _Entry, want: list[int]) -> None:
         assert e.host is not None
@@ -452,6 +560,7 @@ class ExpertStore:
         """Write every dirty tensor to disk (they stay cached) and fsync the files."""
         with self._lock:
             for e in self.entries.values():
+                self._wait_writing(e)
                 if e.host is not None and e.dirty:
                     self._write_back(e)
             for f in self._files.values():
@@ -468,6 +577,7 @@ class ExpertStore:
         with self._lock:
             for e in list(self.entries.values()):
                 self._wait_inflight(e.key)
+                self._wait_writing(e)
                 if e.host is not None and e.pins == 0:
                     self._write_back(e)
                     self._drop(e)
@@ -475,6 +585,7 @@ class ExpertStore:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._wpool.shutdown(wait=True)
         for f in self._files.values():
             f.close()
         self._files.clear()
