@@ -332,7 +332,10 @@ class ExpertStore:
 
     def _wait_writing(self, e: _Entry) -> None:
         """Wait (the lock released meanwhile) until ``e``'s write-behind, if any, is done; its error is raised."""
-        fut = e.writing
+        self._wait_unlocked(e.writing)
+
+    def _wait_unlocked(self, fut: Future | None) -> None:
+        """Wait for ``fut`` (if any) with the store's lock released meanwhile; its error is raised."""
         if fut is not None:
             self._lock.release()
             try:
@@ -373,13 +376,7 @@ class ExpertStore:
                 self._freed.notify_all()
 
     def _wait_inflight(self, key: str) -> None:
-        fut = self._inflight.get(key)
-        if fut is not None:
-            self._lock.release()
-            try:
-                fut.result()
-            finally:
-                self._lock.acquire()
+        self._wait_unlocked(self._inflight.get(key))
 
     # ------------------------------------------------------------------ internals
     def _touch(self, e: _Entry) -> None:
