@@ -240,6 +240,40 @@ def test_store_lends_spare_buffers_for_adopted_gradients(tmp_path) -> None:
     st.close()
 
 
+def test_store_adopts_an_unlent_gradient_while_another_is_lent(tmp_path) -> None:
+    """A gradient that could not be lent (no room then) is adopted while a lent one still holds its room: the lent
+    one becomes an ordinary tensor (uncounted) instead of a budget error, and its own adopt reserves for it later;
+    the count never exceeds the budget and every tensor keeps its contents (CI met this with a prefetch in flight
+    at the second lend)."""
+    nb = 4 * 16 * 4
+    st = ExpertStore(tmp_path / "s", 3 * nb)
+    for k in ("W", "X", "G1", "G2"):
+        st.declare(k, (4, 16), torch.float32)
+    w, x = torch.randn(4, 16), torch.randn(4, 16)
+    st.put("W", w)
+    held_w = st.acquire("W")  # in use through backward
+    g1 = st.lend((4, 16), torch.float32)  # lent: counted
+    assert g1.data_ptr() in st._lent and st.resident == 2 * nb
+    st.put("X", x)
+    held_x = st.acquire("X")  # the last room, in use too
+    g2 = st.lend((4, 16), torch.float32)  # no room: an ordinary tensor
+    assert g2.data_ptr() not in st._lent and st.resident == 3 * nb
+    g1.fill_(1.0)
+    g2.fill_(2.0)
+    st.adopt("G2", g2, zero=set())  # before: StoreBudgetError (W, X and the lent g1 hold the budget)
+    assert st.resident <= st.budget and not st._lent
+    st.release("X")
+    del held_x
+    st.adopt("G1", g1, zero=set())  # no longer lent: reserves, evicting an unused tensor (written to disk)
+    assert st.resident <= st.budget
+    st.release("W")
+    del held_w
+    for key, want in (("G1", torch.full((4, 16), 1.0)), ("G2", torch.full((4, 16), 2.0)), ("X", x), ("W", w)):
+        assert torch.equal(st.acquire(key), want), key
+        st.release(key)
+    st.close()
+
+
 def test_budget_below_one_layer_states_minimum(tmp_path, corpus_file, cache_dir) -> None:
     run = offload_run(corpus_file, steps=2, budget_mb=0.1)
     with pytest.raises(StoreBudgetError, match=r"at least 0\.5"):

@@ -438,6 +438,9 @@ class ExpertStore:
             if self._inflight:  # a prefetch holds memory for a moment: wait for it
                 self._freed.wait(timeout=1.0)
                 continue
+            if self._lent:  # buffers lent and not adopted yet hold the room: they become ordinary tensors (their
+                self.resident -= self._lent.popitem()[1]  # adopt then reserves, as for any gradient not lent)
+                continue
             raise StoreBudgetError(
                 f"the expert store's host budget ({self.budget / 2**20:.2f} MiB) cannot hold the tensors one step "
                 f"needs at once: {(held + nbytes) / 2**20:.2f} MiB in use plus this request. Raise "
