@@ -155,7 +155,6 @@ class ExpertOffload:
         self._opt = torch.optim.AdamW([self._opt_param], lr=lr, betas=betas, weight_decay=weight_decay,
                                       fused=True)
         self._ctx: list[Any] = []
-        self.write_behind = True  # the optimizer's written tensors start for disk at once (see ExpertStore.release)
         self.last_stats: StoreStats | None = None  # the counters step_stats() reported last
         self.trace: list[tuple[str, str, tuple[int, ...]]] | None = None  # set to [] to record fetches (tests)
 
@@ -289,7 +288,7 @@ class ExpertOffload:
                 # complete: it goes to disk on an IO thread now (an eviction before the optimizer needs it then
                 # finds it written instead of writing it on the training thread)
                 self.store.release(gkey, dirty=range(k.shape[0]) if self.dp > 1 else None,
-                                   write_behind=self.write_behind)
+                                   write_behind=True)
             if k.held_bwd:
                 self.store.release(f"{k.name}/W")
                 k.held_bwd = False
@@ -362,10 +361,10 @@ class ExpertOffload:
             p.data = torch.empty(0, dtype=k.dtype)
             every = range(k.shape[0])
             # W, m, v go to disk on the IO threads now (write-behind), while the next keys are updated
-            self.store.release(names[0], dirty=every, write_behind=self.write_behind)
+            self.store.release(names[0], dirty=every, write_behind=True)
             self.store.release(names[1])
-            self.store.release(names[2], dirty=every, write_behind=self.write_behind)
-            self.store.release(names[3], dirty=every, write_behind=self.write_behind)
+            self.store.release(names[2], dirty=every, write_behind=True)
+            self.store.release(names[3], dirty=every, write_behind=True)
             self.store.set_zero(names[1])
             k.backwards, k.sq = 0, None
         for layer in self.layers:

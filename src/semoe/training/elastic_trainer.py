@@ -128,6 +128,11 @@ class ElasticTrainer:
             self.mesh = build_mesh(token_ep_size(self.world, cfg.token_moe.num_experts))
             apply_expert_parallel(self.model, self.mesh)
         self.layout = ElasticLayout(plan, self.rank, self.mesh, self.distributed)
+        # gradient elements of each task whose first rank this is (summed over the world: every task's count)
+        self._numel_mine = torch.zeros(len(plan.tasks), dtype=torch.float64)
+        for t, n in self.layout.numel(self.model)[1].items():
+            if plan.experts_on[plan.index(t)][0] == self.rank:
+                self._numel_mine[plan.index(t)] = n
         self.optimizer = build_optimizer(self.model, tc)
         if self.rank == 0:
             log.info("%s", plan.describe())
@@ -207,12 +212,8 @@ class ElasticTrainer:
         for i, t in enumerate(self.plan.tasks):
             comm[i] = self.layout.comm_s.get(t, 0.0)
         comm[T] = self.layout.comm_s.get("", 0.0)
-        numel = torch.zeros(T, dtype=torch.float64)
-        for t, n in self.layout.numel(self.model)[1].items():
-            if self.plan.experts_on[self.plan.index(t)][0] == self.rank:
-                numel[self.plan.index(t)] = n
         flag = torch.tensor([1.0 if self._busy_prev is not None else 0.0], dtype=torch.float64)
-        return torch.cat([stats.reshape(-1), busy, comm, numel, flag])
+        return torch.cat([stats.reshape(-1), busy, comm, self._numel_mine, flag])
 
     def _unpack(self, summed: torch.Tensor) -> torch.Tensor:
         """The summed statistics vector: keeps the busy times (of the previous step, when there was one) and
