@@ -27,9 +27,11 @@ def _entry(rank: int, fn: Callable[..., Any], world: int, store_path: str, out_d
     try:
         result = fn(rank, world, *args)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-        dist.barrier()
+        if dist.is_initialized():  # ``fn`` may have destroyed it (the tests of ``shutdown_distributed``)
+            dist.barrier()
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def run_ranks(fn: Callable[..., Any], world: int, tmp_path: Path, *args: Any, timeout: float = 120.0) -> list[Any]:

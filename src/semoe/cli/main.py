@@ -26,10 +26,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args, argv) or 0)
+        rc = int(args.func(args, argv) or 0)
     except (ValueError, FileNotFoundError) as e:
         print(f"semoe {args.command}: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # e.g. TrainingDiverged, a failed data download
         print(f"semoe {args.command}: error: {e}", file=sys.stderr)
         return 1
+    # a torchrun worker that trained: its process group goes before the interpreter does (an error above exits
+    # without it: its peers may still be inside a collective, and torchrun stops them)
+    from semoe.parallel.mesh import shutdown_distributed
+
+    shutdown_distributed()
+    return rc

@@ -85,6 +85,17 @@ def init_distributed(timeout_s: float = 600.0) -> bool:
     return True
 
 
+def shutdown_distributed() -> None:
+    """Destroy the default process group (and every group made from it) if one is initialised.
+
+    Call it before a process that initialised one exits normally: left to interpreter teardown, gloo's worker
+    threads can still hold work objects whose tensors need the GIL of an interpreter being torn down, and the
+    process aborts ("terminate called without an active exception", SIGABRT; cf. pytorch#179291) after a
+    successful run. Local: it waits for no peer."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def build_mesh(ep_size: int, device_type: str | None = None) -> DeviceMesh | None:
     """A ("dp", "ep") DeviceMesh over the initialised world, or None for one process with ep_size 1."""
     world = dist.get_world_size() if dist.is_initialized() else 1
