@@ -290,6 +290,13 @@ class ElasticTrainer:
             self._barrier()
         return path
 
+    def record_measured(self) -> np.ndarray:
+        """The median per-rank busy times since the last plan; the busiest one is kept in ``measured`` as this
+        plan's time."""
+        times = np.median(np.stack(self.busy), 0)
+        self.measured[plan_key(self.plan)] = (float(times.max()), self.plan)
+        return times
+
     def maybe_replan(self, step: int) -> bool:
         """Every ``replan_every`` steps: re-plan from the measured busy times; move to the new plan through a
         checkpoint (written synchronously) when it is better by ``replan_gain`` (predicted, or measured for a
@@ -297,8 +304,7 @@ class ElasticTrainer:
         ec = self.run.elastic
         if not ec.replan_every or not self.busy or (step % ec.replan_every):
             return False
-        times = np.median(np.stack(self.busy), 0)
-        self.measured[plan_key(self.plan)] = (float(times.max()), self.plan)
+        times = self.record_measured()
         new = replan(self.plan, times, share=ec.share_ranks, gain=ec.replan_gain, comm=self.comm_model())
         new = choose_measured(self.plan, new, self.measured, ec.replan_gain)
         self.busy, self.comm = [], []
