@@ -4,9 +4,10 @@ token-gated experts over their replicas (the expert-parallel all-to-all already 
 contribution to the expert's owner). Norms count every parameter once. Each gradient sum's CPU time on this
 rank is kept (``comm_s``) for the planner's model of what a task held by several ranks costs them.
 
-Gradients live in persistent flat buffers, one per class (shared, each task held here, token-gated experts):
-``prepare_`` zeroes them and makes every ``p.grad`` a view of its buffer, so backward adds into them in place
-and each sum is one all-reduce of a buffer, with no packing, unpacking or allocation per step. The shared
+Gradients that are summed live in persistent flat buffers, one per class (shared, each task held by several
+ranks, token-gated experts with replicas): ``prepare_`` zeroes them and makes every ``p.grad`` a view of its
+buffer, so backward adds into them in place and each sum is one all-reduce of a buffer, with no packing,
+unpacking or allocation per step. The shared
 buffer has a tail: this rank's part of the squared norm and the caller's statistics ride the shared sum, so a
 step has one world collective (the task and expert sums, within their groups, go first)."""
 
@@ -107,14 +108,19 @@ class ElasticLayout:
         return shared, tasks, experts
 
     def _flats(self, model: nn.Module, tail: int = 0) -> dict[str, _Flat]:
-        """The gradient buffers of ``model`` ("" shared, with ``tail`` more elements; task names; "experts"),
-        built once per model (again when the tail grows)."""
+        """The gradient buffers of the classes of ``model`` that are summed ("" shared, with ``tail`` more
+        elements; each task held by more than one rank; "experts" with replicas), built once per model (again
+        when the tail grows); none in one process. A class summed by no one keeps its gradients as autograd
+        makes them (zeroing and adding into a buffer would only cost)."""
         if self._flat_of is None or self._flat_of[0] != id(model) or self._flat_of[1] < tail:
             shared, tasks, experts = self._classes(model)
-            flats = {"": _Flat(shared, tail)}
-            flats.update({t: _Flat(ps) for t, ps in tasks.items() if ps})
-            if experts:
-                flats["experts"] = _Flat(experts)
+            flats: dict[str, _Flat] = {}
+            if self.distributed:
+                flats[""] = _Flat(shared, tail)
+                flats.update({t: _Flat(tasks[t]) for t, g in zip(self.plan.tasks, self.groups)
+                              if tasks[t] and g is not None and dist.get_world_size(g) > 1})
+                if experts and self.mesh is not None and self.mesh.size(0) > 1:
+                    flats["experts"] = _Flat(experts)
             if self._flat_of is not None and self._flat_of[0] == id(model):
                 for f in flats.values():  # gradients already in the old buffers move over
                     f.adopt_()
@@ -142,10 +148,11 @@ class ElasticLayout:
         shared, tasks, experts = self._classes(model)
         self.comm_s = {}
         if self.distributed:
-            if "experts" in flats and self.mesh is not None and self.mesh.size(0) > 1:
+            if "experts" in flats:
                 dist.all_reduce(flats["experts"].buf, group=dp_group(self.mesh))
-            for t, g in zip(self.plan.tasks, self.groups):  # task order: the same collective order on every rank
-                if g is not None and t in flats and dist.get_world_size(g) > 1:
+            for t in self.plan.tasks:  # task order: the same collective order on every rank
+                if t in flats:
+                    g = self.groups[self.plan.index(t)]
                     c0 = time.process_time()
                     dist.all_reduce(flats[t].buf, group=g)
                     self.comm_s[t] = time.process_time() - c0
@@ -189,13 +196,13 @@ class ElasticLayout:
         if max_norm > 0 and math.isfinite(float(total)):
             coef = max_norm / (float(total) + 1e-6)
             if coef < 1.0:
-                for f in self._flats(model).values():  # the gradients are views of these (sync adopted them)
-                    f.buf[:f.numel].mul_(coef)
+                torch._foreach_mul_([p.grad for p in model.parameters() if p.grad is not None], coef)
         return total
 
 
-def _sq(grads: list[torch.Tensor]) -> torch.Tensor:
-    """Sum of the squared norms (float64) of ``grads``, each norm taken in its dtype (``_foreach_norm``)."""
+def _sq(grads: list[torch.Tensor | None]) -> torch.Tensor:
+    """Sum of the squared norms (float64) of ``grads`` (None: 0), each norm taken in its dtype (``_foreach_norm``)."""
+    grads = [g.detach() for g in grads if g is not None]
     if not grads:
         return torch.zeros((), dtype=torch.float64)
-    return torch.stack(torch._foreach_norm([g.detach() for g in grads])).double().square().sum()
+    return torch.stack(torch._foreach_norm(grads)).double().square().sum()
