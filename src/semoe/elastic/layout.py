@@ -7,9 +7,10 @@ rank is kept (``comm_s``) for the planner's model of what a task held by several
 Gradients that are summed live in persistent flat buffers, one per class (shared, each task held by several
 ranks, token-gated experts with replicas): ``prepare_`` zeroes them and makes every ``p.grad`` a view of its
 buffer, so backward adds into them in place and each sum is one all-reduce of a buffer, with no packing,
-unpacking or allocation per step. The shared
-buffer has a tail: this rank's part of the squared norm and the caller's statistics ride the shared sum, so a
-step has one world collective (the task and expert sums, within their groups, go first)."""
+unpacking or allocation per step. The shared buffer has a tail: this rank's part of the squared norm and the
+caller's statistics ride the shared sum, so a step has one world collective (the task and expert sums, within
+their groups, go first). The tail is in the gradients' dtype: in float32 the norm and the statistics are summed
+to float32 rounding (counts below 2^24 exactly)."""
 
 from __future__ import annotations
 
