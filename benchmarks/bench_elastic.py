@@ -16,9 +16,9 @@ Placements:
   elastic    ``semoe.elastic`` (``ElasticTrainer``), its plan re-planned from measured times: a calibration launch
              trains ``--calib-rounds`` x ``--calib-steps`` steps from the token plan (load = batch x tokens per
              sample) and re-plans after each round from the median per-rank CPU times (``elastic.replan_every``:
-             per-task costs and the fixed cost of a task on a rank, ``planner.fit_costs``); the timed launch
-             starts from that plan. Each task's expert is replicated over its ranks, each of them reading its
-             slice of that task.
+             per-task costs and the fixed cost of a task on a rank, ``planner.fit_costs``); the plan a last
+             move chose is measured too, and the timed launch starts from the plan measured fastest. Each
+             task's expert is replicated over its ranks, each of them reading its slice of that task.
   elastic_tokens  the same from the token plan, without re-planning (not in the default placements).
   uniform    every rank reads an equal slice of every task (1/W of each global batch), task t's expert lives on
              rank t % W only; the task-routed layers send each task's rows to that rank and back (all-to-all with
@@ -87,7 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="placements alternate, each runs once per round; a row "
                    "is the round with the median samples/s")
     p.add_argument("--calib-rounds", type=int, default=3, help="re-plans of the elastic calibration launch")
-    p.add_argument("--calib-steps", type=int, default=6, help="steps measured before each re-plan")
+    p.add_argument("--calib-steps", type=int, default=20, help="steps measured before each re-plan (and for the "
+                   "last plan, which is kept only if no plan measured before was faster)")
     p.add_argument("--calib-gain", type=float, default=0.03, help="elastic.replan_gain of the calibration")
     p.add_argument("--breakdown", action="store_true", help="per-rank CPU time of each part of the step "
                    "(forward by component, backward, all-reduce, all-to-all, clipping, optimizer; exclusive "
@@ -464,18 +465,30 @@ def _deepspeed_step(args, run, rank: int, world: int):
 def _calibrate(args, run, rank: int, world: int, out_dir: str) -> dict:
     """Train from the token plan and re-plan from measured times ``calib_rounds`` times; the final plan."""
     from semoe.config import replace
+    from semoe.elastic.planner import plan_key
     from semoe.training.elastic_trainer import ElasticTrainer
 
     run = replace(run, elastic=replace(run.elastic, replan_every=args.calib_steps, replan_gain=args.calib_gain))
     trainer = ElasticTrainer(run, Path(out_dir), resume=None)
     plans, s = [trainer.plan.describe()], 0
-    for _ in range(args.calib_rounds):
+
+    def window() -> None:
+        nonlocal s
         for _ in range(args.calib_steps):
             trainer.train_step(s)
             s += 1
+    for _ in range(args.calib_rounds):
+        window()
         if trainer.maybe_replan(s):
             plans.append(trainer.plan.describe())
-    return {"plan_json": trainer.plan.to_json(), "plans": plans}
+    if plan_key(trainer.plan) not in trainer.measured:  # the last move's plan: measured before it is kept
+        window()
+        if trainer.busy:
+            trainer.record_measured()
+    best = min(trainer.measured.values(), key=lambda m: m[0])[1]
+    if plan_key(best) != plan_key(trainer.plan):
+        plans.append("measured faster, kept: " + best.describe())
+    return {"plan_json": best.to_json(), "plans": plans}
 
 
 def _elastic_step(args, run, rank: int, world: int, out_dir: str, plan_json: dict | None):

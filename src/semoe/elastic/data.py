@@ -12,6 +12,7 @@ elastic plan takes its slice of it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -114,6 +115,14 @@ def load_tasks(names: list[str], seed: int = 0) -> dict[str, TaskData]:
     return {n: TASKS[n](seed) for n in names}
 
 
+@functools.lru_cache(maxsize=64)
+def _permutation(n: int, seed: int, task_index: int, epoch: int) -> np.ndarray:
+    """The training-set order of a task's ``epoch`` (cached: a step reads it again; read-only)."""
+    perm = np.random.default_rng([seed, task_index, epoch]).permutation(n)
+    perm.setflags(write=False)
+    return perm
+
+
 def batch_indices(n: int, batch: int, step: int, seed: int, task_index: int) -> np.ndarray:
     """Training-set indices of a task's global batch at ``step`` (endless per-epoch permutations)."""
     start = step * batch
@@ -121,7 +130,7 @@ def batch_indices(n: int, batch: int, step: int, seed: int, task_index: int) -> 
     pos = start
     while pos < start + batch:
         epoch, off = divmod(pos, n)
-        perm = np.random.default_rng([seed, task_index, epoch]).permutation(n)
+        perm = _permutation(n, seed, task_index, epoch)
         take = min(n - off, start + batch - pos)
         out.append(perm[off:off + take])
         pos += take

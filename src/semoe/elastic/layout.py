@@ -2,7 +2,15 @@
 objective, so gradients are *summed*: shared parameters over the world, task t's parameters over t's ranks,
 token-gated experts over their replicas (the expert-parallel all-to-all already brought every rank's
 contribution to the expert's owner). Norms count every parameter once. Each gradient sum's CPU time on this
-rank is kept (``comm_s``) for the planner's model of what a task held by several ranks costs them."""
+rank is kept (``comm_s``) for the planner's model of what a task held by several ranks costs them.
+
+Gradients that are summed live in persistent flat buffers, one per class (shared, each task held by several
+ranks, token-gated experts with replicas): ``prepare_`` zeroes them and makes every ``p.grad`` a view of its
+buffer, so backward adds into them in place and each sum is one all-reduce of a buffer, with no packing,
+unpacking or allocation per step. The shared buffer has a tail: this rank's part of the squared norm and the
+caller's statistics ride the shared sum, so a step has one world collective (the task and expert sums, within
+their groups, go first). The tail is in the gradients' dtype: in float32 the norm and the statistics are summed
+to float32 rounding (counts below 2^24 exactly)."""
 
 from __future__ import annotations
 
@@ -25,6 +33,41 @@ def token_ep_size(world: int, num_experts: int) -> int:
     return max(d for d in range(1, world + 1) if world % d == 0 and num_experts % d == 0)
 
 
+class _Flat:
+    """One class's gradients as views of one buffer (``tail`` more elements after them)."""
+
+    def __init__(self, params: list[nn.Parameter], tail: int = 0) -> None:
+        dtypes = {p.dtype for p in params}
+        if len(dtypes) > 1:
+            raise ValueError(f"one gradient class holds parameters of dtypes {sorted(map(str, dtypes))}; cast the "
+                             "model to one dtype (model.to(dtype)) before training it elastically")
+        dtype = dtypes.pop() if dtypes else torch.get_default_dtype()
+        self.params, self.numel = params, sum(p.numel() for p in params)
+        self.buf = torch.zeros(self.numel + tail, dtype=dtype)
+        self.views, off = [], 0
+        for p in params:
+            self.views.append(self.buf[off:off + p.numel()].view_as(p))
+            off += p.numel()
+        self.tail = self.buf[self.numel:]
+
+    def attach_(self) -> None:
+        """Zero the buffer and make every gradient its view (a step's start)."""
+        self.buf.zero_()
+        for p, v in zip(self.params, self.views):
+            if p.grad is not v:
+                p.grad = v
+
+    def adopt_(self) -> None:
+        """Gradients made without ``attach_`` (or set to None since) moved into the buffer."""
+        for p, v in zip(self.params, self.views):
+            if p.grad is not v:
+                if p.grad is None:
+                    v.zero_()
+                else:
+                    v.copy_(p.grad)
+                p.grad = v
+
+
 class ElasticLayout:
     """This rank's view of a plan: its groups and the gradient sync / norm of its model."""
 
@@ -32,7 +75,8 @@ class ElasticLayout:
         self.plan, self.rank, self.mesh, self.distributed = plan, rank, mesh, distributed
         self.groups = task_groups([list(r) for r in plan.experts_on]) if distributed else [None] * len(plan.tasks)
         self._classes_of: tuple[int, tuple] | None = None  # (id of the model, its classes): named once
-        self._norm_of: tuple[int, tuple] | None = None  # (id of the model, its norm weights): once per model
+        self._flat_of: tuple[int, int, dict[str, _Flat]] | None = None  # (id of the model, tail, buffers)
+        self._summed: tuple[torch.Tensor, torch.Tensor | None] | None = None  # the last sync's (norm, extra)
         self.comm_s: dict[str, float] = {}  # the last sync's CPU seconds per gradient sum: task name, "" shared
 
     def numel(self, model: nn.Module) -> tuple[int, dict[str, int]]:
@@ -64,81 +108,102 @@ class ElasticLayout:
                 shared.append(p)
         return shared, tasks, experts
 
-    @staticmethod
-    def _sum_(params: list[nn.Parameter], group: dist.ProcessGroup | None) -> None:
-        if not params:
-            return
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=group)
-        off, views = 0, []
-        for g in grads:
-            views.append(flat[off:off + g.numel()].view_as(g))
-            off += g.numel()
-        torch._foreach_copy_(grads, views)  # into the gradients in place: no new tensor per parameter
+    def _flats(self, model: nn.Module, tail: int = 0) -> dict[str, _Flat]:
+        """The gradient buffers of the classes of ``model`` that are summed ("" shared, with ``tail`` more
+        elements; each task held by more than one rank; "experts" with replicas), built once per model (again
+        when the tail grows); none in one process. A class summed by no one keeps its gradients as autograd
+        makes them (zeroing and adding into a buffer would only cost)."""
+        if self._flat_of is None or self._flat_of[0] != id(model) or self._flat_of[1] < tail:
+            shared, tasks, experts = self._classes(model)
+            flats: dict[str, _Flat] = {}
+            if self.distributed:
+                flats[""] = _Flat(shared, tail)
+                flats.update({t: _Flat(tasks[t]) for t, g in zip(self.plan.tasks, self.groups)
+                              if tasks[t] and g is not None and dist.get_world_size(g) > 1})
+                if experts and self.mesh is not None and self.mesh.size(0) > 1:
+                    flats["experts"] = _Flat(experts)
+            if self._flat_of is not None and self._flat_of[0] == id(model):
+                for f in flats.values():  # gradients already in the old buffers move over
+                    f.adopt_()
+            self._flat_of = (id(model), tail, flats)
+        return self._flat_of[2]
 
-    def sync_gradients(self, model: nn.Module) -> None:
-        if not self.distributed:
-            return
+    def prepare_(self, model: nn.Module, tail: int = 0) -> None:
+        """Before a step's backward: every gradient a zeroed view of its class's buffer (``tail``: the length of
+        the statistics vector the step's ``sync_gradients`` will send along)."""
+        self._summed = None
+        for f in self._flats(model, tail + 1).values():  # + 1: this rank's part of the squared norm
+            f.attach_()
+
+    def sync_gradients(self, model: nn.Module, extra: torch.Tensor | None = None) -> tuple[torch.Tensor,
+                                                                                         torch.Tensor | None]:
+        """Sum the gradients by the rules, in place in their buffers (token-gated experts over their replicas and
+        each task over its ranks first, then the shared ones over the world), and take the global L2 norm (shared
+        once, each task once (its first rank), each token expert once (dp index 0)). ``extra``, a vector of
+        this rank's, and this rank's part of the squared norm ride the shared all-reduce. Returns (the norm,
+        ``extra`` summed over the world in float64, or None); ``clip_`` clips by that norm."""
+        n = 1 if extra is None else 1 + extra.numel()
+        flats = self._flats(model, n)
+        for f in flats.values():  # gradients made without prepare_ (a no-op after it)
+            f.adopt_()
         shared, tasks, experts = self._classes(model)
         self.comm_s = {}
-        c0 = time.process_time()
-        self._sum_(shared, None)
-        self.comm_s[""] = time.process_time() - c0
-        for t, g in zip(self.plan.tasks, self.groups):  # task order: the same collective order on every rank
-            if g is not None and dist.get_world_size(g) > 1:
-                c0 = time.process_time()
-                self._sum_(tasks[t], g)
-                self.comm_s[t] = time.process_time() - c0
-        if self.mesh is not None and self.mesh.size(0) > 1:
-            self._sum_(experts, dp_group(self.mesh))
+        if self.distributed:
+            if "experts" in flats:
+                dist.all_reduce(flats["experts"].buf, group=dp_group(self.mesh))
+            for t in self.plan.tasks:  # task order: the same collective order on every rank
+                if t in flats:
+                    g = self.groups[self.plan.index(t)]
+                    c0 = time.process_time()
+                    dist.all_reduce(flats[t].buf, group=g)
+                    self.comm_s[t] = time.process_time() - c0
+        own = self._own_sq(tasks, experts)  # after the task and expert sums
+        if self.distributed:
+            sf = flats[""]
+            tail = sf.tail[:n]
+            tail[0] = own
+            if extra is not None:
+                tail[1:] = extra.reshape(-1)
+            c0 = time.process_time()
+            dist.all_reduce(sf.buf[:sf.numel + n])
+            self.comm_s[""] = time.process_time() - c0
+            summed = tail.to(torch.float64)
+        else:  # one process: nothing to send, nothing rounded to the gradients' dtype
+            summed = torch.cat([own.reshape(1), torch.zeros(0, dtype=torch.float64) if extra is None
+                                else extra.to(torch.float64).reshape(-1)])
+        norm = (_sq([p.grad for p in shared]) + summed[0]).sqrt()
+        self._summed = (norm, None if extra is None else summed[1:].view_as(extra))
+        return self._summed
+
+    def _own_sq(self, tasks: dict[str, list[nn.Parameter]], experts: list[nn.Parameter]) -> torch.Tensor:
+        """This rank's share of the squared norm: task t's on t's first rank, token-gated experts at dp 0."""
+        mine = [p.grad for i, t in enumerate(self.plan.tasks) if self.plan.experts_on[i][0] == self.rank
+                for p in tasks[t]]
+        if self.mesh is None or self.mesh.get_local_rank("dp") == 0:
+            mine += [p.grad for p in experts]
+        return _sq(mine)
 
     def grad_norm(self, model: nn.Module) -> torch.Tensor:
-        """Global L2 norm: shared once, each task once (its first rank), each token expert once (dp index 0)."""
-        return self.norm_and_sum(model)[0]
+        """The global L2 norm of the last ``sync_gradients`` (run here when there was none since ``prepare_``)."""
+        if self._summed is None:
+            self.sync_gradients(model)
+        assert self._summed is not None
+        return self._summed[0]
 
-    def _norm_weights(self, model: nn.Module) -> tuple[list[nn.Parameter], torch.Tensor, torch.Tensor]:
-        """Every parameter of ``model`` with a weight for this rank's share of the norm (task t's on t's first
-        rank, token-gated experts at dp index 0) and one for the shared part (counted by every rank alike);
-        computed once per model."""
-        if self._norm_of is None or self._norm_of[0] != id(model):
-            shared, tasks, experts = self._classes(model)
-            mine = [p for i, t in enumerate(self.plan.tasks) if self.plan.experts_on[i][0] == self.rank
-                    for p in tasks[t]]
-            if self.mesh is None or self.mesh.get_local_rank("dp") == 0:
-                mine += experts
-            params = [p for p in model.parameters() if p.requires_grad]
-            ids_mine, ids_shared = {id(p) for p in mine}, {id(p) for p in shared}
-            own_w = torch.tensor([1.0 if id(p) in ids_mine else 0.0 for p in params], dtype=torch.float64)
-            shared_w = torch.tensor([1.0 if id(p) in ids_shared else 0.0 for p in params], dtype=torch.float64)
-            self._norm_of = (id(model), (params, own_w, shared_w))
-        return self._norm_of[1]
-
-    def norm_and_sum(self, model: nn.Module, extra: torch.Tensor | None = None) -> tuple[torch.Tensor,
-                                                                                        torch.Tensor | None]:
-        """(the global L2 norm, ``extra`` (float64) summed over the world): both in one all-reduce. One
-        ``_foreach_norm`` over every gradient; a parameter without one counts 0."""
-        params, own_w, shared_w = self._norm_weights(model)
-        have = [p.grad is not None for p in params]
-        if not all(have):
-            own_w, shared_w = own_w[have], shared_w[have]
-        grads = [p.grad.detach() for p, h in zip(params, have) if h]
-        sq = torch.stack(torch._foreach_norm(grads)).double().square() if grads else torch.zeros(0, dtype=torch.float64)
-        own = sq @ own_w
-        both = own.reshape(1) if extra is None else torch.cat([own.reshape(1), extra.to(torch.float64).reshape(-1)])
-        if self.distributed:
-            dist.all_reduce(both)
-        return (sq @ shared_w + both[0]).sqrt(), None if extra is None else both[1:].view_as(extra)
-
-    def clip_(self, model: nn.Module, max_norm: float, extra: torch.Tensor | None = None):
-        """Clip to ``max_norm`` (<= 0: no clipping); the norm before clipping, or (the norm, ``extra`` summed
-        over the world) when ``extra`` is given (one all-reduce for both)."""
-        total, summed = self.norm_and_sum(model, extra)
+    def clip_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        """Clip to ``max_norm`` (<= 0: no clipping) by the norm of the last ``sync_gradients`` (run here when
+        there was none since ``prepare_``); returns the norm before clipping."""
+        total = self.grad_norm(model)
         if max_norm > 0 and math.isfinite(float(total)):
             coef = max_norm / (float(total) + 1e-6)
             if coef < 1.0:
                 torch._foreach_mul_([p.grad for p in model.parameters() if p.grad is not None], coef)
-        return total if extra is None else (total, summed)
+        return total
+
+
+def _sq(grads: list[torch.Tensor | None]) -> torch.Tensor:
+    """Sum of the squared norms (float64) of ``grads`` (None: 0), each norm taken in its dtype (``_foreach_norm``)."""
+    grads = [g.detach() for g in grads if g is not None]
+    if not grads:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.stack(torch._foreach_norm(grads)).double().square().sum()

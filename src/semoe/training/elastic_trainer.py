@@ -175,9 +175,8 @@ class ElasticTrainer:
             box["stats"] = stats
             return value, value
 
-        def clip() -> torch.Tensor:  # the norm and every rank's statistics ride one all-reduce
-            norm, box["summed"] = self.layout.clip_(self.model, tc.grad_clip, extra=self._stats_vector(box["stats"]))
-            return norm
+        def sync() -> None:  # the shared gradients, the norm and every rank's statistics ride one all-reduce
+            _, box["summed"] = self.layout.sync_gradients(self.model, extra=self._stats_vector(box["stats"]))
 
         def check(kept: list, norm: float) -> None:
             if not math.isfinite(float(kept[0].detach())) or not math.isfinite(norm):
@@ -185,8 +184,9 @@ class ElasticTrainer:
                                        f"is {self.checkpointer.last_path}. Lower train.lr and resume from it.")
 
         c0 = time.process_time()
-        _, norm = optimizer_step(self.optimizer, [None], objective, lr=lr_at(step, tc),
-                                 sync=lambda: self.layout.sync_gradients(self.model), clip=clip, check=check)
+        self.layout.prepare_(self.model, tail=self._stats_numel())  # gradients: zeroed views of flat buffers
+        _, norm = optimizer_step(self.optimizer, [None], objective, lr=lr_at(step, tc), sync=sync,
+                                 clip=lambda: self.layout.clip_(self.model, tc.grad_clip), check=check)
         stats = self._unpack(box["summed"])
         self._busy_prev = time.process_time() - c0
         row: dict[str, float] = {"loss": 0.0, "grad_norm": norm, "lr": lr_at(step, tc)}
@@ -197,13 +197,19 @@ class ElasticTrainer:
             row[f"acc_{t}"] = float(stats[i, 1] / stats[i, 2])
         return row
 
+    def _stats_numel(self) -> int:
+        """The length of ``_stats_vector``."""
+        T = len(self.plan.tasks)
+        return 5 * T + self.world + 2
+
     def _stats_vector(self, stats: torch.Tensor) -> torch.Tensor:
-        """What every rank contributes to the step's one statistics all-reduce (float64): per-task [loss sum,
-        correct, rows]; its busy time of the previous step (in its slot; the step's own is not over yet); the
-        CPU time of each of its task-group gradient sums and of the shared one; the gradient elements of each
-        task whose first rank it is. Busy = the rank's CPU time of a whole step (forward, backward, gradient
-        sync, clipping, optimizer update; not wall time: a rank that waits in a collective, or for a core, is
-        not busy), so what each task costs on a rank beyond its rows counts too."""
+        """What every rank contributes to the step's statistics, summed in the shared gradients' all-reduce (in
+        their dtype): per-task [loss sum, correct, rows]; its busy time of the previous step (in its slot; the
+        step's own is not over yet); the CPU time of each of its task-group gradient sums and of the shared one,
+        of the previous step too (they are not done yet); the gradient elements of each task whose first rank it
+        is; a flag: there was a previous step in this plan. Busy = the rank's CPU time of a whole step (forward,
+        backward, gradient sync, clipping, optimizer update; not wall time: a rank that waits in a collective, or
+        for a core, is not busy), so what each task costs on a rank beyond its rows counts too."""
         T, W = len(self.plan.tasks), self.world
         busy = torch.zeros(W, dtype=torch.float64)
         if self._busy_prev is not None:
@@ -222,10 +228,10 @@ class ElasticTrainer:
         T, W = len(self.plan.tasks), self.world
         stats, busy = summed[:3 * T].view(T, 3), summed[3 * T:3 * T + W]
         comm, numel, flag = summed[3 * T + W:4 * T + W + 1], summed[4 * T + W + 1:5 * T + W + 1], summed[-1]
-        if float(flag) > 0:
+        if float(flag) > 0:  # busy times and gradient-sum times of the previous step
             self.busy.append(busy.numpy().copy())
-        n_on = np.array([len(on) for on in self.plan.experts_on] + [self.world], dtype=np.float64)
-        self.comm.append(comm.numpy() / n_on)
+            n_on = np.array([len(on) for on in self.plan.experts_on] + [self.world], dtype=np.float64)
+            self.comm.append(comm.numpy() / n_on)
         self.task_numel = numel.numpy().copy()
         return stats
 
@@ -284,6 +290,13 @@ class ElasticTrainer:
             self._barrier()
         return path
 
+    def record_measured(self) -> np.ndarray:
+        """The median per-rank busy times since the last plan; the busiest one is kept in ``measured`` as this
+        plan's time."""
+        times = np.median(np.stack(self.busy), 0)
+        self.measured[plan_key(self.plan)] = (float(times.max()), self.plan)
+        return times
+
     def maybe_replan(self, step: int) -> bool:
         """Every ``replan_every`` steps: re-plan from the measured busy times; move to the new plan through a
         checkpoint (written synchronously) when it is better by ``replan_gain`` (predicted, or measured for a
@@ -291,8 +304,7 @@ class ElasticTrainer:
         ec = self.run.elastic
         if not ec.replan_every or not self.busy or (step % ec.replan_every):
             return False
-        times = np.median(np.stack(self.busy), 0)
-        self.measured[plan_key(self.plan)] = (float(times.max()), self.plan)
+        times = self.record_measured()
         new = replan(self.plan, times, share=ec.share_ranks, gain=ec.replan_gain, comm=self.comm_model())
         new = choose_measured(self.plan, new, self.measured, ec.replan_gain)
         self.busy, self.comm = [], []
