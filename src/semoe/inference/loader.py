@@ -653,13 +653,13 @@ class SlotRing:
             assert not self.requests and self.released == self.next_ticket - 1 and not self.urgent \
                 and self.busy_ticket is None, "set_layout needs an idle ring"
             self.prefetch.clear()
+            self._programs.clear()  # (their byte views hold the old slots: dropped before the new ones exist)
+            self._dense_ranges.clear()
             self.slots = []
             with torch.inference_mode(False):  # (called from generate: the loader thread writes these)
                 self.slots = [torch.zeros(n, dtype=torch.uint8, device=self.device) for n in sizes]
             self.sections = sections
             self.content = [-1] * self.K
-            self._programs.clear()
-            self._dense_ranges.clear()
 
     def _drop_one(self) -> bool:
         """Drop the page-cache pages of the oldest read still pending; False when none is."""
