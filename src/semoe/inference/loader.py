@@ -40,7 +40,19 @@ from semoe.storage.tensor_io import PositionalReader, ReadPool, ReadRun, byte_vi
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Bandwidth", "SlotRing"]
+__all__ = ["Bandwidth", "SlotRing", "trim_heap"]
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the kernel: glibc serves blocks below its (self-raising, up to 32 MiB) mmap
+    threshold from the heap and keeps them there when freed, so the RSS would not drop after a layout switch or an
+    expert cache shrink freed them; a no-op where there is no glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 @dataclass
@@ -656,6 +668,7 @@ class SlotRing:
             self._programs.clear()  # (their byte views hold the old slots: dropped before the new ones exist)
             self._dense_ranges.clear()
             self.slots = []
+            trim_heap()
             with torch.inference_mode(False):  # (called from generate: the loader thread writes these)
                 self.slots = [torch.zeros(n, dtype=torch.uint8, device=self.device) for n in sizes]
             self.sections = sections

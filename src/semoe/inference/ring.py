@@ -60,7 +60,7 @@ from torch import nn
 
 from semoe.inference.expert_cache import ExpertCache
 from semoe.inference.generate import sample_next
-from semoe.inference.loader import SlotRing
+from semoe.inference.loader import SlotRing, trim_heap
 from semoe.inference.sections import (
     ExpertLayer,
     ModelSource,
@@ -88,17 +88,6 @@ STRATEGIES = ("auto", "layer", "routed")
 #: f = 0.68 took 1.9x the whole-layer time, at f = 0.25 0.86x)
 ROUTED_MARGIN = 0.5
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
-
-
-def _trim_heap() -> None:
-    """Hand freed heap memory back to the kernel (glibc keeps freed blocks below its mmap threshold in the heap, where
-    they would still count in the RSS after a layout switch freed them); a no-op elsewhere."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def parse_size(size: str | int | float) -> int:
@@ -548,11 +537,10 @@ class RingEngine:
         self._ring_now = new
         if grow:
             self._fit_caches()
-            _trim_heap()
-        self._ring.set_layout(sections, [(new - self._ring_extra) // K] * K)
+            trim_heap()
+        self._ring.set_layout(sections, [(new - self._ring_extra) // K] * K)  # (trims after freeing the old slots)
         self._rows, self._sections = rows, sections
         if not grow:
-            _trim_heap()
             self._fit_caches()
         self.stats.layout_switches += 1
         log.debug("slot layout: %s (%.1f MiB per slot)", "whole layers" if rows is None else f"dense + {rows} experts",
