@@ -30,6 +30,10 @@ layer's router predicted from this layer's output are loaded ahead, misses on de
 :class:`~semoe.inference.expert_cache.ExpertCache`), then the MoE layer: the same ops as ``Block.forward``, so
 the output is bit-identical to the resident model. :meth:`RingEngine._mode_for` chooses per section and pass.
 
+Compact slots (``compact_slots``): a routed pass can use at most min(E, T k) experts of a layer, so its slots hold
+the dense part and that many expert rows (the picked experts in ascending id order, the routing renumbered to rows,
+order-keeping); the layout switches at pass boundaries, and the memory smaller slots free goes to the expert cache.
+
 Memory budget (``max_memory``): K slots of the largest section + the staging area (only for a dtype
 cast) + the resident set of a wave (KV caches, hidden states, the activation estimate of
 :func:`activation_bytes`) + an explicit expert cache must fit; otherwise the wave is made smaller, and if not
@@ -257,6 +261,10 @@ class RingEngine:
     ``dense_cache``: with "routed" / "auto", keep the sections' dense parts (attention, norms, routers, embedding,
     head) in what the budget leaves after the ring and the wave, before the expert cache gets the rest: every pass
     uses every dense byte, an expert only when a router picks it, so per byte the dense part is worth the most.
+    ``compact_slots`` (default True; CPU, strategy "routed"/"auto", with a budget): a pass that routes runs from slots
+    of the dense part + min(E, T k) expert rows (:meth:`_layout_rows`), switched at pass boundaries, the memory they
+    free going to the expert cache; a model whose layer does not fit twice in the budget is then served from such
+    slots alone. False: whole-layer slots always (the engine before).
     ``readahead``: ask the kernel (``POSIX_FADV_WILLNEED``) to read the next section into the page cache while
     the loader waits for a slot (off by default: on the development machine it lowered the loader's cold
     read rate from ~1.3-1.6 to ~1.1 GB/s).
