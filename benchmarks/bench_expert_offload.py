@@ -23,6 +23,8 @@ Rows (``impl``), each in its own process, the budget --budget-frac of the weight
   semoe-routed  ``RingEngine(strategy="routed")``: the dense part, then only the experts the routers pick (the
                 next layer's predicted ahead), the expert cache in what the budget leaves
   semoe-auto    ``RingEngine(strategy="auto")``: the cost model picks per layer and pass
+  semoe-routed-wide  (only with --impls) routed with whole-layer slots (``compact_slots=False``): the engine before
+                compact slots, for an A/B in the same window
   accelerate    ``from_pretrained(device_map="auto", max_memory={"cpu": budget}, offload_folder=...)``
   llama.cpp     llama-cpp-python (built from source), the GGUF memory-mapped (llama.cpp's default), batched
                 decode through ``llama_decode`` with one sequence id per prompt, f32 KV cache; no budget exists
@@ -103,6 +105,9 @@ SMOKE = {
 }
 SMOKE.update({f"{m}-big": SMOKE[m] for m in list(SMOKE)})
 IMPLS = ("semoe-layer", "semoe-routed", "semoe-auto", "accelerate", "llama.cpp")
+#: optional rows (--impls): routed loading with whole-layer slots (``compact_slots=False``, the engine before compact
+#: slots), for an A/B in the same window
+EXTRA_IMPLS = ("semoe-routed-wide",)
 WORDS = ("the king and queen of our land shall speak to thee my lord good night sweet prince what news from rome "
          "to be or not is question noble friends come hither answer one two three four five").split()
 
@@ -229,9 +234,37 @@ def evict_plain(paths: list[Path]) -> None:
             os.close(fd)
 
 
-def ensure_gguf(model: Path, src: Path | None) -> tuple[Path | None, str | None]:
-    """(the f32 GGUF of ``model`` made by llama.cpp's converter, None) or (None, why not)."""
-    gguf = model / "model-f32.gguf"
+def ensure_bf16(model: Path) -> Path:
+    """A bfloat16 copy of the float32 HF folder ``model`` (``<model>-bf16``: each safetensors file cast, config and
+    tokenizer copied), made once: the checkpoint format of every Mixtral / Qwen-MoE / OLMoE release."""
+    from safetensors.torch import load_file, save_file
+
+    out = model.with_name(model.name + "-bf16")
+    if (out / "config.json").is_file():
+        return out
+    import torch
+
+    tmp = out.with_name("." + out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in sorted(model.iterdir()):
+        if f.suffix == ".safetensors":
+            tensors = {k: v.to(torch.bfloat16) for k, v in load_file(f).items()}
+            save_file(tensors, tmp / f.name, metadata={"format": "pt"})
+        elif f.name == "config.json":
+            cfg = json.loads(f.read_text())
+            cfg["torch_dtype"] = cfg["dtype"] = "bfloat16"
+            (tmp / f.name).write_text(json.dumps(cfg, indent=2))
+        elif f.is_file() and f.suffix != ".gguf":
+            shutil.copy(f, tmp / f.name)
+    tmp.rename(out)
+    return out
+
+
+def ensure_gguf(model: Path, src: Path | None, dtype: str = "float32") -> tuple[Path | None, str | None]:
+    """(the GGUF of ``model`` made by llama.cpp's converter, in f32 or bf16 as ``dtype``, None) or (None, why not)."""
+    outtype = "f32" if dtype == "float32" else "bf16"
+    gguf = model / f"model-{outtype}.gguf"
     if gguf.is_file():
         return gguf, None
     if importlib.util.find_spec("llama_cpp") is None:
@@ -242,7 +275,7 @@ def ensure_gguf(model: Path, src: Path | None) -> tuple[Path | None, str | None]
     if not (model / "tokenizer.model").is_file():
         return None, "no tokenizer.model for the converter (pip install sentencepiece)"
     env = {**os.environ, "PYTHONPATH": str(src / "gguf-py")}
-    proc = subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(model), "--outtype", "f32",
+    proc = subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(model), "--outtype", outtype,
                            "--outfile", str(gguf)], capture_output=True, text=True, env=env, timeout=600)
     if proc.returncode != 0:
         return None, f"convert_hf_to_gguf.py failed: {proc.stderr.strip().splitlines()[-1:]}"
@@ -315,9 +348,11 @@ def read_bytes() -> int:
 def run_semoe(spec: dict[str, Any]) -> dict[str, Any]:
     from semoe.inference.ring import RingEngine
 
-    strategy = spec["impl"].removeprefix("semoe-") if spec["budget"] is not None else "auto"
-    extra = {"prefetch_width": spec["prefetch_width"]} if spec.get("prefetch_width") else {}
-    engine = RingEngine(spec["model"], max_memory=spec["budget"], strategy=strategy, dtype="float32",
+    strategy = spec["impl"].removeprefix("semoe-").removesuffix("-wide") if spec["budget"] is not None else "auto"
+    extra: dict[str, Any] = {"prefetch_width": spec["prefetch_width"]} if spec.get("prefetch_width") else {}
+    if spec["impl"].endswith("-wide"):
+        extra["compact_slots"] = False
+    engine = RingEngine(spec["model"], max_memory=spec["budget"], strategy=strategy, dtype=spec["dtype"],
                         batch_size=len(spec["prompts"][0]), drop_page_cache=spec["budget"] is not None, **extra)
     files = sorted(Path(spec["model"]).glob("*.safetensors"))
     times, stats, io_bytes = [], [], 0
@@ -399,7 +434,9 @@ def run_llama(spec: dict[str, Any]) -> dict[str, Any]:
         cp = llama_cpp.llama_context_default_params()
         cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = B * (P + N) + 16, B * P, B * P, B
         cp.n_threads = cp.n_threads_batch = spec["threads"]
-        cp.kv_unified, cp.type_k, cp.type_v = True, 0, 0  # f32 KV cache, like semoe's float32 runs
+        # KV cache: f32 like semoe's float32 runs; f16 (GGML type 1: llama.cpp's default) for bfloat16 runs
+        kv = 0 if spec["dtype"] == "float32" else 1
+        cp.kv_unified, cp.type_k, cp.type_v = True, kv, kv
         ctx = llama_cpp.llama_init_from_model(llm._model.model, cp)
         batch = llama_cpp.llama_batch_init(B * P, 0, B)
         V = llm.n_vocab()
@@ -494,7 +531,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="mixtral-e8k2,many-e32k4",
                     help=f"comma list of {list(MODELS)} (default: the two small ones)")
     ap.add_argument("--batches", default="1,4,16", help="decode batch sizes (default 1,4,16)")
-    ap.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {list(IMPLS)}")
+    ap.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {list(IMPLS + EXTRA_IMPLS)}")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="the checkpoint's and the compute dtype of every row (bfloat16: a bf16 copy of the model, "
+                    "semoe computes in bf16, llama.cpp gets a bf16 GGUF and an f16 KV cache)")
     ap.add_argument("--budget-frac", type=float, default=0.25, help="budget as a fraction of the weights' bytes")
     ap.add_argument("--prompt-len", type=int, default=4)
     ap.add_argument("--new", type=int, default=8, help="new tokens per sequence (default 8)")
@@ -528,13 +568,16 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models.split(","):
         cfg = (SMOKE if args.smoke else MODELS)[name]
         model = ensure_model(args.workdir, name, cfg)
-        gguf, why = ensure_gguf(model, args.llama_cpp_src) if "llama.cpp" in impls else (None, None)
+        if args.dtype == "bfloat16":
+            model = ensure_bf16(model)
+        gguf, why = ensure_gguf(model, args.llama_cpp_src, args.dtype) if "llama.cpp" in impls else (None, None)
         if why:
             notes[f"llama.cpp/{name}"] = why
             log(f"llama.cpp skipped for {name}: {why}")
         source = open_model(model)
-        plan = plan_sections(source)
-        weights = source.param_bytes(torch.float32)
+        dtype = getattr(torch, args.dtype)
+        plan = plan_sections(source, 1, dtype)
+        weights = source.param_bytes(dtype)
         budget = int(args.budget_frac * weights)
         files = sorted(model.glob("*.safetensors"))
         E, k = cfg["num_local_experts"], cfg["num_experts_per_tok"]
@@ -546,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         for B in batches:
             prompts = prompt_sets(B, args.prompt_len, reps, cfg["vocab_size"])
             common = dict(model=str(model), prompts=prompts, new=args.new, threads=args.threads, reps=reps,
-                          workdir=str(args.workdir), prefetch_width=args.prefetch_width)
+                          workdir=str(args.workdir), prefetch_width=args.prefetch_width, dtype=args.dtype)
             # the read rates are measured in the same window as the rows, before and after them (this disk's rate
             # moves by up to 2x between minutes): the bound uses their mean, both are reported
             bw0, xbw0 = read_bandwidth(files, True, 2), expert_read_bandwidth(files, expert_ranges, IO_THREADS)
@@ -576,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
             bw = max(seq, xbw, layer_eff)
             for r in batch_rows:
                 impl = r["impl"]
-                c = r.get("cache_fraction", 0.0) if impl in ("semoe-routed", "semoe-auto") else 0.0
+                c = r.get("cache_fraction", 0.0) if impl.startswith(("semoe-routed", "semoe-auto")) else 0.0
                 whole = impl in ("semoe-layer", "accelerate")
                 Ts = [B * args.prompt_len] + [B] * (args.new - 1)
                 per_pass = [pass_bytes(T, dense, experts, E, k, c, whole) for T in Ts]
@@ -652,7 +695,8 @@ def main(argv: list[str] | None = None) -> int:
             agree[f"{m}/B{B}"] = {i: o == ref for i, o in outs.items()} if ref is not None else None
     emit_json({"summary": True, "smoke": args.smoke, "targets": targets, "greedy_tokens_equal_semoe_layer": agree,
                "notes": notes, "reps": reps, "threads": args.threads, "prompt_len": args.prompt_len,
-               "new_tokens": args.new, "budget_frac": args.budget_frac, "prefetch_width": args.prefetch_width})
+               "new_tokens": args.new, "budget_frac": args.budget_frac, "prefetch_width": args.prefetch_width,
+               "dtype": args.dtype})
     return 0
 
 

@@ -253,7 +253,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
     print(json.dumps({"base": base, "end": end, "resident": resident, "bytes_read": r.stats.bytes_read,
                       "peak_anon": r.stats.peak_anon_mb, "peak_file": r.stats.peak_file_mb,
                       "routed": r.stats.routed_layer_loads, "cache_inserts": r.stats.cache_inserts,
-                  "dense_cache_bytes": r.stats.dense_cache_bytes}))
+                  "dense_cache_bytes": r.stats.dense_cache_bytes, "switches": r.stats.layout_switches}))
 """)
 #: what the process may hold above its RSS after imports, besides the budget: library code pages that the
 #: first forward touches (file-backed), thread stacks, allocator slack. docs/inference.md documents it.
@@ -287,6 +287,7 @@ def test_peak_rss_within_budget_plus_overhead(tmp_path, strategy: str) -> None:
     else:
         # the leftover budget holds cached dense parts (first) and experts: both caches fill it
         assert m["routed"] > 0 and m["dense_cache_bytes"] > 0 and m["bytes_read"] < 6 * disk * 0.9
+        assert m["switches"] == 1  # the decode passes (two sequences, 4 of 8 experts) from compact slots
     grew = m["end"]["peak_rss"] - m["base"]["rss"]
     assert grew <= budget / MiB + OVERHEAD_MIB, m
     # the model's file pages never entered the resident set (they are read, not mapped)
@@ -310,13 +311,14 @@ def test_budget_too_small_states_minimum(family_ckpt) -> None:
     plan = plan_sections(open_model(d))
     with pytest.raises(ValueError, match=r"needs at least ([\d.]+) MiB for K=2 slots of the largest section "
                                          r"\(([\d.]+) MiB\)") as e:
-        RingEngine(d, max_memory=2 * plan.slot_bytes - 1)
+        RingEngine(d, max_memory=2 * plan.slot_bytes - 1, strategy="layer")  # (routed passes need less: compact
+    # slots, tests/unit/test_ring_routed.py)
     minimum, slot = map(float, re.search(r"at least ([\d.]+) MiB for K=2 slots.*?\(([\d.]+) MiB\)",
                                           str(e.value)).groups())
     assert slot == pytest.approx(plan.slot_bytes / MiB, abs=0.05) and minimum > 2 * slot
     assert "raise --max-memory" in str(e.value)
     # the stated minimum works
-    with RingEngine(d, max_memory=f"{minimum + 0.1}MB") as engine:
+    with RingEngine(d, max_memory=f"{minimum + 0.1}MB", strategy="layer") as engine:
         assert engine.generate([PROMPTS[1]], NEW).tokens == [refs[1][0]]
     with pytest.raises(ValueError, match="K=5 slots"):
         RingEngine(d, max_memory=int(3 * plan.slot_bytes), slots=5)

@@ -334,6 +334,112 @@ def test_cost_model_counts_cached_experts(tmp_path) -> None:
         assert prefill and all(m == "dense" and t_r == pytest.approx(f * t_l / 100) for *_, m, t_l, t_r in prefill)
 
 
+def _many_experts(tmp_path: Path, seed: int) -> Path:
+    """An OLMoE-shaped model with 16 experts top-4: four contributions per token, so the order in which the MoE
+    layer sums them matters for the bits (the compact slots' renumbering must keep it)."""
+    d = tmp_path / f"olmoe16-{seed}"
+    build_hf("olmoe", seed=seed, num_hidden_layers=4, num_experts=16, num_experts_per_tok=4).save_pretrained(
+        d, safe_serialization=True)
+    return d
+
+
+def test_compact_slots_are_bit_identical_and_give_the_cache_their_room(tmp_path) -> None:
+    """Decode passes of one or two sequences run from compact slots (the dense part + T k experts, picked experts in
+    rows 0, 1, ... in id order), the prefill from whole-layer slots: the layout switches at the pass boundaries, the
+    expert cache grows by what the smaller slots free and shrinks back for the prefill, entries are evicted under a
+    small budget, and the output equals the resident model's bit for bit (with and without prediction, no cache)."""
+    d = _many_experts(tmp_path, seed=21)
+    one, two = [PROMPTS[0]], [PROMPTS[0], PROMPTS[2]]  # (two of the same length: a decode pass of two tokens)
+    ref1, ref2 = _resident(d, prompts=one), _resident(d, prompts=two)
+    plan = plan_sections(open_model(d))
+    xl = next(x for sec in plan.sections for x in sec.experts)
+    for kw in (dict(prefetch=False), {}, dict(expert_cache=0), dict(io_threads=1, prefetch_depth=1),
+               dict(layers_per_section=2)):
+        lps = kw.get("layers_per_section", 1)
+        budget = 2 * plan_sections(open_model(d), lps).slot_bytes + MiB // 2
+        with RingEngine(d, max_memory=budget, strategy="routed", batch_size=2, dense_cache=False, **kw) as e:
+            full_cache = e.cache.capacity if e.cache is not None else 0  # before any pass: whole-layer slots
+            got1 = e.generate(one, NEW, return_logits=True)
+            assert e._rows == 4 and e._ring.slots[0].numel() < lps * (plan.slot_bytes - 10 * xl.nbytes)  # top-4
+            compact_cache = e.cache.capacity if e.cache is not None else 0
+            got2 = e.generate(two, NEW, return_logits=True)
+            assert e._rows == 8  # 2 x top-4
+        _same(got1, ref1)
+        _same(got2, ref2)
+        # every call: the prefill in whole layers, then the decode passes compact
+        assert got1.stats.layout_switches == 1 and got2.stats.layout_switches == 2
+        assert got1.stats.full_layer_loads == 0 and got1.stats.routed_layer_loads == NEW * 4
+        if "expert_cache" not in kw and lps == 1:
+            assert compact_cache >= full_cache + 2 * 10  # the 2 x (16 - 4 - 2 spare) freed rows, at least
+        if kw == dict(prefetch=False):  # deterministic: admissions in the order of the on-demand reads
+            st = got1.stats
+            assert st.experts_needed == st.expert_cache_hits + st.expert_misses and st.expert_prefetch_hits == 0
+            assert got2.stats.cache_evictions > 0  # the prefill's whole-layer slots took the room back
+    # a bf16 file computed in float32 (cast while read into rows and into cache entries) and in bfloat16
+    bf = tmp_path / "olmoe16-bf16"
+    build_hf("olmoe", seed=22, num_hidden_layers=4, num_experts=16, num_experts_per_tok=4).to(
+        torch.bfloat16).save_pretrained(bf, safe_serialization=True)
+    for dtype in ("float32", "bfloat16"):
+        ref = _resident(bf, dtype, prompts=one)
+        budget = 2 * plan_sections(open_model(bf), 1, getattr(torch, dtype)).slot_bytes + MiB // 2
+        with RingEngine(bf, max_memory=budget, strategy="routed", dtype=dtype, batch_size=2) as e:
+            got = e.generate(one, NEW, return_logits=True)
+            assert got.stats.layout_switches == 1
+        _same(got, ref)
+
+
+def test_auto_chooses_compact_slots_by_the_cost_model(tmp_path) -> None:
+    """strategy auto: compact slots exactly for the passes the cost model routes in every MoE section (decode of one
+    sequence), whole layers for the others; ``compact_slots=False`` keeps whole-layer slots: same bits either way."""
+    d = _many_experts(tmp_path, seed=23)
+    ref = _resident(d, prompts=[PROMPTS[0]])
+    budget = _ring_budget(d)
+    for compact in (True, False):
+        with RingEngine(d, max_memory=budget, strategy="auto", batch_size=2, compact_slots=compact) as e:
+            ring = e._ring
+            for bw in (ring.bw_section, ring.bw_expert):  # equal rates, not updated by the run
+                bw.nbytes, bw.seconds = 2**30, 1.0
+                bw.add = lambda *a: None  # type: ignore[method-assign]
+            got = e.generate([PROMPTS[0]], NEW, return_logits=True)
+        _same(got, ref)
+        f1 = 1 - (1 - 4 / 16)  # one token: f = k / E = 0.25 < ROUTED_MARGIN; the prefill (5 tokens): f = 0.76
+        assert f1 < ROUTED_MARGIN < 1 - (1 - 4 / 16) ** 5
+        assert got.stats.layout_switches == (1 if compact else 0)
+        assert got.stats.full_layer_loads == 4 and got.stats.routed_layer_loads == (NEW - 1) * 4
+
+
+def test_a_layer_larger_than_the_budget_is_served_by_routed_passes(tmp_path) -> None:
+    """Below two whole-layer slots, compact slots with as many expert rows as fit serve every pass (prefill
+    included) whose routers pick no more than that; the minimum budget is two slots of the dense part + top-k
+    experts (+ one sequence), stated in the error below it; a pass that picks more than the slots hold is a clear
+    error."""
+    d = _many_experts(tmp_path, seed=24)
+    plan = plan_sections(open_model(d))
+    xl = next(x for sec in plan.sections for x in sec.experts)
+    dense = max(sec.nbytes for sec in plan.sections) - 16 * xl.nbytes
+    budget = 2 * (dense + 10 * xl.nbytes) + MiB // 2  # two slots of the dense part + ~10 experts
+    assert budget < 2 * plan.slot_bytes
+    prompt = [[7]]  # one token: 4 picks per layer in every pass
+    ref = _resident(d, prompts=prompt)
+    with RingEngine(d, max_memory=budget, batch_size=1, prefetch=False) as e:  # auto
+        assert not e._full_fits and 4 <= e._rows_fit < 16
+        got = e.generate(prompt, NEW, return_logits=True)
+        st = got.stats
+        assert st.full_layer_loads == 0 and st.layout_switches == 1  # the rows that fit, then 4 (one token, top-4)
+        assert 0 < e.cache.capacity < 32 and st.cache_evictions > 0  # a cache for half the experts: evictions
+        _same(got, ref)
+        with pytest.raises(ValueError, match=r"picked \d+ experts, but max_memory=.* holds \d+ per slot .*raise "
+                                             r"--max-memory to at least \d+MB"):
+            e.generate([list(range(1, 9))], 1)  # 8 tokens: up to 32 picks
+    with pytest.raises(ValueError, match=r"at least ([\d.]+) MiB for K=2 slots of the largest section .* or "
+                                         r"([\d.]+) MiB for 2 compact slots of the dense part and 4 experts") as err:
+        RingEngine(d, max_memory=2 * (dense + 3 * xl.nbytes))
+    minimum = float(re.search(r"or ([\d.]+) MiB for 2 compact", str(err.value)).group(1))
+    with RingEngine(d, max_memory=f"{minimum + 0.05}MB", batch_size=1) as e:
+        assert e._rows_fit == 4
+        _same(e.generate(prompt, NEW, return_logits=True), ref)
+
+
 def test_bad_strategies_and_budgets(tmp_path, capsys) -> None:
     d = _save(tmp_path, "mixtral", seed=17)
     write_word_tokenizer(d)

@@ -92,15 +92,16 @@ class ExpertCache:
         """The entry of ``key``, or None."""
         return self.entries.get(key)
 
-    def admit(self, key: Key) -> torch.Tensor | None:
+    def admit(self, key: Key, force: bool = False) -> torch.Tensor | None:
         """A buffer for ``key`` to be filled by the caller when the policy admits it (a free entry, or a score
-        above the lowest entry's, which is evicted), else None. Call from the loader thread only."""
+        above the lowest entry's, which is evicted), else None; ``force``: evict the lowest entry in any case (a
+        predicted expert about to be used). Call from the loader thread only."""
         with self._lock:
             if key in self.entries or self.capacity == 0:
                 return None
             if len(self.entries) >= self.capacity:
                 low = min(self.entries, key=self._decayed)
-                if self._decayed(low) >= self._decayed(key):
+                if not force and self._decayed(low) >= self._decayed(key):
                     return None
                 self._evict(low)
             buf = self._free.pop() if self._free else torch.empty(self.entry_bytes, dtype=torch.uint8,

@@ -33,14 +33,26 @@ from typing import Any
 import torch
 
 from semoe.inference.expert_cache import ExpertCache
-from semoe.inference.sections import ExpertLayer, Read, Section, SectionPlan
+from semoe.inference.sections import ExpertLayer, Read, Region, Section, SectionPlan
 from semoe.inference.stats import RingStats
 from semoe.storage.safetensors_io import SafetensorsReader
 from semoe.storage.tensor_io import PositionalReader, ReadPool, ReadRun, byte_view, coalesce
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Bandwidth", "SlotRing"]
+__all__ = ["Bandwidth", "SlotRing", "trim_heap"]
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the kernel: glibc serves blocks below its (self-raising, up to 32 MiB) mmap
+    threshold from the heap and keeps them there when freed, so the RSS would not drop after a layout switch or an
+    expert cache shrink freed them; a no-op where there is no glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 @dataclass
@@ -73,6 +85,7 @@ class _Expert:
     source: str = ""  # "disk" or "cache"
     prefetched: bool = False  # loaded on a prediction
     needed: bool = False  # a router picked it
+    in_slot: bool = False  # (compact layout) placed in its row of the slot
 
 
 @dataclass
@@ -81,6 +94,10 @@ class _Job:
     section: Section
     layer: ExpertLayer
     experts: list[int]
+    #: compact layout: the row of the slot each expert goes to (an on-demand job: every picked expert); None:
+    #: row e (whole-layer layout), or, with ``to_cache``, a prediction read into the expert cache only
+    positions: list[int] | None = None
+    to_cache: bool = False
 
 
 def _named(err: BaseException, reads: list[Read]) -> ValueError:
@@ -99,8 +116,10 @@ class SlotRing:
 
     def __init__(self, plan: SectionPlan, device: torch.device, sizes: list[int], stats: RingStats,
                  drop_page_cache: bool, readahead: bool, cache: ExpertCache | None = None,
-                 io_threads: int = 1) -> None:
+                 io_threads: int = 1, sections: tuple[Section, ...] | None = None) -> None:
         self.plan, self.device, self.stats = plan, device, stats
+        # the slot layout of each section: the plan's (whole layers) or compact ones (set_layout)
+        self.sections = sections if sections is not None else plan.sections
         self.K = len(sizes)
         self.drop_page_cache, self.readahead = drop_page_cache, readahead
         self.cuda = device.type == "cuda"
@@ -179,6 +198,10 @@ class SlotRing:
         prediction asked for them) are read now, before anything else. Counts hits and misses."""
         t0 = time.perf_counter()
         st = self.stats
+        if layer.positions < layer.num_experts:
+            self._ensure_compact(ticket, layer, experts)
+            st.wait_s += time.perf_counter() - t0
+            return
         with self.cv:
             table = self.experts.setdefault(ticket, {})
             new = []
@@ -220,6 +243,42 @@ class SlotRing:
             st.expert_misses += sum(table[(layer.layer, e)].source == "disk" for e in new)
         st.wait_s += time.perf_counter() - t0
 
+    def _ensure_compact(self, ticket: int, layer: ExpertLayer, experts: list[int]) -> None:
+        """:meth:`ensure_experts` in a compact layout: the picked experts (ascending ids) go to rows 0, 1, ... of the
+        slot, each copied from the expert cache (where predictions were read to) or read from disk; one on-demand job
+        for all of them (a prediction still being read finishes first: the loader serves one job at a time)."""
+        if len(experts) > layer.positions:
+            raise RuntimeError(f"layer {layer.layer}: {len(experts)} experts picked, the slot holds "
+                               f"{layer.positions}")  # invariant: the engine sizes slots for the pass's tokens
+        st = self.stats
+        with self.cv:
+            table = self.experts.setdefault(ticket, {})
+            for e in experts:
+                x = table.get((layer.layer, e))
+                if x is None:
+                    x = table[(layer.layer, e)] = _Expert()
+                elif x.prefetched and not x.needed:
+                    st.expert_prefetch_hits += 1
+                x.needed = True
+            self.prefetch = deque(j for j in self.prefetch if not (j.ticket == ticket and j.layer.layer == layer.layer))
+            self.urgent.append(_Job(ticket, self._section_of(ticket), layer, list(experts),
+                                    positions=list(range(len(experts)))))
+            self.cv.notify_all()
+            while self.error is None and not all(table[(layer.layer, e)].in_slot for e in experts):
+                if self._drops:
+                    self.cv.release()
+                    try:
+                        self._drop_one()
+                    finally:
+                        self.cv.acquire()
+                    continue
+                self.cv.wait()
+            if self.error is not None:
+                raise self.error
+            st.experts_needed += len(experts)
+            st.expert_cache_hits += sum(table[(layer.layer, e)].source == "cache" for e in experts)
+            st.expert_misses += sum(table[(layer.layer, e)].source == "disk" for e in experts)
+
     def prefetch_experts(self, ticket: int, layer: ExpertLayer, experts: list[int],
                          section: Section | None = None) -> None:
         """Load these experts of ``layer`` into ``ticket``'s slot when the loader has nothing more urgent (a
@@ -229,16 +288,20 @@ class SlotRing:
         with self.cv:
             table = self.experts.setdefault(ticket, {})
             section = section if section is not None else self._section_of(ticket)
-            new = [e for e in experts if (layer.layer, e) not in table]
+            compact = layer.positions < layer.num_experts
+            if compact and self.cache is None:  # a compact slot fills after the router: predictions need the cache
+                return
+            new = [e for e in experts if (layer.layer, e) not in table
+                   and not (compact and (layer.layer, e) in self.cache)]  # type: ignore[operator]
             for e in new:
                 table[(layer.layer, e)] = _Expert(prefetched=True)
             if new:
-                self.prefetch.append(_Job(ticket, section, layer, new))
+                self.prefetch.append(_Job(ticket, section, layer, new, to_cache=compact))
                 self.stats.experts_prefetched += len(new)
             self.cv.notify_all()
 
     def _section_of(self, ticket: int) -> Section:
-        return self.plan.sections[self.ticket_section[ticket]]
+        return self.sections[self.ticket_section[ticket]]
 
     def acquire(self, ticket: int) -> int:
         """Block until ``ticket`` is loaded; returns its slot. Re-raises a loader error."""
@@ -328,7 +391,7 @@ class SlotRing:
                     # that an on-demand read (a router waits) never waits behind a long prediction
                     n = max(1, self.pool.threads)
                     if len(pj.experts) > n:
-                        job = _Job(pj.ticket, pj.section, pj.layer, pj.experts[:n])
+                        job = _Job(pj.ticket, pj.section, pj.layer, pj.experts[:n], to_cache=pj.to_cache)
                         pj.experts = pj.experts[n:]
                     else:
                         job = pj
@@ -359,7 +422,9 @@ class SlotRing:
                     table = self.experts.get(job.ticket, {})
                     for e in job.experts:
                         if (job.layer.layer, e) in table:
-                            table[(job.layer.layer, e)].done = True
+                            x = table[(job.layer.layer, e)]
+                            x.done = True
+                            x.in_slot = x.in_slot or job.positions is not None
                 else:
                     self.done.add(job[0])
                 self.cv.notify_all()
@@ -381,20 +446,21 @@ class SlotRing:
         return bool(self.requests) and self.requests[0][0] - self.K <= self.released
 
     def _program(self, section: Section, slot: int, target: torch.Tensor, what: Any = "full",
-                 reads: tuple[Read, ...] | None = None) -> list[ReadRun | tuple[Any, ...]]:
+                 reads: tuple[Read, ...] | None = None, memo: bool = True) -> list[ReadRun | tuple[Any, ...]]:
         """``reads`` (default: all of ``section``'s) into ``target``: :class:`~semoe.storage.tensor_io.ReadRun` s
         of consecutive file bytes (each one ``preadv``, tagged with their :class:`Read` s), or ("cast", reader,
         offset, nbytes, src dtype, typed destination, staging view, read) through the staging area. The byte views
         are built here, once per (section, slot, ``what``): the loader's steady state then runs one system call
         per run and no torch code."""
         key = (section.index, slot, what)
-        if key in self._programs:
+        if memo and key in self._programs:
             return self._programs[key]
         dtype = self.plan.dtype
         regions = {r.key: r for r in section.regions}
         prog: list[ReadRun | tuple[Any, ...]] = []
         direct: list[tuple[PositionalReader, int, memoryview, Any]] = []
-        readers = self.readers if not (isinstance(what, tuple) and what[0] == "expert") else self._expert_readers()
+        readers = self.readers if not (what is None or (isinstance(what, tuple) and what[0] == "expert")) \
+            else self._expert_readers()
         for rd in section.reads if reads is None else reads:
             reg = regions[rd.region]
             start = reg.byte_offset + rd.elem_offset * dtype.itemsize
@@ -412,7 +478,8 @@ class SlotRing:
                 prog.append(("cast", readers[rd.path], rd.offset + lo * rd.src_dtype.itemsize, n, rd.src_dtype,
                              typed[lo:lo + step], (raw, byte_view(raw)), rd))
         prog.extend(coalesce(direct))
-        self._programs[key] = prog
+        if memo:
+            self._programs[key] = prog
         return prog
 
     def _expert_readers(self) -> dict[Any, PositionalReader]:
@@ -508,18 +575,21 @@ class SlotRing:
     def _load_experts(self, job: _Job) -> None:
         """Experts of one ticket into its slot: from the cache (a copy) or from disk (then offered to the cache)."""
         t0 = time.perf_counter()
+        if job.to_cache:
+            return self._read_into_cache(job)
         slot, xl, section = job.ticket % self.K, job.layer, job.section
         target = self.slots[slot]
         table = self.experts.get(job.ticket, {})
-        disk: list[int] = []
+        rows = job.positions if job.positions is not None else job.experts  # the slot row of each expert
+        disk: list[tuple[int, int]] = []
         copied = 0
-        for e in job.experts:
+        for e, p in zip(job.experts, rows):
             buf = self.cache.get((xl.layer, e)) if self.cache is not None else None
             if buf is None:
-                disk.append(e)
+                disk.append((e, p))
                 continue
             pos = 0
-            for off, n in xl.slot_ranges[e]:
+            for off, n in xl.slot_ranges[p]:
                 target[off:off + n].copy_(buf[pos:pos + n])
                 pos += n
             copied += pos
@@ -530,22 +600,79 @@ class SlotRing:
         if not disk:
             return
         self._drop_pending_reads()
-        prog = [op for e in disk for op in self._program(section, slot, target, ("expert", xl.layer, e), xl.reads[e])]
+        prog = [op for e, p in disk
+                for op in self._program(section, slot, target, ("expert", xl.layer, e, p), xl.reads_at(e, p))]
         n = self._run_program(prog, section, parallel=True)
         t2 = time.perf_counter()
         self.bw_expert.add(n, t2 - t1)
-        for e in disk:
+        for e, p in disk:
             table[(xl.layer, e)].source = "disk"
             buf = self.cache.admit((xl.layer, e)) if self.cache is not None else None
             if buf is not None:
                 pos = 0
-                for off, m in xl.slot_ranges[e]:
+                for off, m in xl.slot_ranges[p]:
                     buf[pos:pos + m].copy_(target[off:off + m])
                     pos += m
         st = self.stats
         st.bytes_read += n
         st.expert_bytes_read += n
         st.load_s += time.perf_counter() - t0
+
+    def _read_into_cache(self, job: _Job) -> None:
+        """A prediction in a compact layout: each expert not cached yet is read from disk straight into an expert
+        cache entry (admitted over the lowest-scored entry: it is about to be used), to be copied into the slot once
+        a router picks it."""
+        t0 = time.perf_counter()
+        xl, section = job.layer, job.section
+        assert self.cache is not None
+        table = self.experts.get(job.ticket, {})
+        n = 0
+        for e in job.experts:
+            key = (xl.layer, e)
+            buf = self.cache.admit(key, force=True) if key not in self.cache else None
+            if buf is None:
+                continue
+            try:
+                n += self._run_program(self._entry_program(xl, section, e, buf), section, parallel=True)
+            except BaseException:
+                self.cache.discard(key)
+                raise
+            if key in table:
+                table[key].source = "disk"
+        if n:
+            self.bw_expert.add(n, time.perf_counter() - t0)
+            st = self.stats
+            st.bytes_read += n
+            st.expert_bytes_read += n
+            st.load_s += time.perf_counter() - t0
+
+    def _entry_program(self, xl: ExpertLayer, section: Section, e: int, buf: torch.Tensor
+                       ) -> list[ReadRun | tuple[Any, ...]]:
+        """Expert ``e``'s reads into a cache entry (its rows of the stacked regions end to end, as ``slot_ranges``
+        lays them out); built per call (an entry's buffer changes with evictions)."""
+        shapes = {r.key: r.shape for r in section.regions}
+        regions, pos = [], 0
+        for key, per in xl.row_numel:
+            regions.append(Region(key, (1, *shapes[key][1:]), pos, per * self.plan.dtype.itemsize))
+            pos += per * self.plan.dtype.itemsize
+        entry = Section(-1, (), tuple(regions), (), xl.reads_at(e, 0), pos)
+        return self._program(entry, -1, buf, None, None, memo=False)
+
+    def set_layout(self, sections: tuple[Section, ...], sizes: list[int]) -> None:
+        """Lay the slots out anew (whole layers, or compact ones for routed passes): the old slots are freed before the
+        new ones are allocated. Only between passes, with no ticket outstanding and the loader idle."""
+        with self.cv:
+            assert not self.requests and self.released == self.next_ticket - 1 and not self.urgent \
+                and self.busy_ticket is None, "set_layout needs an idle ring"
+            self.prefetch.clear()
+            self._programs.clear()  # (their byte views hold the old slots: dropped before the new ones exist)
+            self._dense_ranges.clear()
+            self.slots = []
+            trim_heap()
+            with torch.inference_mode(False):  # (called from generate: the loader thread writes these)
+                self.slots = [torch.zeros(n, dtype=torch.uint8, device=self.device) for n in sizes]
+            self.sections = sections
+            self.content = [-1] * self.K
 
     def _drop_one(self) -> bool:
         """Drop the page-cache pages of the oldest read still pending; False when none is."""
@@ -573,7 +700,7 @@ class SlotRing:
         if self.content[slot] == section_idx:  # still there, all of it (resident mode)
             return
         t0 = time.perf_counter()
-        section = self.plan.sections[section_idx]
+        section = self.sections[section_idx]
         self._drop_pending(section_idx)
         self.content[slot] = -1
         if not self.cuda:
@@ -610,7 +737,7 @@ class SlotRing:
         runs: list[list[Any]] = []  # [path, start, end] of each run of consecutive bytes (a section's
         # tensors may lie far apart, e.g. lm_head first and the final norm last in an HF file: one range
         # from the lowest to the highest offset would hint the whole file)
-        for rd in sorted(self.plan.sections[section_idx].reads, key=lambda r: (str(r.path), r.offset)):
+        for rd in sorted(self.sections[section_idx].reads, key=lambda r: (str(r.path), r.offset)):
             if runs and runs[-1][0] == rd.path and runs[-1][2] == rd.offset:
                 runs[-1][2] += rd.nbytes
             else:

@@ -30,6 +30,10 @@ layer's router predicted from this layer's output are loaded ahead, misses on de
 :class:`~semoe.inference.expert_cache.ExpertCache`), then the MoE layer: the same ops as ``Block.forward``, so
 the output is bit-identical to the resident model. :meth:`RingEngine._mode_for` chooses per section and pass.
 
+Compact slots (``compact_slots``): a routed pass can use at most min(E, T k) experts of a layer, so its slots hold
+the dense part and that many expert rows (the picked experts in ascending id order, the routing renumbered to rows,
+order-keeping); the layout switches at pass boundaries, and the memory smaller slots free goes to the expert cache.
+
 Memory budget (``max_memory``): K slots of the largest section + the staging area (only for a dtype
 cast) + the resident set of a wave (KV caches, hidden states, the activation estimate of
 :func:`activation_bytes`) + an explicit expert cache must fit; otherwise the wave is made smaller, and if not
@@ -60,12 +64,13 @@ from torch import nn
 
 from semoe.inference.expert_cache import ExpertCache
 from semoe.inference.generate import sample_next
-from semoe.inference.loader import SlotRing
+from semoe.inference.loader import SlotRing, trim_heap
 from semoe.inference.sections import (
     ExpertLayer,
     ModelSource,
     Section,
     build_meta_model,
+    compact_sections,
     open_model,
     plan_sections,
 )
@@ -256,6 +261,10 @@ class RingEngine:
     ``dense_cache``: with "routed" / "auto", keep the sections' dense parts (attention, norms, routers, embedding,
     head) in what the budget leaves after the ring and the wave, before the expert cache gets the rest: every pass
     uses every dense byte, an expert only when a router picks it, so per byte the dense part is worth the most.
+    ``compact_slots`` (default True; CPU, strategy "routed"/"auto", with a budget): a pass that routes runs from slots
+    of the dense part + min(E, T k) expert rows (:meth:`_layout_rows`), switched at pass boundaries, the memory they
+    free going to the expert cache; a model whose layer does not fit twice in the budget is then served from such
+    slots alone. False: whole-layer slots always (the engine before).
     ``readahead``: ask the kernel (``POSIX_FADV_WILLNEED``) to read the next section into the page cache while
     the loader waits for a slot (off by default: on the development machine it lowered the loader's cold
     read rate from ~1.3-1.6 to ~1.1 GB/s).
@@ -267,7 +276,7 @@ class RingEngine:
                  batch_size: int = 8, drop_page_cache: bool = False, readahead: bool = False,
                  strategy: str = "auto", expert_cache: str | int | None = "auto", io_threads: int = 2,
                  prefetch: bool | str = True, dense_cache: bool = True, prefetch_depth: int = 2,
-                 prefetch_width: int = 0) -> None:
+                 prefetch_width: int = 0, compact_slots: bool = True) -> None:
         self.source = model if isinstance(model, ModelSource) else open_model(model)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -291,6 +300,9 @@ class RingEngine:
                              "strategy='layer' (or 'auto', which streams whole layers there)")
         self.strategy = strategy if has_experts and self.device.type == "cpu" else "layer"
         S = len(self.plan.sections)
+        # compact slots (routed passes): possible where experts are loaded one by one (CPU, strategy not "layer")
+        self._compactable = compact_slots and self.strategy != "layer" and self.budget is not None
+        self._layouts: dict[int, tuple[Section, ...]] = {}  # rows -> compact sections (memo)
         self._cache_request = expert_cache
         self._cache_reserved = 0 if expert_cache in (None, "auto", 0) else parse_size(expert_cache)  # type: ignore[arg-type]
         sizes, self.resident = self._choose_slots(slots, S)
@@ -303,6 +315,7 @@ class RingEngine:
                              f"or a budget below {math.ceil(self.plan.total_bytes / 0.75 / MiB)}MB")
         if self.resident:
             self.strategy = "layer"
+            self._compactable = False
         if not isinstance(prefetch_width, int) or prefetch_width < 0:
             raise ValueError(f"prefetch_width must be an integer >= 0 (extra experts per predicted token), got "
                              f"{prefetch_width!r}")
@@ -342,6 +355,21 @@ class RingEngine:
             self._predictors.clear()
             predictor_bytes = 0
         self.ring_bytes += predictor_bytes
+        self._ring_extra = self.plan.staging_bytes + predictor_bytes
+        # the layout the ring starts in: whole layers when two fit, else compact slots with the most rows that fit
+        self._rows: int | None = None  # expert rows per compact slot; None: whole-layer slots
+        self._sections = self.plan.sections
+        if not self._full_fits:
+            self._rows = self._rows_fit
+            self._sections = self._compact(self._rows)
+            sizes = [max(sec.nbytes for sec in self._sections)] * len(sizes)
+            self.ring_bytes = sum(sizes) + self._ring_extra
+            log.info("a whole layer does not fit twice in max_memory=%.1f MiB: compact slots of the dense part + %d "
+                     "experts (%.1f MiB each); routed passes only", self.budget / MiB, self._rows, sizes[0] / MiB)
+        self._ring_now = self.ring_bytes  # the ring's bytes in the current layout (ring_bytes: in the largest)
+        self._wave_need = 0
+        self._hold = False  # a pass's tickets are not requested ahead across the pass boundary (compact slots)
+        self._left_in_pass = 0
         self._check_cache_fits()
         self._buffers = {f"model.{n}": b.to(device=self.device, dtype=dtype if b.is_floating_point() else b.dtype)
                          for n, b in self.source.buffers.items()}
@@ -350,7 +378,7 @@ class RingEngine:
         self.cache = ExpertCache(entry, self._cache_reserved, self.device) \
             if self.strategy != "layer" and entry and expert_cache != 0 else None
         self._ring = SlotRing(self.plan, self.device, sizes, self.stats, drop_page_cache, readahead, self.cache,
-                              io_threads)
+                              io_threads, self._sections)
         # cost model (see _mode_for): (pass, section, tokens, mode, expected whole-layer s, expected routed s)
         self.decisions: deque[tuple[int, int, int, str, float, float]] = deque(maxlen=4096)
         self._last_mode: dict[int, str] = {}
@@ -368,7 +396,7 @@ class RingEngine:
         # the predictions made for each (ticket, layer): depth -> experts (for the per-depth hit rates)
         self._predicted: dict[tuple[int, int], dict[int, set[int]]] = {}
         self.dense_cache = dense_cache and self.strategy != "layer"
-        self._dense_total = sum(n for sec in self.plan.sections for _, n in self._ring.dense_slot_ranges(sec))
+        self._dense_total = dtype.itemsize * sum(rd.numel for sec in self.plan.sections for rd in sec.dense_reads)
         self._finalizer = weakref.finalize(self, self._ring.close)  # stops the loader if close() is forgotten
         self._pending: deque[tuple[int, int, str]] = deque()  # (ticket, section, mode) requested, not computed
         self._next_section = 0
@@ -407,6 +435,7 @@ class RingEngine:
     def _choose_slots(self, slots: int | None, S: int) -> tuple[list[int], bool]:
         """Slot sizes, and whether every section has its own slot (resident: each is read once)."""
         plan = self.plan
+        self._full_fits, self._rows_fit = True, 0
         resident = [s.nbytes for s in plan.sections]
         if slots is not None and (not isinstance(slots, int) or slots < 2):
             raise ValueError(f"slots must be an integer >= 2 (one computing, one loading), got {slots!r}")
@@ -416,6 +445,19 @@ class RingEngine:
             return resident, True
         one = self._one_sequence_bytes()
         need2 = self.min_memory(2) + one
+        if self.budget < need2 and self._compactable and slots in (None, 2):
+            rows = self._max_rows(2, one)
+            if rows >= self._top_k:
+                self._full_fits, self._rows_fit = False, rows
+                return [plan.slot_bytes] * 2, False  # (replaced by compact slots in __init__)
+            k = self._top_k
+            need_k = 2 * max(sec.nbytes for sec in self._compact(k)) + plan.staging_bytes + one
+            raise ValueError(
+                f"max_memory={self.budget / MiB:.2f} MiB is too small: the model needs at least {need2 / MiB:.2f} "
+                f"MiB for K=2 slots of the largest section ({plan.slot_bytes / MiB:.2f} MiB), or {need_k / MiB:.2f} "
+                f"MiB for 2 compact slots of the dense part and {k} experts per MoE layer (routed passes of one "
+                f"sequence), plus one sequence's cache and activations; raise --max-memory to at least "
+                f"{math.ceil(need_k / MiB)}MB")
         if self.budget < need2:
             raise ValueError(
                 f"max_memory={self.budget / MiB:.2f} MiB is too small: the model needs at least "
@@ -437,6 +479,80 @@ class RingEngine:
                              f"section ({plan.slot_bytes / MiB:.2f} MiB): that needs {need / MiB:.2f} MiB; use fewer "
                              f"--slots (K=2 needs {need2 / MiB:.2f} MiB) or raise --max-memory")
         return [plan.slot_bytes] * slots, False
+
+    @property
+    def _top_k(self) -> int:
+        return next(x.top_k for sec in self.plan.sections for x in sec.experts)
+
+    @property
+    def _num_experts(self) -> int:
+        return next(x.num_experts for sec in self.plan.sections for x in sec.experts)
+
+    def _compact(self, rows: int) -> tuple[Section, ...]:
+        """The sections laid out with ``rows`` expert rows per MoE layer (memo)."""
+        if rows not in self._layouts:
+            self._layouts[rows] = compact_sections(self.plan, rows)
+        return self._layouts[rows]
+
+    def _max_rows(self, K: int, one: int) -> int:
+        """Expert rows per MoE layer for K compact slots when no whole layer fits: the most whose slots take at most
+        3/4 of the budget (the rest for the waves and the caches), at least top-k when those fit next to one sequence
+        (0: not even that)."""
+        room = self.budget - self.plan.staging_bytes  # type: ignore[operator]
+        best = 0
+        for rows in range(1, self._num_experts):
+            ring = K * max(sec.nbytes for sec in self._compact(rows))
+            if ring > 0.75 * room and not (rows <= self._top_k and ring <= room - one):
+                break
+            best = rows
+        return best
+
+    def _layout_rows(self, T: int) -> int | None:
+        """The slot layout for a pass over ``T`` tokens: None (whole-layer slots) or the expert rows of compact
+        slots, which hold the dense part + min(E, T k) experts per MoE layer (every expert the pass can pick): compact
+        when the whole layer does not fit the budget, or when routed loading is chosen for the pass (strategy
+        "routed", or "auto" and the cost model of :meth:`_expected_s` prefers it for every MoE section) and fewer than
+        E rows suffice. The memory the smaller slots free goes to the expert cache (:meth:`_fit_caches`)."""
+        if not self._compactable:
+            return None
+        rows = min(self._num_experts, max(T, 1) * self._top_k)
+        if not self._full_fits:  # as many rows as fit (a pass whose routers pick more fails: _routed_layer)
+            return min(rows, self._rows_fit)
+        if rows >= self._num_experts:
+            return None
+        if self.strategy == "auto":
+            for sec in self.plan.sections:
+                if sec.experts:
+                    t_layer, t_routed = self._expected_s(sec, T)
+                    if t_routed >= ROUTED_MARGIN * t_layer:
+                        return None
+        return rows
+
+    def _arrange(self, T: int) -> None:
+        """At a pass boundary (nothing requested ahead): switch the slot layout if this pass wants another one. Going
+        to larger slots, the caches shrink first; going to smaller ones, the expert cache grows after: the budget
+        holds the ring, the wave and the caches at every moment."""
+        rows = self._layout_rows(T)
+        if rows == self._rows or self._pending:
+            return
+        sections = self.plan.sections if rows is None else self._compact(rows)
+        K = self._ring.K
+        new = K * max(sec.nbytes for sec in sections) + self._ring_extra
+        self._unbind()
+        self._bindings.clear()
+        self._deferred.clear()
+        grow = new > self._ring_now
+        self._ring_now = new
+        if grow:
+            self._fit_caches()
+            trim_heap()
+        self._ring.set_layout(sections, [(new - self._ring_extra) // K] * K)  # (trims after freeing the old slots)
+        self._rows, self._sections = rows, sections
+        if not grow:
+            self._fit_caches()
+        self.stats.layout_switches += 1
+        log.debug("slot layout: %s (%.1f MiB per slot)", "whole layers" if rows is None else f"dense + {rows} experts",
+                  (new - self._ring_extra) / K / MiB)
 
     def _resident_bytes(self, groups: Iterable[tuple[int, int, int, int]]) -> int:
         """Memory (on the compute device) of a wave of groups ``(rows, prompt_len, max_len, prefill chunk)``:
@@ -592,14 +708,21 @@ class RingEngine:
         """What the budget leaves after the ring and the largest wave goes to the dense cache first (up to every
         section's dense part, after an explicit expert cache size, which was reserved when the waves were planned),
         then to the expert cache ("auto")."""
+        self._wave_need = max((self._resident_bytes([(len(r), P, P + max(limits[i] for i in r) - 1, c)
+                                                     for P, (r, c) in w.items()]) for w in waves), default=0)
+        self._fit_caches()
+
+    def _fit_caches(self) -> None:
+        """The dense cache gets what the budget leaves after the ring in its largest layout (``ring_bytes``), the
+        largest wave and an explicit expert cache (so it stays put when the layout switches); an "auto" expert cache
+        gets the rest after the ring in its current layout: with compact slots, what they free."""
         if self.budget is None or self.resident:
             self._ring.set_dense_capacity(0)
             if self.cache is not None:
                 self.cache.resize(self._cache_reserved if self._cache_request != "auto" else 0)
             return
-        need = max((self._resident_bytes([(len(r), P, P + max(limits[i] for i in r) - 1, c)
-                                          for P, (r, c) in w.items()]) for w in waves), default=0)
-        room = max(0, self.budget - self.ring_bytes - need - (self._cache_reserved if self.cache is not None else 0))
+        reserved = self._cache_reserved if self.cache is not None else 0
+        room = max(0, self.budget - self.ring_bytes - self._wave_need - reserved)  # type: ignore[operator]
         dense = min(self._dense_total, room) if self.dense_cache else 0
         self._ring.set_dense_capacity(dense)
         if self.cache is None:
@@ -607,7 +730,8 @@ class RingEngine:
         if self._cache_request != "auto":
             self.cache.resize(self._cache_reserved)
             return
-        self.cache.resize(room - dense)
+        now = max(0, self.budget - self._ring_now - self._wave_need - dense)  # type: ignore[operator]
+        self.cache.resize(now)
         log.debug("expert cache: %.1f MiB (%d experts)", self.cache.capacity_bytes / MiB, self.cache.capacity)
 
     def _record_memory(self) -> None:
@@ -656,7 +780,10 @@ class RingEngine:
                     g.cos, g.sin = rope_cos_sin(pos, self.cfg.dim_per_head, self.cfg.rope_theta)
                 self._pass_tokens = sum(len(g.rows) * g.tokens.shape[1] for g in active)
                 self._next_pass_tokens = sum(len(g.rows) for g in active)  # a decode step: one token per row
-                for section in self.plan.sections:
+                self._hold = self._compactable
+                self._arrange(self._pass_tokens)
+                self._left_in_pass = len(self._sections) - len(self._pending)
+                for section in self._sections:
                     self._cur_section = section.index
                     ticket, slot, mode = self._acquire(section.index)
                     t0 = time.perf_counter()
@@ -682,9 +809,11 @@ class RingEngine:
     def _acquire(self, section: int) -> tuple[int, int, str]:
         """Request tickets up to K ahead (never more sections than this call may still compute), each with the
         cost model's mode, and wait for the one of ``section``: (ticket, slot, mode)."""
-        ring, S = self._ring, len(self.plan.sections)
-        while len(self._pending) < ring.K and len(self._pending) < self._allowed:
-            sec = self.plan.sections[self._next_section]
+        ring, S = self._ring, len(self._sections)
+        while len(self._pending) < ring.K and len(self._pending) < self._allowed and \
+                not (self._hold and self._left_in_pass <= 0):
+            self._left_in_pass -= 1
+            sec = self._sections[self._next_section]
             mode = self._mode_for(sec)
             t = ring.request(sec.index, mode)
             self._pending.append((t, sec.index, mode))
@@ -712,6 +841,21 @@ class RingEngine:
         if self.strategy == "routed":
             return "dense"
         T = self._pass_tokens if section.index >= self._cur_section else self._next_pass_tokens
+        t_layer, t_routed = self._expected_s(section, T)
+        # (compact slots hold no whole layer; they are chosen for a pass when the rule routes every MoE section, or
+        # when no whole layer fits the budget)
+        mode = "dense" if t_routed < ROUTED_MARGIN * t_layer or self._rows is not None else "full"
+        self.decisions.append((self.stats.passes, section.index, T, mode, t_layer, t_routed))
+        level = logging.INFO if self._last_mode.get(section.index) != mode else logging.DEBUG
+        log.log(level, "cost model: section %d (%s) for %d tokens: %s (expected whole layer %.2f ms, routed %.2f ms)",
+                section.index, ",".join(section.units), T, "routed experts" if mode == "dense" else "whole layer",
+                1e3 * t_layer, 1e3 * t_routed)
+        self._last_mode[section.index] = mode
+        return mode
+
+    def _expected_s(self, section: Section, T: int) -> tuple[float, float]:
+        """The cost model's expected load seconds of ``section`` for a pass over ``T`` tokens: (whole layer, routed);
+        see :meth:`_mode_for`."""
         ring = self._ring
         bw_layer = ring.bw_section.rate
         bw_expert = ring.bw_expert.rate if ring.bw_expert.measured else bw_layer  # until measured: as a section
@@ -722,14 +866,7 @@ class RingEngine:
             c = self.cache.layer_count(xl.layer) if self.cache is not None else 0
             t_layer += E * xl.disk_bytes / bw_layer
             t_routed += f * ((E - c) * xl.disk_bytes / bw_expert + c * xl.nbytes / ring.bw_cache.rate)
-        mode = "dense" if t_routed < ROUTED_MARGIN * t_layer else "full"
-        self.decisions.append((self.stats.passes, section.index, T, mode, t_layer, t_routed))
-        level = logging.INFO if self._last_mode.get(section.index) != mode else logging.DEBUG
-        log.log(level, "cost model: section %d (%s) for %d tokens: %s (expected whole layer %.2f ms, routed %.2f ms)",
-                section.index, ",".join(section.units), T, "routed experts" if mode == "dense" else "whole layer",
-                1e3 * t_layer, 1e3 * t_routed)
-        self._last_mode[section.index] = mode
-        return mode
+        return t_layer, t_routed
 
     def _section_bindings(self, section: Section, slot: int) -> list[tuple[dict, str, torch.Tensor]]:
         """(owning module's ``_parameters`` or ``_buffers`` dict, attribute, view of the slot) for every
@@ -818,12 +955,25 @@ class RingEngine:
                 hyr.append((h_BSD, y_BSD, routing))
             parts.append(hyr)
         need = torch.cat(ids).unique().tolist()
+        if len(need) > xl.positions:  # only where no whole layer fits the budget (else the slots hold every pick)
+            raise ValueError(f"layer {i}: the routers of this pass ({self._pass_tokens} tokens) picked {len(need)} "
+                             f"experts, but max_memory={self.budget / MiB:.2f} MiB holds {xl.positions} per slot next "
+                             "to the dense part (a whole layer does not fit twice): use fewer or shorter prompts per "
+                             f"wave (--batch-size) or raise --max-memory to at least "
+                             f"{math.ceil(self.min_memory(2) / MiB + 1)}MB")
         self._capture_predictor(i, layer)
         self._ring.ensure_experts(ticket, xl, need)
         self._count_predictions(ticket, i, need)
         if self.cache is not None:
             self.cache.touch(i, need)
-        for g, hyr in zip(active, parts):
+        if xl.positions < xl.num_experts:  # compact slot: the picked experts sit in rows 0, 1, ... in id order, so
+            # the routing names rows (an order-keeping renumbering: the same sort, the same sums, the same bits)
+            lut = torch.zeros(xl.num_experts, dtype=torch.long, device=self.device)
+            lut[torch.tensor(need, dtype=torch.long, device=self.device)] = torch.arange(len(need), device=self.device)
+            hyr_all = [[(h, y, dataclasses.replace(r, expert_A=lut[r.expert_A])) for h, y, r in hyr] for hyr in parts]
+        else:
+            hyr_all = parts
+        for g, hyr in zip(active, hyr_all):
             g.x = [h_BSD + layer.moe(y_BSD, routing=routing).out for h_BSD, y_BSD, routing in hyr]
 
     def _capture_predictor(self, i: int, layer: nn.Module) -> None:
@@ -898,7 +1048,7 @@ class RingEngine:
         """The next ``prefetch_depth`` layers after unit ``pos`` of ``section`` in this pass: (layer index, its
         section, its ticket (None: not requested yet), its load mode (None: not chosen yet)). Stops at the head."""
         out: list[tuple[int, Section, int | None, str | None]] = []
-        sections = self.plan.sections
+        sections = self._sections
         later = [(sections[sec], tk, md) for tk, sec, md in self._pending]
         nxt = self._next_section
         for _ in range(self.prefetch_depth):

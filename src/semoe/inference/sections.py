@@ -23,6 +23,7 @@ buffer (a slot).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -52,7 +53,7 @@ from semoe.storage.safetensors_io import SafetensorsHeader, TensorInfo, read_hea
 log = logging.getLogger(__name__)
 
 __all__ = ["COMPUTE_DTYPES", "ModelSource", "ParamView", "Read", "Region", "Section", "SectionPlan",
-           "build_meta_model", "open_model", "plan_sections"]
+           "build_meta_model", "compact_sections", "open_model", "plan_sections"]
 
 #: dtypes the ring computes in, and the floating-point dtypes it reads from files (cast on load).
 COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -409,6 +410,22 @@ class ExpertLayer:
     slot_ranges: tuple[tuple[tuple[int, int], ...], ...]
     nbytes: int
     disk_bytes: int
+    #: (region key, elements of one expert row) of each stacked expert region, in slot order
+    row_numel: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def positions(self) -> int:
+        """Expert rows the slot holds for this layer: ``num_experts`` (whole layer: row e is expert e) or fewer (a
+        compact layout for routed passes: the picked experts in rows 0, 1, ... in ascending id order)."""
+        return len(self.slot_ranges)
+
+    def reads_at(self, e: int, p: int) -> tuple[Read, ...]:
+        """Expert ``e``'s reads aimed at row ``p`` of the stacked regions (``reads[e]`` aims at row e)."""
+        if p == e:
+            return self.reads[e]
+        per = dict(self.row_numel)
+        return tuple(dataclasses.replace(r, elem_offset=r.elem_offset + (p - e) * per[r.region])
+                     for r in self.reads[e])
 
 
 @dataclass(frozen=True)
@@ -553,4 +570,34 @@ def _one_expert_layer(layer: int, regs: list[Region], E: int, top_k: int, dtype:
         reads.append(tuple(sorted(mine, key=lambda r: (str(r.path), r.offset))))
         ranges.append(tuple(spans))
     return ExpertLayer(layer, E, top_k, tuple(reads), tuple(ranges), sum(n for _, n in ranges[0]),
-                       sum(r.nbytes for r in reads[0]))
+                       sum(r.nbytes for r in reads[0]), tuple((r.key, math.prod(r.shape[1:])) for r in regs))
+
+
+def compact_sections(plan: SectionPlan, rows: int) -> tuple[Section, ...]:
+    """The plan's sections laid out for routed passes: every stacked expert region holds ``rows`` expert rows
+    instead of E (the dense regions as before, in the same order), so a slot is the dense part plus ``rows``
+    experts per MoE layer. Such a slot is only loaded in parts (``mode="dense"``, then the picked experts into rows
+    0, 1, ... in ascending expert id: :meth:`ExpertLayer.reads_at`); ``reads`` is the dense part. ``rows`` >= E
+    gives the plan's own sections."""
+    out = []
+    item = plan.dtype.itemsize
+    for sec in plan.sections:
+        if not sec.experts or rows >= min(x.num_experts for x in sec.experts):
+            out.append(sec)
+            continue
+        stacked = {key for x in sec.experts for key, _ in x.row_numel}
+        regions, pos = [], 0
+        for r in sec.regions:
+            shape = (rows, *r.shape[1:]) if r.key in stacked else r.shape
+            n = math.prod(shape) * item
+            regions.append(Region(r.key, shape, pos, n))
+            pos += -(-n // ALIGN) * ALIGN
+        placed = {r.key: r for r in regions}
+        experts = []
+        for x in sec.experts:
+            spans = tuple(tuple((placed[key].byte_offset + p * per * item, per * item) for key, per in x.row_numel)
+                          for p in range(rows))
+            experts.append(dataclasses.replace(x, slot_ranges=spans))
+        out.append(dataclasses.replace(sec, regions=tuple(regions), reads=sec.dense_reads, nbytes=max(pos, ALIGN),
+                                       experts=tuple(experts)))
+    return tuple(out)

@@ -38,6 +38,7 @@ class RingStats:
     stall_s: float = 0.0
     # routed-only loading (see docs/inference.md): MoE-layer loads by strategy, and per expert of a routed layer
     full_layer_loads: int = 0  # MoE layers streamed whole (dense part + every expert)
+    layout_switches: int = 0  # slot layout changes (whole layers <-> compact slots for routed passes)
     routed_layer_loads: int = 0  # MoE layers loaded dense part first, then only the routed experts
     experts_needed: int = 0  # (layer, expert) pairs the routers picked in routed layers (union over a wave)
     expert_cache_hits: int = 0  # of those, copied from the expert cache
