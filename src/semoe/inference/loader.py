@@ -27,6 +27,7 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -227,21 +228,28 @@ class SlotRing:
             if new or promoted:
                 self.urgent.append(_Job(ticket, self._section_of(ticket), layer, new + promoted))
                 self.cv.notify_all()
-            while self.error is None and not all(table[(layer.layer, e)].done for e in experts):
-                if self._drops:  # the compute thread would only wait: it does a pending page-cache drop meanwhile
-                    self.cv.release()
-                    try:
-                        self._drop_one()
-                    finally:
-                        self.cv.acquire()
-                    continue
-                self.cv.wait()
-            if self.error is not None:
-                raise self.error
-            st.experts_needed += len(experts)
-            st.expert_cache_hits += sum(table[(layer.layer, e)].source == "cache" for e in experts)
-            st.expert_misses += sum(table[(layer.layer, e)].source == "disk" for e in new)
+            self._await(table, layer, experts, new, lambda x: x.done)
         st.wait_s += time.perf_counter() - t0
+
+    def _await(self, table: dict, layer: ExpertLayer, experts: list[int], read: list[int],
+               ready: Callable[[_Expert], bool]) -> None:
+        """Holding ``cv``: wait until ``ready`` holds for each of ``experts`` (doing a pending page-cache drop rather
+        than only waiting), then count them: needed, cache hits, and misses among ``read`` (those read on demand)."""
+        while self.error is None and not all(ready(table[(layer.layer, e)]) for e in experts):
+            if self._drops:
+                self.cv.release()
+                try:
+                    self._drop_one()
+                finally:
+                    self.cv.acquire()
+                continue
+            self.cv.wait()
+        if self.error is not None:
+            raise self.error
+        st = self.stats
+        st.experts_needed += len(experts)
+        st.expert_cache_hits += sum(table[(layer.layer, e)].source == "cache" for e in experts)
+        st.expert_misses += sum(table[(layer.layer, e)].source == "disk" for e in read)
 
     def _ensure_compact(self, ticket: int, layer: ExpertLayer, experts: list[int]) -> None:
         """:meth:`ensure_experts` in a compact layout: the picked experts (ascending ids) go to rows 0, 1, ... of the
@@ -264,20 +272,7 @@ class SlotRing:
             self.urgent.append(_Job(ticket, self._section_of(ticket), layer, list(experts),
                                     positions=list(range(len(experts)))))
             self.cv.notify_all()
-            while self.error is None and not all(table[(layer.layer, e)].in_slot for e in experts):
-                if self._drops:
-                    self.cv.release()
-                    try:
-                        self._drop_one()
-                    finally:
-                        self.cv.acquire()
-                    continue
-                self.cv.wait()
-            if self.error is not None:
-                raise self.error
-            st.experts_needed += len(experts)
-            st.expert_cache_hits += sum(table[(layer.layer, e)].source == "cache" for e in experts)
-            st.expert_misses += sum(table[(layer.layer, e)].source == "disk" for e in experts)
+            self._await(table, layer, experts, experts, lambda x: x.in_slot)
 
     def prefetch_experts(self, ticket: int, layer: ExpertLayer, experts: list[int],
                          section: Section | None = None) -> None:
