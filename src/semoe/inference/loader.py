@@ -205,15 +205,7 @@ class SlotRing:
             return
         with self.cv:
             table = self.experts.setdefault(ticket, {})
-            new = []
-            for e in experts:
-                x = table.get((layer.layer, e))
-                if x is None:
-                    x = table[(layer.layer, e)] = _Expert()
-                    new.append(e)
-                elif x.prefetched and not x.needed:
-                    st.expert_prefetch_hits += 1
-                x.needed = True
+            new = self._mark_needed(table, layer, experts)
             # predictions of this layer still queued (not started): the picked ones join the on-demand job (one
             # batch through the reader pool), the others are no longer worth reading (this layer's routing is known)
             promoted: list[int] = []
@@ -230,6 +222,20 @@ class SlotRing:
                 self.cv.notify_all()
             self._await(table, layer, experts, new, lambda x: x.done)
         st.wait_s += time.perf_counter() - t0
+
+    def _mark_needed(self, table: dict, layer: ExpertLayer, experts: list[int]) -> list[int]:
+        """Holding ``cv``: mark ``experts`` picked by a router (a prediction that loaded one counts as a hit); returns
+        the ones neither loaded nor loading (no prediction asked for them)."""
+        new = []
+        for e in experts:
+            x = table.get((layer.layer, e))
+            if x is None:
+                x = table[(layer.layer, e)] = _Expert()
+                new.append(e)
+            elif x.prefetched and not x.needed:
+                self.stats.expert_prefetch_hits += 1
+            x.needed = True
+        return new
 
     def _await(self, table: dict, layer: ExpertLayer, experts: list[int], read: list[int],
                ready: Callable[[_Expert], bool]) -> None:
@@ -258,16 +264,9 @@ class SlotRing:
         if len(experts) > layer.positions:
             raise RuntimeError(f"layer {layer.layer}: {len(experts)} experts picked, the slot holds "
                                f"{layer.positions}")  # invariant: the engine sizes slots for the pass's tokens
-        st = self.stats
         with self.cv:
             table = self.experts.setdefault(ticket, {})
-            for e in experts:
-                x = table.get((layer.layer, e))
-                if x is None:
-                    x = table[(layer.layer, e)] = _Expert()
-                elif x.prefetched and not x.needed:
-                    st.expert_prefetch_hits += 1
-                x.needed = True
+            self._mark_needed(table, layer, experts)
             self.prefetch = deque(j for j in self.prefetch if not (j.ticket == ticket and j.layer.layer == layer.layer))
             self.urgent.append(_Job(ticket, self._section_of(ticket), layer, list(experts),
                                     positions=list(range(len(experts)))))
