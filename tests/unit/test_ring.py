@@ -286,8 +286,10 @@ def test_peak_rss_within_budget_plus_overhead(tmp_path, strategy: str) -> None:
         assert m["bytes_read"] >= 6 * disk * 0.99  # six passes, each streamed from disk
     else:
         # the leftover budget holds cached dense parts (first) and experts: both caches fill it
-        assert m["routed"] > 0 and m["dense_cache_bytes"] > 0 and m["bytes_read"] < 6 * disk * 0.9
-        assert m["switches"] == 1  # the decode passes (two sequences, 4 of 8 experts) from compact slots
+        # (< 0.95: the prefill of 32 tokens picks every expert; it runs in the decode layout, its extra picks forced
+        # into a cache of a few entries, so less of what the cache held survives it than with whole-layer slots)
+        assert m["routed"] > 0 and m["dense_cache_bytes"] > 0 and m["bytes_read"] < 6 * disk * 0.95
+        assert m["switches"] == 1  # every pass (two sequences, 4 of 8 experts per decode pass) from compact slots
     grew = m["end"]["peak_rss"] - m["base"]["rss"]
     assert grew <= budget / MiB + OVERHEAD_MIB, m
     # the model's file pages never entered the resident set (they are read, not mapped)

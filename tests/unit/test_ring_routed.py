@@ -282,6 +282,18 @@ def test_expert_cache_policy_decayed_lfu() -> None:
     assert set(c.entries) == {(0, 3)} and c.nbytes == 10
     c.resize(0)
     assert not c.entries and c.admit((0, 5)) is None
+    # pinned entries (computed from in place) are never evicted: admissions evict the lowest unpinned one
+    c = ExpertCache(entry_bytes=10, capacity_bytes=20)
+    c.touch(0, [1, 1, 2])
+    a, b = c.admit((0, 1)), c.admit((0, 2), pin=True)
+    assert a is not None and b is not None and c.pinned == 1 and c.pin((0, 3)) is None
+    assert c.admit((0, 3), force=True) is not None and set(c.entries) == {(0, 2), (0, 3)}  # (0, 1) went, not (0, 2)
+    assert c.pin((0, 3)) is not None and c.admit((0, 4), force=True) is None  # every entry pinned: no room
+    c.resize(0)
+    assert set(c.entries) == {(0, 2), (0, 3)}  # (a resize between passes finds none pinned; pinned ones stay)
+    c.unpin([(0, 2), (0, 3)])
+    c.resize(0)
+    assert not c.entries and c.pinned == 0
     with pytest.raises(ValueError, match="entry size must be > 0"):
         ExpertCache(0)
 
@@ -344,10 +356,11 @@ def _many_experts(tmp_path: Path, seed: int) -> Path:
 
 
 def test_compact_slots_are_bit_identical_and_give_the_cache_their_room(tmp_path) -> None:
-    """Decode passes of one or two sequences run from compact slots (the dense part + T k experts, picked experts in
-    rows 0, 1, ... in id order), the prefill from whole-layer slots: the layout switches at the pass boundaries, the
-    expert cache grows by what the smaller slots free and shrinks back for the prefill, entries are evicted under a
-    small budget, and the output equals the resident model's bit for bit (with and without prediction, no cache)."""
+    """Decode passes of one or two sequences run from compact slots (the dense part + T k experts), computed in place
+    (cache hits from their entries, no copy), and so does the prefill where an expert cache holds its extra picks
+    (else it runs from whole-layer slots): the layout switches at the pass boundaries, the expert cache grows by what
+    the smaller slots free, entries are evicted under a small budget, and the output equals the resident model's bit
+    for bit (with and without prediction, no cache)."""
     d = _many_experts(tmp_path, seed=21)
     one, two = [PROMPTS[0]], [PROMPTS[0], PROMPTS[2]]  # (two of the same length: a decode pass of two tokens)
     ref1, ref2 = _resident(d, prompts=one), _resident(d, prompts=two)
@@ -360,21 +373,27 @@ def test_compact_slots_are_bit_identical_and_give_the_cache_their_room(tmp_path)
         with RingEngine(d, max_memory=budget, strategy="routed", batch_size=2, dense_cache=False, **kw) as e:
             full_cache = e.cache.capacity if e.cache is not None else 0  # before any pass: whole-layer slots
             got1 = e.generate(one, NEW, return_logits=True)
+            in_place, copied = e._ring.in_place, e._ring.bw_cache.nbytes  # (a first prefill has no hits to copy)
+            pinned = e.cache.pinned if e.cache is not None else 0
             assert e._rows == 4 and e._ring.slots[0].numel() < lps * (plan.slot_bytes - 10 * xl.nbytes)  # top-4
             compact_cache = e.cache.capacity if e.cache is not None else 0
             got2 = e.generate(two, NEW, return_logits=True)
             assert e._rows == 8  # 2 x top-4
         _same(got1, ref1)
         _same(got2, ref2)
-        # every call: the prefill in whole layers, then the decode passes compact
-        assert got1.stats.layout_switches == 1 and got2.stats.layout_switches == 2
+        # with an expert cache the prefill runs in its wave's decode layout (its picks beyond the slot rows go to cache
+        # entries: one switch per call, none back), without one in whole layers (then the decode passes compact)
+        cached = "expert_cache" not in kw
+        assert got1.stats.layout_switches == 1 and got2.stats.layout_switches == (1 if cached else 2)
         assert got1.stats.full_layer_loads == 0 and got1.stats.routed_layer_loads == NEW * 4
         if "expert_cache" not in kw and lps == 1:
             assert compact_cache >= full_cache + 2 * 10  # the 2 x (16 - 4 - 2 spare) freed rows, at least
         if kw == dict(prefetch=False):  # deterministic: admissions in the order of the on-demand reads
             st = got1.stats
             assert st.experts_needed == st.expert_cache_hits + st.expert_misses and st.expert_prefetch_hits == 0
-            assert got2.stats.cache_evictions > 0  # the prefill's whole-layer slots took the room back
+            # hits are computed in place: no copy into a slot (the copy rate is never measured), no pin left
+            assert in_place and st.expert_cache_hits > 0 and copied == 0 and pinned == 0
+            assert got2.stats.cache_evictions > 0  # 8 rows instead of 4 took room back; the prefill's extra picks
     # a bf16 file computed in float32 (cast while read into rows and into cache entries) and in bfloat16
     bf = tmp_path / "olmoe16-bf16"
     build_hf("olmoe", seed=22, num_hidden_layers=4, num_experts=16, num_experts_per_tok=4).to(
@@ -390,7 +409,8 @@ def test_compact_slots_are_bit_identical_and_give_the_cache_their_room(tmp_path)
 
 def test_auto_chooses_compact_slots_by_the_cost_model(tmp_path) -> None:
     """strategy auto: compact slots exactly for the passes the cost model routes in every MoE section (decode of one
-    sequence), whole layers for the others; ``compact_slots=False`` keeps whole-layer slots: same bits either way."""
+    sequence; and its prefill, run in the decode layout, since routing it is expected to read less than whole layers),
+    whole layers for the others (``compact_slots=False``: the prefill): same bits either way."""
     d = _many_experts(tmp_path, seed=23)
     ref = _resident(d, prompts=[PROMPTS[0]])
     budget = _ring_budget(d)
@@ -405,7 +425,10 @@ def test_auto_chooses_compact_slots_by_the_cost_model(tmp_path) -> None:
         f1 = 1 - (1 - 4 / 16)  # one token: f = k / E = 0.25 < ROUTED_MARGIN; the prefill (5 tokens): f = 0.76
         assert f1 < ROUTED_MARGIN < 1 - (1 - 4 / 16) ** 5
         assert got.stats.layout_switches == (1 if compact else 0)
-        assert got.stats.full_layer_loads == 4 and got.stats.routed_layer_loads == (NEW - 1) * 4
+        if compact:  # the prefill in the decode passes' compact layout (its extra picks into the cache): f(5) < 1
+            assert got.stats.full_layer_loads == 0 and got.stats.routed_layer_loads == NEW * 4
+        else:
+            assert got.stats.full_layer_loads == 4 and got.stats.routed_layer_loads == (NEW - 1) * 4
 
 
 def test_a_layer_larger_than_the_budget_is_served_by_routed_passes(tmp_path) -> None:

@@ -13,9 +13,11 @@ stretches) but the hot set drifts with the text; plain LRU loses the frequency s
 (colibri's measurements on OLMoE: LRU 68% vs Belady 84% at 24 of 64 experts per layer, shared/notes). With
 random (uniform) routers no policy can beat ``cached / E`` per layer, which is what the benchmark's bound uses.
 
-Only the ring's loader thread reads and fills entries (:meth:`get`, :meth:`admit`); the compute thread records
-uses (:meth:`touch`) and advances the clock (:meth:`tick`); a lock guards the bookkeeping. Entries are allocated
-once, on first use, and reused after evictions (no allocation in the steady state).
+Only the ring's loader thread reads and fills entries (:meth:`get`, :meth:`admit`, :meth:`pin`); the compute thread
+records uses (:meth:`touch`), advances the clock (:meth:`tick`) and releases pins (:meth:`unpin`); a lock guards the
+bookkeeping. A *pinned* entry is one a routed pass computes from in place (its weights are viewed, not copied into a
+slot): it is never evicted until unpinned, so admissions then evict the lowest-scored unpinned entry. Entries are
+allocated once, on first use, and reused after evictions (no allocation in the steady state).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class ExpertCache:
         self.entry_bytes, self.device, self.half_life = entry_bytes, torch.device(device), float(half_life)
         self.entries: dict[Key, torch.Tensor] = {}
         self._free: list[torch.Tensor] = []
+        self._pins: dict[Key, int] = {}  # entries in use in place (not evictable), with their pin counts
         self._score: dict[Key, tuple[float, int]] = {}  # (score at tick, tick), for every expert seen
         self.clock = 0
         self.capacity = 0
@@ -59,11 +62,12 @@ class ExpertCache:
         return (len(self.entries) + len(self._free)) * self.entry_bytes
 
     def resize(self, capacity_bytes: int) -> None:
-        """Hold at most ``capacity_bytes``: the lowest-scored entries are evicted, spare buffers freed."""
+        """Hold at most ``capacity_bytes``: the lowest-scored entries are evicted, spare buffers freed (pinned entries
+        stay: the ring resizes between passes, when none is pinned)."""
         with self._lock:
             self.capacity = max(0, int(capacity_bytes) // self.entry_bytes)
-            while len(self.entries) > self.capacity:
-                self._evict_lowest()
+            while len(self.entries) > self.capacity and self._evict_lowest():
+                pass
             keep = max(0, self.capacity - len(self.entries))
             del self._free[keep:]
 
@@ -92,22 +96,48 @@ class ExpertCache:
         """The entry of ``key``, or None."""
         return self.entries.get(key)
 
-    def admit(self, key: Key, force: bool = False) -> torch.Tensor | None:
+    def pin(self, key: Key) -> torch.Tensor | None:
+        """The entry of ``key``, pinned (not evictable until :meth:`unpin`), or None when it is not cached."""
+        with self._lock:
+            buf = self.entries.get(key)
+            if buf is not None:
+                self._pins[key] = self._pins.get(key, 0) + 1
+            return buf
+
+    def unpin(self, keys: list[Key]) -> None:
+        """Release one pin of each of ``keys``."""
+        with self._lock:
+            for key in keys:
+                n = self._pins.get(key, 0) - 1
+                if n > 0:
+                    self._pins[key] = n
+                else:
+                    self._pins.pop(key, None)
+
+    @property
+    def pinned(self) -> int:
+        """Entries pinned now."""
+        return len(self._pins)
+
+    def admit(self, key: Key, force: bool = False, pin: bool = False) -> torch.Tensor | None:
         """A buffer for ``key`` to be filled by the caller when the policy admits it (a free entry, or a score
-        above the lowest entry's, which is evicted), else None; ``force``: evict the lowest entry in any case (a
-        predicted expert about to be used). Call from the loader thread only."""
+        above the lowest unpinned entry's, which is evicted), else None; ``force``: evict the lowest unpinned entry
+        in any case (a predicted expert about to be used); ``pin``: the new entry is pinned (see :meth:`pin`). Call
+        from the loader thread only."""
         with self._lock:
             if key in self.entries or self.capacity == 0:
                 return None
             if len(self.entries) >= self.capacity:
-                low = min(self.entries, key=self._decayed)
-                if not force and self._decayed(low) >= self._decayed(key):
+                low = self._lowest()
+                if low is None or (not force and self._decayed(low) >= self._decayed(key)):
                     return None
                 self._evict(low)
             buf = self._free.pop() if self._free else torch.empty(self.entry_bytes, dtype=torch.uint8,
                                                                   device=self.device)
             self.entries[key] = buf
             self.inserts += 1
+            if pin:
+                self._pins[key] = self._pins.get(key, 0) + 1
             return buf
 
     def discard(self, key: Key) -> None:
@@ -115,14 +145,24 @@ class ExpertCache:
         with self._lock:
             if key in self.entries:
                 self._free.append(self.entries.pop(key))
+                self._pins.pop(key, None)
 
     # policy ---------------------------------------------------------------------------------------
     def _decayed(self, key: Key) -> float:
         score, at = self._score.get(key, (0.0, self.clock))
         return score * 2.0 ** (-(self.clock - at) / self.half_life)
 
-    def _evict_lowest(self) -> None:
-        self._evict(min(self.entries, key=self._decayed))
+    def _lowest(self) -> Key | None:
+        """The lowest-scored unpinned entry (None: every entry is pinned)."""
+        free = [k for k in self.entries if k not in self._pins]
+        return min(free, key=self._decayed) if free else None
+
+    def _evict_lowest(self) -> bool:
+        low = self._lowest()
+        if low is None:
+            return False
+        self._evict(low)
+        return True
 
     def _evict(self, key: Key) -> None:
         self._free.append(self.entries.pop(key))

@@ -22,6 +22,7 @@ experts that were not loaded hold stale but finite weights of another section, w
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -86,7 +87,10 @@ class _Expert:
     source: str = ""  # "disk" or "cache"
     prefetched: bool = False  # loaded on a prediction
     needed: bool = False  # a router picked it
-    in_slot: bool = False  # (compact layout) placed in its row of the slot
+    in_slot: bool = False  # (compact layout) placed in its row of the slot, or placed in place (``where``)
+    #: (compact layout, in place) the byte buffer holding its weights and the (offset, nbytes) of each stacked
+    #: region's row in it, in region order: an expert cache entry or a row of the slot
+    where: tuple[torch.Tensor, tuple[tuple[int, int], ...]] | None = None
 
 
 @dataclass
@@ -99,6 +103,9 @@ class _Job:
     #: row e (whole-layer layout), or, with ``to_cache``, a prediction read into the expert cache only
     positions: list[int] | None = None
     to_cache: bool = False
+    #: compact layout, experts served in place (``SlotRing.in_place``): a cache hit stays in its entry (pinned), a
+    #: miss is read into an entry it is admitted to, else into the next free row of the slot; nothing is copied
+    place: bool = False
 
 
 def _named(err: BaseException, reads: list[Read]) -> ValueError:
@@ -126,6 +133,10 @@ class SlotRing:
         self.cuda = device.type == "cuda"
         self.slots = [torch.zeros(n, dtype=torch.uint8, device=device) for n in sizes]
         self.cache = cache
+        # compact layouts: serve the picked experts in place (no copy of a cache hit into the slot; the compute takes
+        # views of each expert's weights where they are: :meth:`placements`); set by the engine
+        self.in_place = False
+        self._pins: dict[int, list[tuple[int, int]]] = {}  # per ticket: cache entries pinned for its compute
         # the dense cache: each section's dense part (what ``dense_reads`` fill, as it lies in the slot after
         # any cast) kept in memory once read, up to ``dense_capacity`` bytes (set by the engine from the budget),
         # then copied into the slot instead of read again; sections enter in the order they are first read and
@@ -261,15 +272,18 @@ class SlotRing:
         """:meth:`ensure_experts` in a compact layout: the picked experts (ascending ids) go to rows 0, 1, ... of the
         slot, each copied from the expert cache (where predictions were read to) or read from disk; one on-demand job
         for all of them (a prediction still being read finishes first: the loader serves one job at a time)."""
-        if len(experts) > layer.positions:
+        if len(experts) > layer.positions and not self.in_place:
             raise RuntimeError(f"layer {layer.layer}: {len(experts)} experts picked, the slot holds "
                                f"{layer.positions}")  # invariant: the engine sizes slots for the pass's tokens
         with self.cv:
             table = self.experts.setdefault(ticket, {})
             self._mark_needed(table, layer, experts)
             self.prefetch = deque(j for j in self.prefetch if not (j.ticket == ticket and j.layer.layer == layer.layer))
-            self.urgent.append(_Job(ticket, self._section_of(ticket), layer, list(experts),
-                                    positions=list(range(len(experts)))))
+            if self.in_place:
+                self.urgent.append(_Job(ticket, self._section_of(ticket), layer, list(experts), place=True))
+            else:
+                self.urgent.append(_Job(ticket, self._section_of(ticket), layer, list(experts),
+                                        positions=list(range(len(experts)))))
             self.cv.notify_all()
             self._await(table, layer, experts, experts, lambda x: x.in_slot)
 
@@ -293,6 +307,26 @@ class SlotRing:
                 self.prefetch.append(_Job(ticket, section, layer, new, to_cache=compact))
                 self.stats.experts_prefetched += len(new)
             self.cv.notify_all()
+
+    def placements(self, ticket: int, layer: ExpertLayer, experts: list[int]
+                   ) -> list[tuple[torch.Tensor, tuple[tuple[int, int], ...]]]:
+        """(in place, after :meth:`ensure_experts`) where each of ``experts`` of ``ticket`` lies: (byte buffer,
+        (offset, nbytes) of each stacked region's row). Cache entries among them stay pinned until :meth:`unpin`."""
+        with self.cv:
+            table = self.experts[ticket]
+            out = []
+            for e in experts:
+                where = table[(layer.layer, e)].where
+                assert where is not None, f"expert {e} of layer {layer.layer} was not placed"  # invariant
+                out.append(where)
+            return out
+
+    def unpin(self, ticket: int) -> None:
+        """The compute of ``ticket``'s routed layer is done: its cache entries may be evicted again."""
+        with self.cv:
+            keys = self._pins.pop(ticket, [])
+        if keys and self.cache is not None:
+            self.cache.unpin(keys)
 
     def _section_of(self, ticket: int) -> Section:
         return self.sections[self.ticket_section[ticket]]
@@ -346,6 +380,8 @@ class SlotRing:
             while self.busy_ticket == ticket and self.error is None:  # the slot is not left half written
                 self.cv.wait()
             table = self.experts.pop(ticket, {})
+            if self.cache is not None and ticket in self._pins:
+                self.cache.unpin(self._pins.pop(ticket))
             self.stats.prefetch_wasted += sum(x.prefetched and not x.needed for x in table.values())
             self.ticket_section.pop(ticket, None)
             self.released = ticket
@@ -418,7 +454,7 @@ class SlotRing:
                         if (job.layer.layer, e) in table:
                             x = table[(job.layer.layer, e)]
                             x.done = True
-                            x.in_slot = x.in_slot or job.positions is not None
+                            x.in_slot = x.in_slot or job.positions is not None or job.place
                 else:
                     self.done.add(job[0])
                 self.cv.notify_all()
@@ -571,6 +607,8 @@ class SlotRing:
         t0 = time.perf_counter()
         if job.to_cache:
             return self._read_into_cache(job)
+        if job.place:
+            return self._place_experts(job)
         slot, xl, section = job.ticket % self.K, job.layer, job.section
         target = self.slots[slot]
         table = self.experts.get(job.ticket, {})
@@ -607,6 +645,60 @@ class SlotRing:
                 for off, m in xl.slot_ranges[p]:
                     buf[pos:pos + m].copy_(target[off:off + m])
                     pos += m
+        st = self.stats
+        st.bytes_read += n
+        st.expert_bytes_read += n
+        st.load_s += time.perf_counter() - t0
+
+    def _place_experts(self, job: _Job) -> None:
+        """The picked experts of a compact layout, in place: a cached one stays in its entry (pinned for the
+        ticket's compute), one on disk is read into a cache entry when the policy admits it (pinned), else into the
+        next free row of the slot. No copies: the compute takes views where they lie (:meth:`placements`)."""
+        t0 = time.perf_counter()
+        slot, xl, section = job.ticket % self.K, job.layer, job.section
+        target = self.slots[slot]
+        table = self.experts.get(job.ticket, {})
+        cache, pins = self.cache, self._pins.setdefault(job.ticket, [])
+        sizes = [per * self.plan.dtype.itemsize for _, per in xl.row_numel]
+        entry_ranges = tuple(zip(itertools.accumulate([0, *sizes[:-1]]), sizes))
+        prog: list[ReadRun | tuple[Any, ...]] = []
+        admitted: list[tuple[int, int]] = []
+        row = 0
+        for e in job.experts:
+            key = (xl.layer, e)
+            x = table[key]
+            buf = cache.pin(key) if cache is not None else None
+            if buf is not None:
+                pins.append(key)
+                x.source, x.where = "cache", (buf, entry_ranges)
+                continue
+            buf = cache.admit(key, pin=True) if cache is not None else None
+            if buf is None and row == xl.positions and cache is not None:  # more picks than rows: into the cache
+                buf = cache.admit(key, force=True, pin=True)
+            if buf is not None:
+                pins.append(key)
+                admitted.append(key)
+                prog += self._entry_program(xl, section, e, buf)
+                x.where = (buf, entry_ranges)
+            elif row < xl.positions:
+                prog += self._program(section, slot, target, ("expert", xl.layer, e, row), xl.reads_at(e, row))
+                x.where = (target, xl.slot_ranges[row])
+                row += 1
+            else:  # invariant: the engine checks that the slot and the cache hold every pick
+                raise RuntimeError(f"layer {xl.layer}: no room for expert {e}: {xl.positions} slot rows and "
+                                   f"{cache.capacity if cache is not None else 0} cache entries, all in use")
+            x.source = "disk"
+        if not prog:
+            return
+        self._drop_pending_reads()
+        t1 = time.perf_counter()
+        try:
+            n = self._run_program(prog, section, parallel=True)
+        except BaseException:
+            for key in admitted:
+                cache.discard(key)  # type: ignore[union-attr]
+            raise
+        self.bw_expert.add(n, time.perf_counter() - t1)
         st = self.stats
         st.bytes_read += n
         st.expert_bytes_read += n

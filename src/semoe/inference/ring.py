@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from semoe.inference.expert_cache import ExpertCache
+from semoe.inference.expert_views import ExpertViews, experts_on_views, supports_views
 from semoe.inference.generate import sample_next
 from semoe.inference.loader import SlotRing, trim_heap
 from semoe.inference.sections import (
@@ -379,6 +380,11 @@ class RingEngine:
             if self.strategy != "layer" and entry and expert_cache != 0 else None
         self._ring = SlotRing(self.plan, self.device, sizes, self.stats, drop_page_cache, readahead, self.cache,
                               io_threads, self._sections)
+        # compact routed passes compute from the experts where they lie (no copy of a cache hit into the slot) where
+        # the experts' impl can run on per-expert views (expert_views)
+        self._ring.in_place = self._compactable and all(supports_views(moe.experts)
+                                                        for moe in moe_layers(self.model))
+        self._views: dict[int, ExpertViews] = {}
         # cost model (see _mode_for): (pass, section, tokens, mode, expected whole-layer s, expected routed s)
         self.decisions: deque[tuple[int, int, int, str, float, float]] = deque(maxlen=4096)
         self._last_mode: dict[int, str] = {}
@@ -515,18 +521,47 @@ class RingEngine:
         E rows suffice. The memory the smaller slots free goes to the expert cache (:meth:`_fit_caches`)."""
         if not self._compactable:
             return None
-        rows = min(self._num_experts, max(T, 1) * self._top_k)
-        if not self._full_fits:  # as many rows as fit (a pass whose routers pick more fails: _routed_layer)
+        E = self._num_experts
+        rows = min(E, max(T, 1) * self._top_k)
+        if not self._full_fits:  # as many rows as fit (a pass whose routers pick more: the expert cache holds the
+            # rest where experts are served in place, else it fails: _routed_layer)
             return min(rows, self._rows_fit)
-        if rows >= self._num_experts:
+        if self._ring.in_place:
+            # in place, a pass's picks beyond the slot's rows are read into expert cache entries: a prefill runs in
+            # the layout of the decode passes after it (one token per sequence), so it does not take the cache's room
+            # back for whole-layer or wider slots, when the cache there can hold the extra picks of a layer. "auto":
+            # when those decode passes route and routing this pass is expected to read for less time than whole
+            # layers (no margin: the whole-layer pass would also evict what the cache then holds no room for)
+            Td = self._next_pass_tokens
+            decode = min(E, max(Td, 1) * self._top_k)
+            if decode < rows and self._cache_entries(decode) >= rows - decode and (
+                    self.strategy != "auto" or (self._routes_all(Td, ROUTED_MARGIN) and self._routes_all(T, 1.0))):
+                return decode
+        if rows >= E:
             return None
-        if self.strategy == "auto":
-            for sec in self.plan.sections:
-                if sec.experts:
-                    t_layer, t_routed = self._expected_s(sec, T)
-                    if t_routed >= ROUTED_MARGIN * t_layer:
-                        return None
+        if self.strategy == "auto" and not self._routes_all(T, ROUTED_MARGIN):
+            return None
         return rows
+
+    def _routes_all(self, T: int, margin: float) -> bool:
+        """Whether the cost model (:meth:`_expected_s`) expects routed loading of every MoE section for a pass over
+        ``T`` tokens to take less than ``margin`` times the whole-layer loads."""
+        for sec in self.plan.sections:
+            if sec.experts:
+                t_layer, t_routed = self._expected_s(sec, T)
+                if t_routed >= margin * t_layer:
+                    return False
+        return True
+
+    def _cache_entries(self, rows: int) -> int:
+        """Expert cache entries in the compact layout of ``rows`` rows (as :meth:`_fit_caches` would size it)."""
+        if self.cache is None:
+            return 0
+        if self._cache_request != "auto":
+            return self._cache_reserved // self.cache.entry_bytes
+        ring = self._ring.K * max(sec.nbytes for sec in self._compact(rows)) + self._ring_extra
+        room = self.budget - ring - self._wave_need - self._ring.dense_capacity  # type: ignore[operator]
+        return max(0, room) // self.cache.entry_bytes
 
     def _arrange(self, T: int) -> None:
         """At a pass boundary (nothing requested ahead): switch the slot layout if this pass wants another one. Going
@@ -955,7 +990,10 @@ class RingEngine:
                 hyr.append((h_BSD, y_BSD, routing))
             parts.append(hyr)
         need = torch.cat(ids).unique().tolist()
-        if len(need) > xl.positions:  # only where no whole layer fits the budget (else the slots hold every pick)
+        # (more picks than slot rows: in place, the rest go to expert cache entries; else only where no whole layer
+        # fits the budget, or the slots hold every pick)
+        spare = self.cache.capacity if self.cache is not None and self._ring.in_place else 0
+        if len(need) > xl.positions + spare:
             raise ValueError(f"layer {i}: the routers of this pass ({self._pass_tokens} tokens) picked {len(need)} "
                              f"experts, but max_memory={self.budget / MiB:.2f} MiB holds {xl.positions} per slot next "
                              "to the dense part (a whole layer does not fit twice): use fewer or shorter prompts per "
@@ -966,15 +1004,32 @@ class RingEngine:
         self._count_predictions(ticket, i, need)
         if self.cache is not None:
             self.cache.touch(i, need)
-        if xl.positions < xl.num_experts:  # compact slot: the picked experts sit in rows 0, 1, ... in id order, so
-            # the routing names rows (an order-keeping renumbering: the same sort, the same sums, the same bits)
+        if xl.positions < xl.num_experts:  # compact slot: the picked experts are groups 0, 1, ... in id order, so
+            # the routing names groups (an order-keeping renumbering: the same sort, the same sums, the same bits)
             lut = torch.zeros(xl.num_experts, dtype=torch.long, device=self.device)
             lut[torch.tensor(need, dtype=torch.long, device=self.device)] = torch.arange(len(need), device=self.device)
             hyr_all = [[(h, y, dataclasses.replace(r, expert_A=lut[r.expert_A])) for h, y, r in hyr] for hyr in parts]
         else:
             hyr_all = parts
-        for g, hyr in zip(active, hyr_all):
-            g.x = [h_BSD + layer.moe(y_BSD, routing=routing).out for h_BSD, y_BSD, routing in hyr]
+        if not self._ring.in_place or xl.positions == xl.num_experts:
+            for g, hyr in zip(active, hyr_all):
+                g.x = [h_BSD + layer.moe(y_BSD, routing=routing).out for h_BSD, y_BSD, routing in hyr]
+            return
+        # in place: group j's weights are views of wherever expert need[j] lies (a cache entry or a slot row)
+        try:
+            weights = self._expert_views(i, xl).weights(self._ring.placements(ticket, xl, need))
+            with experts_on_views(layer.moe.experts, weights):
+                for g, hyr in zip(active, hyr_all):
+                    g.x = [h_BSD + layer.moe(y_BSD, routing=routing).out for h_BSD, y_BSD, routing in hyr]
+        finally:
+            self._ring.unpin(ticket)
+
+    def _expert_views(self, i: int, xl: ExpertLayer) -> ExpertViews:
+        """How layer ``i``'s experts become per-expert weight views (memo)."""
+        if i not in self._views:
+            section = next(sec for sec in self.plan.sections if sec.expert_layer(i) is not None)
+            self._views[i] = ExpertViews(section, xl, self.dtype)
+        return self._views[i]
 
     def _capture_predictor(self, i: int, layer: nn.Module) -> None:
         """Resident copies of layer ``i``'s ffn norm and router (its parameters cloned out of the slot; buffers are
