@@ -364,18 +364,3 @@ def test_fit_costs_pools_earlier_windows_at_two_ranks() -> None:
     assert np.ptp(times(new)) <= a * 8  # within one synth row of balanced
     with pytest.raises(ValueError, match="another world"):
         fit_costs(cuts[-1], times(cuts[-1]), history=[(plan_tasks(BENCH, 4), np.ones(4))])
-
-
-def test_comm_model_in_the_world_sum_charges_every_rank() -> None:
-    """``CommModel.world``: a task held by several ranks rides the world all-reduce, so every rank (holder or
-    not) pays its elements at the world's ring factor and no latency; a task on one rank costs nothing; the
-    field survives the plan's JSON."""
-    from semoe.elastic.planner import CommModel
-
-    comm = CommModel(numel=(1000, 200, 50, 10), rate=1e-3, latency=7.0, world=4)
-    plan = dataclasses.replace(plan_tasks(BENCH, 4), comm=comm)  # synth on ranks 0-2, the rest on rank 3
-    assert [len(r) for r in plan.ranks] == [3, 1, 1, 1]
-    assert plan.comm_loads().tolist() == pytest.approx([1e-3 * 1000 * 1.5] * 4)
-    group = dataclasses.replace(plan, comm=dataclasses.replace(comm, world=0))
-    assert group.comm_loads().tolist() == pytest.approx([7.0 + 1e-3 * 1000 * 4 / 3] * 3 + [0.0])
-    assert Plan.from_json(plan.to_json()) == plan

@@ -35,25 +35,18 @@ def token_ep_size(world: int, num_experts: int) -> int:
 
 
 class _Flat:
-    """One class's gradients as views of one buffer (``tail`` more elements after them). An int in ``params``
-    is a gap of that many elements that no parameter here fills (a task this rank does not hold, summed with
-    the ones it does: it sends zeros there)."""
+    """One class's gradients as views of one buffer (``tail`` more elements after them)."""
 
-    def __init__(self, params: list[nn.Parameter | int], tail: int = 0) -> None:
-        dtypes = {p.dtype for p in params if not isinstance(p, int)}
+    def __init__(self, params: list[nn.Parameter], tail: int = 0) -> None:
+        dtypes = {p.dtype for p in params}
         if len(dtypes) > 1:
             raise ValueError(f"one gradient class holds parameters of dtypes {sorted(map(str, dtypes))}; cast the "
                              "model to one dtype (model.to(dtype)) before training it elastically")
         dtype = dtypes.pop() if dtypes else torch.get_default_dtype()
-        self.numel = sum(p if isinstance(p, int) else p.numel() for p in params)
-        self.params = [p for p in params if not isinstance(p, int)]
+        self.params, self.numel = params, sum(p.numel() for p in params)
         self.buf = torch.zeros(self.numel + tail, dtype=dtype)
-        self.views, self.gaps, off = [], [], 0  # gaps: after the sum, the gradients of the tasks held elsewhere
+        self.views, off = [], 0
         for p in params:
-            if isinstance(p, int):
-                self.gaps.append(self.buf[off:off + p])
-                off += p
-                continue
             self.views.append(self.buf[off:off + p.numel()].view_as(p))
             off += p.numel()
         self.tail = self.buf[self.numel:]
@@ -79,26 +72,16 @@ class _Flat:
 class ElasticLayout:
     """This rank's view of a plan: its groups and the gradient sync / norm of its model."""
 
-    def __init__(self, plan: Plan, rank: int, mesh: DeviceMesh | None, distributed: bool,
-                 task_numel: dict[str, int] | None = None) -> None:
-        """``task_numel``: the parameter elements of every task (``models.multitask.task_numel``); with it every
-        task held by more than one rank is summed in the shared buffer (a rank that does not hold it sends zeros
-        there), without it only the tasks every rank holds; the others go over their task group."""
+    def __init__(self, plan: Plan, rank: int, mesh: DeviceMesh | None, distributed: bool) -> None:
         self.plan, self.rank, self.mesh, self.distributed = plan, rank, mesh, distributed
         self.groups = task_groups([list(r) for r in plan.experts_on]) if distributed else [None] * len(plan.tasks)
         self._classes_of: tuple[int, tuple] | None = None  # (id of the model, its classes): named once
         self._flat_of: tuple[int, int, dict[str, _Flat]] | None = None  # (id of the model, tail, buffers)
         self._summed: tuple[torch.Tensor, torch.Tensor | None] | None = None  # the last sync's (norm, extra)
         self.comm_s: dict[str, float] = {}  # the last sync's CPU seconds per gradient sum: task name, "" shared
-        # tasks whose gradients ride the shared buffer (summed over the world with it): held by every rank, or
-        # by more than one when the sizes of the tasks this rank does not hold are known
-        self.world_tasks = tuple(t for t, on in zip(plan.tasks, plan.experts_on) if distributed and plan.world > 1
-                                 and (len(on) == plan.world or (task_numel is not None and len(on) > 1)))
-        missing = [t for t in self.world_tasks if rank not in plan.experts_on[plan.index(t)]
-                   and t not in (task_numel or {})]
-        if missing:
-            raise ValueError(f"task_numel has no element count for task(s) {missing}")
-        self.task_numel = dict(task_numel or {})
+        # tasks held by every rank: their gradients ride the shared buffer (summed over the world with it)
+        self.world_tasks = tuple(t for t, on in zip(plan.tasks, plan.experts_on)
+                                 if distributed and plan.world > 1 and len(on) == plan.world)
 
     def numel(self, model: nn.Module) -> tuple[int, dict[str, int]]:
         """Gradient elements of (the shared parameters, each task's parameters held here)."""
@@ -106,26 +89,10 @@ class ElasticLayout:
         return sum(p.numel() for p in shared), {t: sum(p.numel() for p in ps) for t, ps in tasks.items() if ps}
 
     def _world_summed(self, model: nn.Module) -> list[nn.Parameter]:
-        """The parameters here summed over the world in the shared buffer: shared ones, then those of the
-        tasks in ``world_tasks`` this rank holds (task order)."""
+        """The parameters summed over the world in the shared buffer: shared ones, then those of every task
+        held by every rank (task order)."""
         shared, tasks, _ = self._classes(model)
         return shared + [p for t in self.world_tasks for p in tasks[t]]
-
-    def _world_slots(self, model: nn.Module) -> list[nn.Parameter | int]:
-        """The shared buffer's layout, the same on every rank: shared parameters, then each task of
-        ``world_tasks`` (its parameters here, or a gap of its size where this rank does not hold it)."""
-        shared, tasks, _ = self._classes(model)
-        slots: list[nn.Parameter | int] = list(shared)
-        for t in self.world_tasks:
-            if self.rank in self.plan.experts_on[self.plan.index(t)]:
-                if self.task_numel and t in self.task_numel and \
-                        sum(p.numel() for p in tasks[t]) != self.task_numel[t]:
-                    raise ValueError(f"task {t!r} has {sum(p.numel() for p in tasks[t])} parameter elements here, "
-                                     f"task_numel says {self.task_numel[t]}")
-                slots += tasks[t]
-            else:
-                slots.append(int(self.task_numel[t]))
-        return slots
 
     def _classes(self, model: nn.Module) -> tuple[list[nn.Parameter], dict[str, list[nn.Parameter]],
                                                    list[nn.Parameter]]:
@@ -160,7 +127,7 @@ class ElasticLayout:
             _, tasks, experts = self._classes(model)
             flats: dict[str, _Flat] = {}
             if self.distributed:
-                flats[""] = _Flat(self._world_slots(model), tail)
+                flats[""] = _Flat(self._world_summed(model), tail)
                 flats.update({t: _Flat(tasks[t]) for t, g in zip(self.plan.tasks, self.groups)
                               if tasks[t] and g is not None and 1 < dist.get_world_size(g)
                               and t not in self.world_tasks})
@@ -182,10 +149,10 @@ class ElasticLayout:
     def sync_gradients(self, model: nn.Module, extra: torch.Tensor | None = None) -> tuple[torch.Tensor,
                                                                                          torch.Tensor | None]:
         """Sum the gradients by the rules, in place in their buffers (token-gated experts over their replicas and
-        each task over its ranks first, then the shared ones over the world, with the tasks of ``world_tasks``), and
-        take the global L2 norm (shared and world tasks once, after their sum, on every rank; each other task once
-        (its first rank), each token expert once (dp index 0)). ``extra``, a vector of this rank's, and this
-        rank's part of the squared norm ride the shared all-reduce. Returns (the norm,
+        each task over its ranks first, then the shared ones over the world, with the tasks every rank holds), and
+        take the global L2 norm (shared once, each task once (its first rank), each token expert once (dp index
+        0)). ``extra``, a vector of
+        this rank's, and this rank's part of the squared norm ride the shared all-reduce. Returns (the norm,
         ``extra`` summed over the world in float64, or None); ``clip_`` clips by that norm."""
         n = 1 if extra is None else 1 + extra.numel()
         flats = self._flats(model, n)
@@ -216,8 +183,7 @@ class ElasticLayout:
         else:  # one process: nothing to send, nothing rounded to the gradients' dtype
             summed = torch.cat([own.reshape(1), torch.zeros(0, dtype=torch.float64) if extra is None
                                 else extra.to(torch.float64).reshape(-1)])
-        gaps = flats[""].gaps if "" in flats else []  # summed gradients of world tasks held elsewhere
-        norm = (_sq([p.grad for p in self._world_summed(model)] + gaps) + summed[0]).sqrt()
+        norm = (_sq([p.grad for p in self._world_summed(model)]) + summed[0]).sqrt()
         self._summed = (norm, None if extra is None else summed[1:].view_as(extra))
         return self._summed
 

@@ -47,21 +47,15 @@ class CommModel:
     """The cost, on each of its ``n`` ranks, of summing a task's gradients over them: ``latency + rate *
     numel * 2 (n - 1) / n`` (a ring all-reduce moves ``2 (n - 1) / n`` of the buffer through every rank), 0 on
     one rank. ``numel``: gradient elements of each task's parameters, in the plan's task order; ``rate`` and
-    ``latency`` in the units of the plan's costs (measured: ``fit_comm``). ``world`` > 0: the sums ride the
-    world all-reduce of ``world`` ranks (``ElasticLayout`` with ``task_numel``): a task held by more than one
-    rank costs ``rate * numel * 2 (world - 1) / world`` on every rank of the world, holder or not, and no
-    latency of its own (the shared sum pays it)."""
+    ``latency`` in the units of the plan's costs (measured: ``fit_comm``)."""
 
     numel: tuple[int, ...]
     rate: float
     latency: float = 0.0
-    world: int = 0
 
     def cost(self, i: int, n: int) -> float:
         if n <= 1:
             return 0.0
-        if self.world:
-            return self.rate * self.numel[i] * 2 * (self.world - 1) / self.world
         return self.latency + self.rate * self.numel[i] * 2 * (n - 1) / n
 
 
@@ -122,14 +116,10 @@ class Plan:
         return load
 
     def comm_loads(self) -> np.ndarray:
-        """[W] predicted cost of each rank's task gradient sums (0 without a ``comm`` model; with ``comm.world``
-        every task held by several ranks costs every rank)."""
+        """[W] predicted cost of each rank's task-group gradient sums (0 without a ``comm`` model)."""
         load = np.zeros(self.world)
         if self.comm is not None:
             for i, on in enumerate(self.experts_on):
-                if self.comm.world:  # in the world sum: every rank moves it
-                    load += self.comm.cost(i, len(on))
-                    continue
                 for r in on:
                     load[r] += self.comm.cost(i, len(on))
         return load
@@ -162,7 +152,6 @@ class Plan:
         over = f", overhead {self.overhead:.3g} per task on a rank" if self.overhead else ""
         if self.comm is not None:
             over += f", gradient sum {self.comm.rate:.3g} per element + {self.comm.latency:.3g}"
-            over += " (in the world sum)" if self.comm.world else ""
         lines = [f"{self.placement} plan for {self.world} ranks (busy max/mean {self.busy_max_over_mean():.3f}"
                  f"{over}):"]
         for t, b, c, rs in zip(self.tasks, self.batches, self.costs, self.ranks):
@@ -183,7 +172,7 @@ class Plan:
                    rows=None if d.get("rows") is None else tuple(tuple(int(n) for n in r) for r in d["rows"]),
                    overhead=float(d.get("overhead", 0.0)), comm=None if d.get("comm") is None else CommModel(
                        numel=tuple(int(n) for n in d["comm"]["numel"]), rate=float(d["comm"]["rate"]),
-                       latency=float(d["comm"].get("latency", 0.0)), world=int(d["comm"].get("world", 0))))
+                       latency=float(d["comm"].get("latency", 0.0))))
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=1))
@@ -425,11 +414,11 @@ def fit_costs(plan: Plan, rank_times: np.ndarray, fit_overhead: bool = True,
     return {task: float(pred[i] / (plan.batches[i] * len(windows))) for i, task in enumerate(plan.tasks)}, f
 
 
-def fit_comm(numel: tuple[int, ...], measured: list[tuple[int, int, float]], world: int = 0) -> CommModel | None:
+def fit_comm(numel: tuple[int, ...], measured: list[tuple[int, int, float]]) -> CommModel | None:
     """The ``CommModel`` of tasks with ``numel`` gradient elements each, from ``measured`` all-reduces
     (elements, ranks in the group, time on each rank): ``time = latency + rate * elements * 2 (n - 1) / n``
     by least squares when the sizes tell the two apart and both come out >= 0, else through the origin.
-    None when nothing was measured over more than one rank. ``world``: the model's (``CommModel.world``)."""
+    None when nothing was measured over more than one rank."""
     pts = [(e * 2 * (n - 1) / n, t) for e, n, t in measured if n > 1 and e > 0 and math.isfinite(t) and t >= 0]
     if not pts:
         return None
@@ -437,9 +426,8 @@ def fit_comm(numel: tuple[int, ...], measured: list[tuple[int, int, float]], wor
     if len(set(x.tolist())) >= 2:
         coef = np.linalg.lstsq(np.stack([np.ones_like(x), x], 1), y, rcond=None)[0]
         if coef[0] >= 0 and coef[1] > 0:
-            return CommModel(numel=tuple(int(n) for n in numel), rate=float(coef[1]), latency=float(coef[0]),
-                             world=world)
-    return CommModel(numel=tuple(int(n) for n in numel), rate=float(y.sum() / x.sum()), latency=0.0, world=world)
+            return CommModel(numel=tuple(int(n) for n in numel), rate=float(coef[1]), latency=float(coef[0]))
+    return CommModel(numel=tuple(int(n) for n in numel), rate=float(y.sum() / x.sum()), latency=0.0)
 
 
 def replan(plan: Plan, rank_times: np.ndarray | None = None, world: int | None = None, share: bool = True,

@@ -130,8 +130,6 @@ class MultiTaskMoE(nn.Module):
         norms = {f"{m}.{k}" for m, mod in self.named_modules() if isinstance(mod, nn.LayerNorm)
                  for k in ("weight", "bias")}
         for name, p in self.named_parameters():
-            if p.is_meta:  # shapes only (``task_numel``)
-                continue
             g = torch.Generator().manual_seed(int(hashlib.sha256(f"{seed}:{name}".encode()).hexdigest()[:12], 16))
             if name in norms:
                 p.fill_(1.0 if name.endswith("weight") else 0.0)
@@ -169,16 +167,3 @@ class MultiTaskMoE(nn.Module):
             n = xs[t].shape[0]
             logits[t] = self.heads[t](h_ND[lo:hi].reshape(n, -1, h_ND.shape[-1]).mean(1))
         return MultiTaskOutput(logits, router_loss, aux, stats)
-
-
-def task_numel(cfg: MultiTaskModelConfig, specs: list[TaskSpec]) -> dict[str, int]:
-    """Parameter elements of each task's own parameters (stem, positions, head, task experts, policies), from
-    a model of every task on the meta device (nothing allocated or initialised)."""
-    with torch.device("meta"):
-        model = MultiTaskMoE(cfg, specs)
-    out = {s.name: 0 for s in specs}
-    for name, p in model.named_parameters():
-        t = param_task(name)
-        if t is not None and p.requires_grad:
-            out[t] += p.numel()
-    return out

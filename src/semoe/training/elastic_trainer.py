@@ -31,7 +31,7 @@ from semoe.elastic.checkpoint import AsyncCheckpointer, check_task_set, clean_pa
 from semoe.elastic.data import load_tasks, task_batch, task_specs
 from semoe.elastic.layout import ElasticLayout, token_ep_size
 from semoe.elastic.planner import CommModel, Plan, choose_measured, fit_comm, plan_key, plan_tasks, replan
-from semoe.models.multitask import MultiTaskMoE, param_task, task_numel
+from semoe.models.multitask import MultiTaskMoE, param_task
 from semoe.parallel import apply_expert_parallel, build_mesh, init_distributed
 from semoe.storage import checkpoint as ckpt
 from semoe.training.metrics import MetricsWriter
@@ -66,8 +66,6 @@ class ElasticTrainer:
         self.batches = run.elastic.task_batches()
         self.data = load_tasks(list(self.batches), seed=0)
         self.specs = task_specs(self.data)
-        # every task's parameter elements: the tasks held by several ranks ride the shared gradients' all-reduce
-        self.all_numel = task_numel(run.model, self.specs)
         self.dtype = torch.float64 if run.train.dtype == "float64" else torch.float32
         self.ckpt_root = self.out_dir / "checkpoints"
         resume_from = None
@@ -133,7 +131,7 @@ class ElasticTrainer:
         if cfg.token_moe is not None and self.distributed:
             self.mesh = build_mesh(token_ep_size(self.world, cfg.token_moe.num_experts))
             apply_expert_parallel(self.model, self.mesh)
-        self.layout = ElasticLayout(plan, self.rank, self.mesh, self.distributed, task_numel=self.all_numel)
+        self.layout = ElasticLayout(plan, self.rank, self.mesh, self.distributed)
         # gradient elements of each task whose first rank this is (summed over the world: every task's count)
         self._numel_mine = torch.zeros(len(plan.tasks), dtype=torch.float64)
         for t, n in self.layout.numel(self.model)[1].items():
@@ -248,8 +246,7 @@ class ElasticTrainer:
         if self.world == 1:
             return None
         points = [x for window in self._comm_points[-HISTORY:] for x in window] + self._comm_measured()
-        merged = self.world if self.layout.task_numel else 0  # every task held by several ranks in the world sum
-        return fit_comm(tuple(int(n) for n in self.task_numel), points, world=merged) if points else None
+        return fit_comm(tuple(int(n) for n in self.task_numel), points) if points else None
 
     def _comm_measured(self) -> list[tuple[int, int, float]]:
         """(elements, ranks, median CPU s on each) of this window's gradient sums over more than one rank."""
