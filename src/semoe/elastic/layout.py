@@ -7,10 +7,11 @@ rank is kept (``comm_s``) for the planner's model of what a task held by several
 Gradients that are summed live in persistent flat buffers, one per class (shared, each task held by several
 ranks, token-gated experts with replicas): ``prepare_`` zeroes them and makes every ``p.grad`` a view of its
 buffer, so backward adds into them in place and each sum is one all-reduce of a buffer, with no packing,
-unpacking or allocation per step. The shared buffer has a tail: this rank's part of the squared norm and the
-caller's statistics ride the shared sum, so a step has one world collective (the task and expert sums, within
-their groups, go first). The tail is in the gradients' dtype: in float32 the norm and the statistics are summed
-to float32 rounding (counts below 2^24 exactly)."""
+unpacking or allocation per step. A task held by every rank (its group is the world) is summed with the
+shared parameters, in the shared buffer: one collective less. The shared buffer has a tail: this rank's part
+of the squared norm and the caller's statistics ride the shared sum, so a step has one world collective (the
+task and expert sums, within their groups, go first). The tail is in the gradients' dtype: in float32 the norm
+and the statistics are summed to float32 rounding (counts below 2^24 exactly)."""
 
 from __future__ import annotations
 
@@ -78,11 +79,20 @@ class ElasticLayout:
         self._flat_of: tuple[int, int, dict[str, _Flat]] | None = None  # (id of the model, tail, buffers)
         self._summed: tuple[torch.Tensor, torch.Tensor | None] | None = None  # the last sync's (norm, extra)
         self.comm_s: dict[str, float] = {}  # the last sync's CPU seconds per gradient sum: task name, "" shared
+        # tasks held by every rank: their gradients ride the shared buffer (summed over the world with it)
+        self.world_tasks = tuple(t for t, on in zip(plan.tasks, plan.experts_on)
+                                 if distributed and plan.world > 1 and len(on) == plan.world)
 
     def numel(self, model: nn.Module) -> tuple[int, dict[str, int]]:
         """Gradient elements of (the shared parameters, each task's parameters held here)."""
         shared, tasks, _ = self._classes(model)
         return sum(p.numel() for p in shared), {t: sum(p.numel() for p in ps) for t, ps in tasks.items() if ps}
+
+    def _world_summed(self, model: nn.Module) -> list[nn.Parameter]:
+        """The parameters summed over the world in the shared buffer: shared ones, then those of every task
+        held by every rank (task order)."""
+        shared, tasks, _ = self._classes(model)
+        return shared + [p for t in self.world_tasks for p in tasks[t]]
 
     def _classes(self, model: nn.Module) -> tuple[list[nn.Parameter], dict[str, list[nn.Parameter]],
                                                    list[nn.Parameter]]:
@@ -114,12 +124,13 @@ class ElasticLayout:
         when the tail grows); none in one process. A class summed by no one keeps its gradients as autograd
         makes them (zeroing and adding into a buffer would only cost)."""
         if self._flat_of is None or self._flat_of[0] != id(model) or self._flat_of[1] < tail:
-            shared, tasks, experts = self._classes(model)
+            _, tasks, experts = self._classes(model)
             flats: dict[str, _Flat] = {}
             if self.distributed:
-                flats[""] = _Flat(shared, tail)
+                flats[""] = _Flat(self._world_summed(model), tail)
                 flats.update({t: _Flat(tasks[t]) for t, g in zip(self.plan.tasks, self.groups)
-                              if tasks[t] and g is not None and dist.get_world_size(g) > 1})
+                              if tasks[t] and g is not None and 1 < dist.get_world_size(g)
+                              and t not in self.world_tasks})
                 if experts and self.mesh is not None and self.mesh.size(0) > 1:
                     flats["experts"] = _Flat(experts)
             if self._flat_of is not None and self._flat_of[0] == id(model):
@@ -138,15 +149,16 @@ class ElasticLayout:
     def sync_gradients(self, model: nn.Module, extra: torch.Tensor | None = None) -> tuple[torch.Tensor,
                                                                                          torch.Tensor | None]:
         """Sum the gradients by the rules, in place in their buffers (token-gated experts over their replicas and
-        each task over its ranks first, then the shared ones over the world), and take the global L2 norm (shared
-        once, each task once (its first rank), each token expert once (dp index 0)). ``extra``, a vector of
+        each task over its ranks first, then the shared ones over the world, with the tasks every rank holds), and
+        take the global L2 norm (shared once, each task once (its first rank), each token expert once (dp index
+        0)). ``extra``, a vector of
         this rank's, and this rank's part of the squared norm ride the shared all-reduce. Returns (the norm,
         ``extra`` summed over the world in float64, or None); ``clip_`` clips by that norm."""
         n = 1 if extra is None else 1 + extra.numel()
         flats = self._flats(model, n)
         for f in flats.values():  # gradients made without prepare_ (a no-op after it)
             f.adopt_()
-        shared, tasks, experts = self._classes(model)
+        _, tasks, experts = self._classes(model)
         self.comm_s = {}
         if self.distributed:
             if "experts" in flats:
@@ -171,14 +183,15 @@ class ElasticLayout:
         else:  # one process: nothing to send, nothing rounded to the gradients' dtype
             summed = torch.cat([own.reshape(1), torch.zeros(0, dtype=torch.float64) if extra is None
                                 else extra.to(torch.float64).reshape(-1)])
-        norm = (_sq([p.grad for p in shared]) + summed[0]).sqrt()
+        norm = (_sq([p.grad for p in self._world_summed(model)]) + summed[0]).sqrt()
         self._summed = (norm, None if extra is None else summed[1:].view_as(extra))
         return self._summed
 
     def _own_sq(self, tasks: dict[str, list[nn.Parameter]], experts: list[nn.Parameter]) -> torch.Tensor:
-        """This rank's share of the squared norm: task t's on t's first rank, token-gated experts at dp 0."""
+        """This rank's share of the squared norm: task t's on t's first rank (a task every rank holds: after the
+        shared sum, on every rank), token-gated experts at dp 0."""
         mine = [p.grad for i, t in enumerate(self.plan.tasks) if self.plan.experts_on[i][0] == self.rank
-                for p in tasks[t]]
+                and t not in self.world_tasks for p in tasks[t]]  # a world task: counted with the shared ones
         if self.mesh is None or self.mesh.get_local_rank("dp") == 0:
             mine += [p.grad for p in experts]
         return _sq(mine)

@@ -365,7 +365,8 @@ def measured_costs(plan: Plan, rank_times: np.ndarray) -> dict[str, float]:
 
 
 def fit_costs(plan: Plan, rank_times: np.ndarray, fit_overhead: bool = True,
-              comm: CommModel | None = None) -> tuple[dict[str, float], float]:
+              comm: CommModel | None = None,
+              history: list[tuple[Plan, np.ndarray]] | tuple = ()) -> tuple[dict[str, float], float]:
     """(cost per sample of every task, overhead per task on a rank), in the units of ``rank_times``.
 
     ``comm`` (same units, measured: ``fit_comm``): each rank's task-group gradient sums under ``plan`` are
@@ -373,29 +374,44 @@ def fit_costs(plan: Plan, rank_times: np.ndarray, fit_overhead: bool = True,
     predicted_rows_load_r + f * tasks_on_r`` (plus a per-rank constant, equal on every rank, when the ranks
     tell all three apart); it needs ranks with different numbers of tasks, and a fit with a negative term is
     not taken: then the plan's overhead (rescaled) is kept. The costs split each rank's time less ``f *
-    tasks_on_r`` (and the constant) over its slices in proportion to rows x current cost."""
-    times = np.asarray(rank_times, dtype=np.float64)
+    tasks_on_r`` (and the constant) over its slices in proportion to rows x current cost.
+
+    ``history``: earlier (plan, its measured per-rank times) of the same world and tasks (the windows of the
+    plans trained before this one): their ranks join the least-squares fit and the cost split (row loads at
+    ``plan``'s costs), so the fit has more equations than unknowns (at W=2 one window has two ranks for two
+    or three unknowns, and its noise went straight into the overhead) and the rows that moved between plans
+    measure what a row costs."""
+    windows = [*((p, np.asarray(t, dtype=np.float64)) for p, t in history), (plan, np.asarray(rank_times,
+                                                                                              dtype=np.float64))]
+    for p, _ in windows:
+        if p.world != plan.world or p.tasks != plan.tasks or p.batches != plan.batches:
+            raise ValueError("fit_costs: a history window is of another world or task set than the plan")
+    windows = [(replace(p, costs=plan.costs, overhead=plan.overhead), t) for p, t in windows]
     if comm is not None:
-        times = np.maximum(times - replace(plan, comm=comm).comm_loads(), 1e-12 * max(times.max(), 1e-300))
-    row_load = plan.row_loads()
-    n_on = plan.tasks_on().astype(np.float64)
-    scale = times.sum() / max((row_load + plan.overhead * n_on).sum(), 1e-300)  # plan units -> seconds
+        windows = [(p, np.maximum(t - replace(p, comm=comm).comm_loads(), 1e-12 * max(t.max(), 1e-300)))
+                   for p, t in windows]
+    times = windows[-1][1]
+    row_load = np.concatenate([p.row_loads() for p, _ in windows])
+    n_on = np.concatenate([p.tasks_on() for p, _ in windows]).astype(np.float64)
+    all_times = np.concatenate([t for _, t in windows])
+    scale = times.sum() / max((plan.row_loads() + plan.overhead * plan.tasks_on()).sum(), 1e-300)  # -> seconds
     f, fixed = plan.overhead * scale, 0.0
     if fit_overhead:
         for cols in ((row_load, n_on, np.ones_like(n_on)), (row_load, n_on)):
             x = np.stack(cols, 1)
             if np.linalg.matrix_rank(x / np.maximum(np.abs(x).max(0), 1e-300)) == x.shape[1]:
-                coef = np.linalg.lstsq(x, times, rcond=None)[0]
+                coef = np.linalg.lstsq(x, all_times, rcond=None)[0]
                 if coef[0] > 0 and coef[1] >= 0 and (len(coef) < 3 or coef[2] >= 0):
                     f, fixed = float(coef[1]), float(coef[2]) if len(coef) == 3 else 0.0
                 break
-    rest = np.maximum(times - f * n_on - fixed, 1e-12 * max(times.max(), 1e-300))
     pred = np.zeros(len(plan.tasks))
-    for i, t in enumerate(plan.tasks):
-        for r, lo, hi in plan.slices(t):
-            share = (hi - lo) * plan.costs[i] / row_load[r] if row_load[r] > 0 else 0.0
-            pred[i] += rest[r] * share
-    return {t: float(pred[i] / plan.batches[i]) for i, t in enumerate(plan.tasks)}, f
+    for p, t in windows:
+        rows = p.row_loads()
+        rest = np.maximum(t - f * p.tasks_on() - fixed, 1e-12 * max(t.max(), 1e-300))
+        for i, task in enumerate(p.tasks):
+            for r, lo, hi in p.slices(task):
+                pred[i] += rest[r] * ((hi - lo) * p.costs[i] / rows[r] if rows[r] > 0 else 0.0)
+    return {task: float(pred[i] / (plan.batches[i] * len(windows))) for i, task in enumerate(plan.tasks)}, f
 
 
 def fit_comm(numel: tuple[int, ...], measured: list[tuple[int, int, float]]) -> CommModel | None:
@@ -415,16 +431,17 @@ def fit_comm(numel: tuple[int, ...], measured: list[tuple[int, int, float]]) -> 
 
 
 def replan(plan: Plan, rank_times: np.ndarray | None = None, world: int | None = None, share: bool = True,
-           gain: float = 0.1, comm: CommModel | None = None) -> Plan:
-    """A new plan from measured per-rank times (costs and overhead per task, ``fit_costs``; ``comm``: the
-    measured cost of the task-group gradient sums, in the units of the times) and/or a new world size, or
-    ``plan`` itself when nothing changes by more than ``gain`` (the predicted busiest rank of the new plan,
-    relative, both predicted with the new costs)."""
+           gain: float = 0.1, comm: CommModel | None = None,
+           history: list[tuple[Plan, np.ndarray]] | tuple = ()) -> Plan:
+    """A new plan from measured per-rank times (costs and overhead per task, ``fit_costs``, with the earlier
+    windows of ``history``; ``comm``: the measured cost of the task-group gradient sums, in the units of the
+    times) and/or a new world size, or ``plan`` itself when nothing changes by more than ``gain`` (the
+    predicted busiest rank of the new plan, relative, both predicted with the new costs)."""
     world = plan.world if world is None else world
     if rank_times is None:
         costs, overhead, comm = dict(zip(plan.tasks, plan.costs)), plan.overhead, plan.comm
     else:
-        costs, overhead = fit_costs(plan, rank_times, comm=comm)
+        costs, overhead = fit_costs(plan, rank_times, comm=comm, history=history)
     tasks = {t: (b, costs[t]) for t, b in zip(plan.tasks, plan.batches)}
     new = plan_tasks(tasks, world, share, overhead=overhead, comm=comm)
     if world != plan.world:

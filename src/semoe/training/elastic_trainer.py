@@ -40,6 +40,8 @@ from semoe.training.trainer import TrainingDiverged, build_optimizer, lr_at
 
 log = logging.getLogger(__name__)
 
+HISTORY = 8  # earlier re-plan windows (plan, measured times) that join the fit of costs and gradient sums
+
 
 @dataclass
 class ElasticResult:
@@ -106,6 +108,8 @@ class ElasticTrainer:
         self.comm: list[np.ndarray] = []  # per step: CPU s per rank of each task's gradient sum, then the shared
         self.task_numel = np.zeros(len(self.plan.tasks))  # gradient elements of each task's parameters
         self.measured: dict[tuple, tuple[float, Plan]] = {}  # plan_key -> (median busiest-rank time, plan)
+        self.windows: list[tuple[Plan, np.ndarray]] = []  # earlier re-plan windows: (plan, median busy per rank)
+        self._comm_points: list[list[tuple[int, int, float]]] = []  # their gradient sums, as ``fit_comm`` takes
 
     # ------------------------------------------------------------------ setup
     def _barrier(self) -> None:
@@ -237,14 +241,23 @@ class ElasticTrainer:
 
     def comm_model(self) -> CommModel | None:
         """The measured cost of a task's gradient sum on each of its ranks (``planner.fit_comm``), from the median
-        CPU times since the last plan of this plan's sums over more than one rank (the shared one included)."""
-        if not self.comm or self.world == 1:
+        CPU times since the last plan of this plan's sums over more than one rank (the shared one included, with
+        the elements of the tasks every rank holds, which ride it)."""
+        if self.world == 1:
             return None
+        points = [x for window in self._comm_points[-HISTORY:] for x in window] + self._comm_measured()
+        return fit_comm(tuple(int(n) for n in self.task_numel), points) if points else None
+
+    def _comm_measured(self) -> list[tuple[int, int, float]]:
+        """(elements, ranks, median CPU s on each) of this window's gradient sums over more than one rank."""
+        if not self.comm or self.world == 1:
+            return []
         med = np.median(np.stack(self.comm), 0)
-        shared_numel = self.layout.numel(self.model)[0]
+        world_tasks = [self.plan.index(t) for t in self.layout.world_tasks]  # summed in the shared buffer
+        shared_numel = self.layout.numel(self.model)[0] + int(sum(self.task_numel[i] for i in world_tasks))
         measured = [(int(self.task_numel[i]), len(on), float(med[i])) for i, on in enumerate(self.plan.experts_on)
-                    if len(on) > 1] + [(shared_numel, self.world, float(med[-1]))]
-        return fit_comm(tuple(int(n) for n in self.task_numel), measured)
+                    if len(on) > 1 and i not in world_tasks] + [(shared_numel, self.world, float(med[-1]))]
+        return measured
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, tuple[float, float]]:
@@ -298,15 +311,19 @@ class ElasticTrainer:
         return times
 
     def maybe_replan(self, step: int) -> bool:
-        """Every ``replan_every`` steps: re-plan from the measured busy times; move to the new plan through a
+        """Every ``replan_every`` steps: re-plan from the measured busy times (this window's and those of the last
+        ``HISTORY`` windows before it, pooled in one fit); move to the new plan through a
         checkpoint (written synchronously) when it is better by ``replan_gain`` (predicted, or measured for a
         plan trained before: ``planner.choose_measured`` goes back to a plan measured faster)."""
         ec = self.run.elastic
         if not ec.replan_every or not self.busy or (step % ec.replan_every):
             return False
         times = self.record_measured()
-        new = replan(self.plan, times, share=ec.share_ranks, gain=ec.replan_gain, comm=self.comm_model())
+        new = replan(self.plan, times, share=ec.share_ranks, gain=ec.replan_gain, comm=self.comm_model(),
+                     history=self.windows[-HISTORY:])
         new = choose_measured(self.plan, new, self.measured, ec.replan_gain)
+        self.windows.append((self.plan, times))
+        self._comm_points.append(self._comm_measured())
         self.busy, self.comm = [], []
         if new == self.plan:
             return False
