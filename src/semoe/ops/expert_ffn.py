@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import sys
 import weakref
+from collections.abc import Sequence
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -73,6 +74,8 @@ class FFNWorkspace:
         return buf[:need].view(rows, cols)
 
 
+WeightRows = torch.Tensor | Sequence[torch.Tensor]  # a stacked [G, ...] tensor, or one tensor per group
+
 ROW_BUCKET = 32  # bf16/fp16 on a CPU: expert row blocks padded to a power of two up to this, then its multiples
 
 
@@ -120,6 +123,31 @@ def _from_padded(src_PD: torch.Tensor, dst_ND: torch.Tensor, spans: list[tuple[i
         dst_ND[s:s + n].copy_(src_PD[ps:ps + n])
 
 
+def forward_groups(x_PD: torch.Tensor, w1: WeightRows, w2: WeightRows, w3: WeightRows | None,
+                   spans: list[tuple[int, int, int, int, int]], h1_PF: torch.Tensor, act_PF: torch.Tensor,
+                   h3_PF: torch.Tensor | None, y_PD: torch.Tensor, keep: bool) -> None:
+    """The forward's ops, one group after another: ``y[g] = act(x[g] @ w1[g]) @ w2[g]`` (GELU; SwiGLU when ``w3``
+    is given) into ``y_PD``. ``w*[g]`` is a stacked ``[G, ...]`` tensor's row or a per-expert tensor of the same
+    shape and strides (the ring's in-place views, ``ops.expert_ffn_views``): the same ops in the same order, so
+    the same bits. ``keep``: every group's pre-activations and activation go to its own rows of ``h1_PF`` /
+    ``h3_PF`` / ``act_PF`` (kept for the backward); otherwise they reuse the first rows of expert-sized chunks,
+    and ``act_PF`` may be ``h1_PF`` itself (the activation in place)."""
+    for g, _, _, ps, p in spans:
+        x_p = x_PD[ps:ps + p]
+        r = slice(ps, ps + p) if keep else slice(0, p)
+        h1, act = h1_PF[r], act_PF[r]
+        torch.mm(x_p, w1[g], out=h1)
+        if w3 is None:
+            torch.ops.aten.gelu.out(h1, out=act)  # in place where act is h1
+        else:
+            assert h3_PF is not None
+            h3 = h3_PF[r]
+            torch.mm(x_p, w3[g], out=h3)
+            torch.ops.aten.silu.out(h1, out=act)
+            act.mul_(h3)
+        torch.mm(act, w2[g], out=y_PD[ps:ps + p])
+
+
 class _ExpertFFN(torch.autograd.Function):
     """One expert at a time, forward and backward: each expert's ``[n, F]`` intermediates are produced and
     consumed while they are still in the last-level cache (an expert's block is ~8 MiB at the benchmark's
@@ -157,19 +185,7 @@ class _ExpertFFN(torch.autograd.Function):
         else:  # nothing is kept: one expert-sized chunk (two for SwiGLU), activations in place
             h1_PF = act_PF = buf("h1", chunk)
             h3_PF = buf("h3", chunk) if swiglu else None
-        for g, _, _, ps, p in spans:
-            x_p = x_PD[ps:ps + p]
-            r = slice(ps, ps + p) if needs_grad else slice(0, p)
-            h1, act = h1_PF[r], act_PF[r]
-            torch.mm(x_p, w1[g], out=h1)
-            if not swiglu:
-                torch.ops.aten.gelu.out(h1, out=act)  # same storage as h1 without grad: in place
-            else:
-                h3 = h3_PF[r]
-                torch.mm(x_p, w3[g], out=h3)
-                torch.ops.aten.silu.out(h1, out=act)
-                act.mul_(h3)
-            torch.mm(act, w2[g], out=y_PD[ps:ps + p])
+        forward_groups(x_PD, w1, w2, w3, spans, h1_PF, act_PF, h3_PF, y_PD, keep=needs_grad)
         if padded:
             _from_padded(y_PD, y_ND, spans)
         ctx.spans, ctx.padded, ctx.ws, ctx.use_ws, ctx.swiglu = spans, padded, ws, use_ws, swiglu

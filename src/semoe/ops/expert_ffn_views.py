@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from semoe.ops.expert_ffn import _bucket, _from_padded, _spans, _to_padded
+from semoe.ops.expert_ffn import _bucket, _from_padded, _spans, _to_padded, forward_groups
 
 __all__ = ["expert_ffn_views"]
 
@@ -61,19 +61,7 @@ def expert_ffn_views(x_ND: torch.Tensor, w1: Sequence[torch.Tensor], w2: Sequenc
     y_PD = x_ND.new_empty((P, D)) if padded else y_ND
     h1_c = x_ND.new_empty((chunk, Fd))
     h3_c = x_ND.new_empty((chunk, Fd)) if w3 is not None else None
-    for g, _, _, ps, p in spans:
-        x_p = x_PD[ps:ps + p]
-        h1 = h1_c[:p]
-        torch.mm(x_p, w1[g], out=h1)
-        if w3 is None:
-            torch.ops.aten.gelu.out(h1, out=h1)
-        else:
-            assert h3_c is not None
-            h3 = h3_c[:p]
-            torch.mm(x_p, w3[g], out=h3)
-            torch.ops.aten.silu.out(h1, out=h1)
-            h1.mul_(h3)
-        torch.mm(h1, w2[g], out=y_PD[ps:ps + p])
+    forward_groups(x_PD, w1, w2, w3, spans, h1_c, h1_c, h3_c, y_PD, keep=False)
     if padded:
         _from_padded(y_PD, y_ND, spans)
     return y_ND
