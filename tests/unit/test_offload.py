@@ -146,34 +146,6 @@ def test_activation_pool_never_hands_out_memory_in_use() -> None:
     assert other.untyped_storage().data_ptr() != big.untyped_storage().data_ptr()
 
 
-def test_store_rows_coalesced_into_runs(tmp_path, monkeypatch) -> None:
-    """Consecutive rows go to disk and back in one call per run; scattered rows keep their own bytes."""
-    from semoe.storage import tensor_io
-    from semoe.storage.expert_store import _runs
-
-    assert _runs([0, 1, 2, 5, 7, 8]) == [(0, 3), (5, 6), (7, 9)] and _runs([]) == []
-    calls = {"write": 0, "readv": 0}
-    for name in calls:
-        f = getattr(tensor_io.PositionalFile, name)
-
-        def counted(self, *a, _f=f, _n=name):
-            calls[_n] += 1
-            return _f(self, *a)
-        monkeypatch.setattr(tensor_io.PositionalFile, name, counted)
-    st = ExpertStore(tmp_path / "s", 8 * 64 * 4)  # room for one tensor
-    st.declare("a", (8, 64), torch.float32)
-    st.declare("b", (8, 64), torch.float32)
-    val = torch.randn(8, 64)
-    st.put("a", val)
-    st.put("b", val + 1)  # evicts a: its 8 rows in one write
-    assert calls == {"write": 1, "readv": 0} and st.stats.writes == 8
-    t = st.acquire("a", experts=[1, 2, 6])  # evicts b (one write); reads the runs (1, 3) and (6, 7)
-    assert calls == {"write": 2, "readv": 2} and st.stats.bytes_read == 3 * 64 * 4
-    assert torch.equal(t[[1, 2, 6]], val[[1, 2, 6]])
-    st.release("a")
-    st.close()
-
-
 def test_store_reuses_evicted_buffers_within_budget(tmp_path) -> None:
     """Evicted host buffers serve the next tensor of their size (counted in the budget all along): the values
     read into them are right, resident memory stays within the budget, and a buffer a caller still holds is

@@ -113,17 +113,6 @@ class StoreStats:
                 "peak_resident": self.peak_resident, "by": {"/".join(k): v for k, v in sorted(self.by.items())}}
 
 
-def _runs(rows: list[int]) -> list[tuple[int, int]]:
-    """Sorted row indices as half-open runs of consecutive rows: [0, 1, 2, 5] -> [(0, 3), (5, 6)]."""
-    out: list[tuple[int, int]] = []
-    for x in rows:
-        if out and out[-1][1] == x:
-            out[-1] = (out[-1][0], x + 1)
-        else:
-            out.append((x, x + 1))
-    return out
-
-
 class ExpertStore:
     """Stacked expert tensors under a host-memory budget, spilled to files in ``root``.
 
@@ -526,17 +515,17 @@ class ExpertStore:
     def _write_rows(self, e: _Entry, host: torch.Tensor, rows: list[int], phase: str) -> None:
         f, rb = self._file(e), e.row_bytes
         flat = byte_view(host)
-        for a, b in _runs(rows):  # one pwrite per run of consecutive rows
+        for x in rows:
             try:
-                f.write(a * rb, flat[a * rb:b * rb])
+                f.write(x * rb, flat[x * rb:(x + 1) * rb])
             except OSError as err:
                 raise StoreIOError(err.errno, f"writing {e.path} failed ({err}): the disk under {self.root} is "
                                    "full or failing; free space or set storage.dir elsewhere (checkpoints already "
                                    "written are untouched)") from err
             with self._lock:  # IO threads count too
-                self.stats.bytes_written += (b - a) * rb
-                self.stats.writes += b - a
-                self.stats.count(phase, e.kind, "write", (b - a) * rb)
+                self.stats.bytes_written += rb
+                self.stats.writes += 1
+                self.stats.count(phase, e.kind, "write", rb)
 
     def _load_rows(self, e: _Entry, want: list[int]) -> None:
         assert e.host is not None
@@ -553,13 +542,13 @@ class ExpertStore:
             return
         f, rb = self._file(e), e.row_bytes
         flat = byte_view(e.host)
-        for a, b in _runs(sorted(todo)):  # one preadv and one fadvise per run of consecutive rows
-            f.readv(a * rb, [flat[a * rb:b * rb]])
-            f.drop_cache(a * rb, (b - a) * rb)  # the bytes are in the host tier now; no second copy in the page cache
+        for x in todo:
+            f.readv(x * rb, [flat[x * rb:(x + 1) * rb]])
+            f.drop_cache(x * rb, rb)  # the bytes are in the host tier now; no second copy in the page cache
             with self._lock:  # IO threads count too
-                self.stats.bytes_read += (b - a) * rb
-                self.stats.reads += b - a
-                self.stats.count(e.io_phase, e.kind, "read", (b - a) * rb)
+                self.stats.bytes_read += rb
+                self.stats.reads += 1
+                self.stats.count(e.io_phase, e.kind, "read", rb)
 
     # ------------------------------------------------------------------ bookkeeping
     def reset_stats(self) -> StoreStats:
