@@ -120,6 +120,32 @@ def test_store_prefetch_is_not_evicted_by_prefetch(tmp_path) -> None:
     st.close()
 
 
+def test_activation_pool_never_hands_out_memory_in_use() -> None:
+    """The offload's shared activation pool gives a buffer to a second layer only once nothing uses the first
+    layer's (a saved view keeps it), then reuses the same memory; a request too large replaces a free buffer
+    (the pool does not grow past what is in use)."""
+    from semoe.storage.offload import _ActivationPool
+
+    pool, like = _ActivationPool(), torch.empty(0, dtype=torch.bfloat16)
+    a = pool.get("h1", 100, 8, like)
+    a.fill_(1)
+    saved = a[10:20]  # what autograd would keep for backward
+    del a
+    b = pool.get("h1", 100, 8, like)  # the first buffer is still in use through ``saved``: a new one
+    assert b.untyped_storage().data_ptr() != saved.untyped_storage().data_ptr()
+    b.fill_(2)
+    assert bool((saved == 1).all())
+    ptr = saved.untyped_storage().data_ptr()
+    del saved, b
+    c = pool.get("h1", 90, 8, like)  # both free now: the smallest that fits, with its old memory
+    assert c.untyped_storage().data_ptr() in {ptr, pool._bufs["h1", torch.bfloat16, c.device][1].data_ptr()}
+    del c
+    big = pool.get("h1", 1000, 8, like)
+    assert big.numel() == 8000 and len(pool._bufs["h1", torch.bfloat16, big.device]) == 2
+    other = pool.get("h3", 100, 8, like)  # another name: its own buffers
+    assert other.untyped_storage().data_ptr() != big.untyped_storage().data_ptr()
+
+
 def test_store_reuses_evicted_buffers_within_budget(tmp_path) -> None:
     """Evicted host buffers serve the next tensor of their size (counted in the budget all along): the values
     read into them are right, resident memory stays within the budget, and a buffer a caller still holds is

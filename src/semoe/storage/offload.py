@@ -110,6 +110,7 @@ class ExpertOffload:
         self.ep = mesh.size(1) if mesh is not None else 1
         self.layers: list[_Layer] = []
         self.keys: list[_Key] = []
+        self._acts = _ActivationPool()  # the expert op's activation buffers, shared by the layers
         mods = [(n, m) for n, m in model.named_modules() if isinstance(m, Experts)]
         if not mods:
             raise ValueError("the model has no experts to offload (storage.budget_mb > 0 needs an MoE model)")
@@ -145,9 +146,9 @@ class ExpertOffload:
                 key.handle.register_post_accumulate_grad_hook(self._grad_hook(key))
                 layer.keys.append(key)
                 self.keys.append(key)
-            # the op's activation buffers are reused as in memory; its weight gradients are buffers the store
-            # lends (a kept per-layer buffer would hold every layer's gradients for good)
-            mod.workspace = _StoreWorkspace(store, {f"g_{k.pname}": f"{k.name}/G" for k in layer.keys})
+            # the op's activation buffers come from a pool the layers share; its weight gradients are buffers the
+            # store lends (a kept per-layer buffer would hold every layer's gradients for good)
+            mod.workspace = _StoreWorkspace(store, {f"g_{k.pname}": f"{k.name}/G" for k in layer.keys}, self._acts)
             mod.register_forward_pre_hook(self._pre_hook(layer))
             mod.register_forward_hook(self._post_hook(layer))
             self.layers.append(layer)
@@ -469,14 +470,46 @@ class ExpertOffload:
         self.store.close()
 
 
-class _StoreWorkspace(FFNWorkspace):
-    """The expert op's workspace under offload: activation buffers reused as in memory, weight gradients in
-    buffers the store lends (spare host memory of evicted tensors, counted in the budget; the gradient hook
-    adopts the buffer as ``/G`` without a copy), so no fresh pages per step and no gradient kept per layer."""
+class _ActivationPool:
+    """The expert op's activation buffers, shared by every MoE layer of the offload (by buffer name).
 
-    def __init__(self, store: ExpertStore, grads: dict[str, str]) -> None:
+    A buffer is handed out only while no tensor uses its memory (its storage's use count: the autograd graph
+    holds the views it saved until that layer's backward has run), so a layer's saved activations are never
+    overwritten, and a buffer a layer's backward has let go serves the next forward: no fresh pages per step
+    (on this kind of CPU the 16-bit activations' page faults cost ~20 ms a step, measured), and no more memory
+    than fresh tensors would take (every layer's saved activations exist at once either way; the backward's
+    temporaries are one layer's). Sizes get 1/16 headroom (the row count moves with the routing); a buffer
+    too small for a request is replaced."""
+
+    HEADROOM = 1 / 16
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple[str, torch.dtype, torch.device], list[torch.Tensor]] = {}
+
+    def get(self, name: str, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+        need = rows * cols
+        bufs = self._bufs.setdefault((name, like.dtype, like.device), [])
+        free = [i for i, b in enumerate(bufs) if torch._C._storage_Use_Count(b.untyped_storage()._cdata) <= 2]
+        fits = [i for i in free if bufs[i].numel() >= need]
+        if fits:
+            buf = bufs[min(fits, key=lambda i: bufs[i].numel())]
+        else:
+            if free:  # too small for this request: replaced, so the pool never holds more buffers than in use
+                bufs.pop(free[0])
+            buf = torch.empty(int(need * (1 + self.HEADROOM)) + cols, dtype=like.dtype, device=like.device)
+            bufs.append(buf)
+        return buf[:need].view(rows, cols)
+
+
+class _StoreWorkspace(FFNWorkspace):
+    """The expert op's workspace under offload: activation buffers from a pool shared by the layers (see
+    :class:`_ActivationPool`), weight gradients in buffers the store lends (spare host memory of evicted tensors,
+    counted in the budget; the gradient hook adopts the buffer as ``/G`` without a copy), so no fresh pages per
+    step and no gradient kept per layer."""
+
+    def __init__(self, store: ExpertStore, grads: dict[str, str], pool: _ActivationPool) -> None:
         super().__init__()
-        self.store, self.grads = store, grads  # the op's buffer name ("g_w1") -> the store key of that gradient
+        self.store, self.grads, self.pool = store, grads, pool  # grads: the op's buffer name ("g_w1") -> /G key
 
     def grad_like(self, name: str, like: torch.Tensor, shape: torch.Size | None = None) -> torch.Tensor:
         key = self.grads.get(name)
@@ -489,11 +522,7 @@ class _StoreWorkspace(FFNWorkspace):
         return torch.empty_like(like)
 
     def get(self, name: str, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
-        # 16-bit activations (autocast) get fresh buffers: kept per layer they raised the offloaded bf16 run's
-        # peak RSS 5.6 MiB above budget + the in-memory run's overhead (test_offload.py, 4 layers)
-        if like.dtype.itemsize < 4:
-            return like.new_empty((rows, cols))
-        return super().get(name, rows, cols, like)
+        return self.pool.get(name, rows, cols, like)
 
 
 class ExpertStoreSink:
