@@ -17,7 +17,6 @@ import torch
 
 from semoe.inference.sections import ExpertLayer, ParamView, Section
 from semoe.layers.experts import Experts
-from semoe.ops.expert_ffn_views import expert_ffn_views
 
 __all__ = ["ExpertViews", "experts_on_views", "supports_views"]
 
@@ -55,15 +54,12 @@ class ExpertViews:
 
 @contextmanager
 def experts_on_views(experts: Experts, weights: dict[str, list[torch.Tensor]]) -> Iterator[None]:
-    """Within the block, ``experts`` computes group g with ``weights[...][g]`` instead of its bound parameters."""
+    """Within the block, ``experts`` computes group g with ``weights[...][g]`` instead of its bound parameters
+    (lent through its ``weight_views``: no patched ``forward``)."""
     if not supports_views(experts):
         raise ValueError(f"experts impl {experts.impl!r} cannot run on per-expert views")
-
-    def forward(x_ND: torch.Tensor, counts_L: list[int], capacity: int | None = None) -> torch.Tensor:
-        return expert_ffn_views(x_ND, weights["w1"], weights["w2"], weights.get("w3"), counts_L, experts.impl)
-
-    experts.forward = forward  # type: ignore[method-assign]
+    experts.weight_views = weights
     try:
         yield
     finally:
-        del experts.forward
+        experts.weight_views = None

@@ -13,6 +13,7 @@ from torch import nn
 
 from semoe.ops import grouped_mm, grouped_mm_loop, pad_rows, permute
 from semoe.ops.expert_ffn import FFNWorkspace, expert_ffn
+from semoe.ops.expert_ffn_views import expert_ffn_views
 from semoe.precision import autocast_dtype
 
 
@@ -43,6 +44,9 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
         self.init_std = init_std
         self.workspace = FFNWorkspace()
+        # per-expert weight tensors lent for some calls in place of the stacked parameters ("w1"/"w3"/"w2" -> one
+        # tensor per local expert; set by the ring's in-place routed passes, inference only), or None
+        self.weight_views: dict[str, list[torch.Tensor]] | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -77,6 +81,9 @@ class Experts(nn.Module):
     def forward(self, x_ND: torch.Tensor, counts_L: list[int], capacity: int | None = None) -> torch.Tensor:
         """Rows of ``x_ND`` sorted by local expert, ``counts_L[l]`` rows for expert l. Under autocast the
         experts compute in its dtype and return it."""
+        if self.weight_views is not None:  # the same ops as the impl's, on the lent per-expert tensors
+            v = self.weight_views
+            return expert_ffn_views(x_ND, v["w1"], v["w2"], v.get("w3"), counts_L, self.impl)
         x_ND, w1, w3, w2 = self._compute_operands(x_ND)
         if self.impl == "padded":
             if capacity is None:
