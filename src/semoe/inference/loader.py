@@ -645,10 +645,7 @@ class SlotRing:
                 for off, m in xl.slot_ranges[p]:
                     buf[pos:pos + m].copy_(target[off:off + m])
                     pos += m
-        st = self.stats
-        st.bytes_read += n
-        st.expert_bytes_read += n
-        st.load_s += time.perf_counter() - t0
+        self._count_expert_read(n, t0)
 
     def _place_experts(self, job: _Job) -> None:
         """The picked experts of a compact layout, in place: a cached one stays in its entry (pinned for the
@@ -699,6 +696,10 @@ class SlotRing:
                 cache.discard(key)  # type: ignore[union-attr]
             raise
         self.bw_expert.add(n, time.perf_counter() - t1)
+        self._count_expert_read(n, t0)
+
+    def _count_expert_read(self, n: int, t0: float) -> None:
+        """``n`` expert bytes read from disk by a job that began at ``t0``."""
         st = self.stats
         st.bytes_read += n
         st.expert_bytes_read += n
@@ -727,10 +728,7 @@ class SlotRing:
                 table[key].source = "disk"
         if n:
             self.bw_expert.add(n, time.perf_counter() - t0)
-            st = self.stats
-            st.bytes_read += n
-            st.expert_bytes_read += n
-            st.load_s += time.perf_counter() - t0
+            self._count_expert_read(n, t0)
 
     def _entry_program(self, xl: ExpertLayer, section: Section, e: int, buf: torch.Tensor
                        ) -> list[ReadRun | tuple[Any, ...]]:

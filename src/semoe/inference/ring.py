@@ -44,6 +44,7 @@ measured size.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -1011,18 +1012,16 @@ class RingEngine:
             hyr_all = [[(h, y, dataclasses.replace(r, expert_A=lut[r.expert_A])) for h, y, r in hyr] for hyr in parts]
         else:
             hyr_all = parts
-        if not self._ring.in_place or xl.positions == xl.num_experts:
-            for g, hyr in zip(active, hyr_all):
-                g.x = [h_BSD + layer.moe(y_BSD, routing=routing).out for h_BSD, y_BSD, routing in hyr]
-            return
-        # in place: group j's weights are views of wherever expert need[j] lies (a cache entry or a slot row)
+        in_place = self._ring.in_place and xl.positions < xl.num_experts
         try:
-            weights = self._expert_views(i, xl).weights(self._ring.placements(ticket, xl, need))
-            with experts_on_views(layer.moe.experts, weights):
+            # in place: group j's weights are views of wherever expert need[j] lies (a cache entry or a slot row)
+            with (experts_on_views(layer.moe.experts, self._expert_views(i, xl).weights(
+                    self._ring.placements(ticket, xl, need))) if in_place else contextlib.nullcontext()):
                 for g, hyr in zip(active, hyr_all):
                     g.x = [h_BSD + layer.moe(y_BSD, routing=routing).out for h_BSD, y_BSD, routing in hyr]
         finally:
-            self._ring.unpin(ticket)
+            if in_place:
+                self._ring.unpin(ticket)
 
     def _expert_views(self, i: int, xl: ExpertLayer) -> ExpertViews:
         """How layer ``i``'s experts become per-expert weight views (memo)."""
