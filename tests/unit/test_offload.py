@@ -93,6 +93,42 @@ def test_store_budget_lru_and_zero_experts(tmp_path) -> None:
     st.close()
 
 
+def test_store_drops_read_pages_except_its_unsynced_writes(tmp_path, monkeypatch) -> None:
+    """A read drops the rows' pages from the page cache (DONTNEED) unless the store wrote them since its last
+    flush (dirty pages, which DONTNEED cannot drop); after a flush they are dropped again. The values read are
+    the values written either way."""
+    from semoe.storage.tensor_io import PositionalFile
+
+    drops: list[tuple[str, int, int]] = []
+    real = PositionalFile.drop_cache
+
+    def recording(self, offset=0, nbytes=0):
+        drops.append((self.path.name, offset, nbytes))
+        return real(self, offset, nbytes)
+
+    monkeypatch.setattr(PositionalFile, "drop_cache", recording)
+    st = ExpertStore(tmp_path / "s", 2 * 4 * 16 * 4)  # two [4, 16] float32 tensors
+    vals = {f"k{i}": torch.randn(4, 16) for i in range(3)}
+    for k, v in vals.items():
+        st.declare(k, (4, 16), torch.float32)
+        st.put(k, v)
+    st.evict_all()  # every row written, none synced
+    assert torch.equal(st.acquire("k0"), vals["k0"])
+    st.release("k0")
+    assert st.stats.bytes_read == 4 * 64 and drops == []
+    st.flush()
+    st.evict_all()
+    drops.clear()
+    t = st.acquire("k1", experts=[0, 2])  # router-aware: rows 1 and 3 are not read (nor dropped)
+    assert torch.equal(t[0], vals["k1"][0]) and torch.equal(t[2], vals["k1"][2])
+    assert sorted(drops) == [("k1.bin", 0, 64), ("k1.bin", 128, 64)]
+    assert torch.equal(st.acquire("k1"), vals["k1"])
+    st.release("k1")
+    st.release("k1")
+    assert sorted(drops) == [("k1.bin", x * 64, 64) for x in range(4)]
+    st.close()
+
+
 def test_store_prefetch_is_not_evicted_by_prefetch(tmp_path) -> None:
     """A tensor prefetched and not acquired yet is not evicted by another prefetch (that one is skipped), so
     it is read once; a demand read may still take it when nothing else can go."""

@@ -12,7 +12,10 @@ stream (guarded by ``torch.cuda.is_available()``; not exercised by the CPU tests
 IO (``semoe.storage.tensor_io``, shared with the ring engine). Reads are positional (``os.preadv`` into the
 tensor's bytes, no memory map, no O_DIRECT: see that module), followed by ``posix_fadvise(DONTNEED)`` on the
 range just read, so the process never maps file pages (its RSS holds
-only the host tier) and the page cache does not keep a second copy; writes are ``os.pwrite`` (they stay
+only the host tier) and the page cache does not keep a second copy. Not for the rows this store wrote since its
+last :meth:`ExpertStore.flush`: their pages are dirty, which ``DONTNEED`` does not drop (it only starts their
+writeback, a disk write per row per step that the kernel would otherwise coalesce over the rewrites of later
+steps), so the page cache holds them either way until the kernel has written them; writes are ``os.pwrite`` (they stay
 in the page cache until the kernel writes them; :meth:`ExpertStore.flush` syncs). Reads for the prefetch
 scheduler run on ``io_threads`` threads; the training thread waits only for what is not there yet
 (``stall_s``). Experts known to be all zero (the gradient of an expert no token reached, fresh AdamW
@@ -64,6 +67,9 @@ class _Entry:
     loaded: set[int] = field(default_factory=set)  # experts whose host rows are valid
     zero: set[int] = field(default_factory=set)  # experts known to be all zero (nothing on disk)
     on_disk: set[int] = field(default_factory=set)  # experts whose file rows are valid
+    # experts whose file rows this store wrote since its last flush: their pages are dirty in the page cache (or
+    # were until the kernel wrote them back); a read does not ``posix_fadvise(DONTNEED)`` them (see the module doc)
+    unsynced: set[int] = field(default_factory=set)
     dirty: set[int] = field(default_factory=set)  # loaded experts newer than the file
     pins: int = 0
     last_use: int = 0
@@ -257,6 +263,7 @@ class ExpertStore:
             e = self._forget(key)
             e.zero = set(range(e.experts))
             e.on_disk.clear()
+            e.unsynced.clear()
             e.version += 1
 
     def _forget(self, key: str) -> _Entry:
@@ -523,6 +530,7 @@ class ExpertStore:
                                    "full or failing; free space or set storage.dir elsewhere (checkpoints already "
                                    "written are untouched)") from err
             with self._lock:  # IO threads count too
+                e.unsynced.add(x)
                 self.stats.bytes_written += rb
                 self.stats.writes += 1
                 self.stats.count(phase, e.kind, "write", rb)
@@ -544,7 +552,8 @@ class ExpertStore:
         flat = byte_view(e.host)
         for x in todo:
             f.readv(x * rb, [flat[x * rb:(x + 1) * rb]])
-            f.drop_cache(x * rb, rb)  # the bytes are in the host tier now; no second copy in the page cache
+            if x not in e.unsynced:  # the bytes are in the host tier now; no second copy in the page cache
+                f.drop_cache(x * rb, rb)
             with self._lock:  # IO threads count too
                 self.stats.bytes_read += rb
                 self.stats.reads += 1
@@ -565,6 +574,8 @@ class ExpertStore:
                     self._write_back(e)
             for f in self._files.values():
                 f.sync()
+            for e in self.entries.values():  # on disk now: clean pages, which a read drops again
+                e.unsynced.clear()
 
     def drop_page_cache(self) -> None:
         """Evict the store's files from the kernel page cache (a cold-cache measurement)."""
