@@ -93,6 +93,12 @@ STRATEGIES = ("auto", "layer", "routed")
 #: the router while a whole layer loads ahead under compute (bench_expert_offload, 2-core EPYC, cold: routed at
 #: f = 0.68 took 1.9x the whole-layer time, at f = 0.25 0.86x)
 ROUTED_MARGIN = 0.5
+#: the engine's own memory that no estimate names (Python objects of the plan, the read programs and the bindings,
+#: routing tensors, the loader's and readers' thread stacks and malloc arenas, allocator slack), kept out of what the
+#: caches get: measured 3.7-8.2 MiB of anonymous memory above the slots, caches, KV caches and activation estimate on
+#: the *-big bench models (Intel Xeon, bf16, B = 1 to 16: it grows by ~1.3 MiB from B=1 to B=16); at most 1/16 of
+#: the budget (tiny budgets)
+RUNTIME_RESERVE = 8 * MiB
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
 
@@ -561,7 +567,7 @@ class RingEngine:
         if self._cache_request != "auto":
             return self._cache_reserved // self.cache.entry_bytes
         ring = self._ring.K * max(sec.nbytes for sec in self._compact(rows)) + self._ring_extra
-        room = self.budget - ring - self._wave_need - self._ring.dense_capacity  # type: ignore[operator]
+        room = self.budget - ring - self._wave_need - self._ring.dense_capacity - self._reserve  # type: ignore[operator]
         return max(0, room) // self.cache.entry_bytes
 
     def _arrange(self, T: int) -> None:
@@ -748,17 +754,23 @@ class RingEngine:
                                                      for P, (r, c) in w.items()]) for w in waves), default=0)
         self._fit_caches()
 
+    @property
+    def _reserve(self) -> int:
+        """Budget bytes kept from the caches for the engine's unnamed memory (:data:`RUNTIME_RESERVE`)."""
+        return min(RUNTIME_RESERVE, (self.budget or 0) // 16)
+
     def _fit_caches(self) -> None:
         """The dense cache gets what the budget leaves after the ring in its largest layout (``ring_bytes``), the
         largest wave and an explicit expert cache (so it stays put when the layout switches); an "auto" expert cache
-        gets the rest after the ring in its current layout: with compact slots, what they free."""
+        gets the rest after the ring in its current layout (with compact slots, what they free), both less the
+        runtime reserve (:data:`RUNTIME_RESERVE`)."""
         if self.budget is None or self.resident:
             self._ring.set_dense_capacity(0)
             if self.cache is not None:
                 self.cache.resize(self._cache_reserved if self._cache_request != "auto" else 0)
             return
         reserved = self._cache_reserved if self.cache is not None else 0
-        room = max(0, self.budget - self.ring_bytes - self._wave_need - reserved)  # type: ignore[operator]
+        room = max(0, self.budget - self.ring_bytes - self._wave_need - reserved - self._reserve)  # type: ignore[operator]
         dense = min(self._dense_total, room) if self.dense_cache else 0
         self._ring.set_dense_capacity(dense)
         if self.cache is None:
@@ -766,7 +778,7 @@ class RingEngine:
         if self._cache_request != "auto":
             self.cache.resize(self._cache_reserved)
             return
-        now = max(0, self.budget - self._ring_now - self._wave_need - dense)  # type: ignore[operator]
+        now = max(0, self.budget - self._ring_now - self._wave_need - dense - self._reserve)  # type: ignore[operator]
         self.cache.resize(now)
         log.debug("expert cache: %.1f MiB (%d experts)", self.cache.capacity_bytes / MiB, self.cache.capacity)
 
