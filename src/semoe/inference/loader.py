@@ -238,13 +238,15 @@ class SlotRing:
             if self.error is not None:
                 raise self.error
 
-    def ensure_experts(self, ticket: int, layer: ExpertLayer, experts: list[int]) -> None:
+    def ensure_experts(self, ticket: int, layer: ExpertLayer, experts: list[int], wait: bool = True) -> None:
         """Block until these experts of ``layer`` are in ``ticket``'s slot: the ones not loaded or loading yet (no
-        prediction asked for them) are read now, before anything else. Counts hits and misses."""
+        prediction asked for them) are read now, before anything else. Counts hits and misses. ``wait=False`` (a
+        compact layout served in place): only ask; each expert is then waited for by :meth:`placement` and the
+        counts are made by :meth:`finish_experts`."""
         t0 = time.perf_counter()
         st = self.stats
         if layer.positions < layer.num_experts:
-            self._ensure_compact(ticket, layer, experts)
+            self._ensure_compact(ticket, layer, experts, wait or not self.in_place)
             st.wait_s += time.perf_counter() - t0
             return
         with self.cv:
@@ -301,7 +303,7 @@ class SlotRing:
         st.expert_cache_hits += sum(table[(layer.layer, e)].source == "cache" for e in experts)
         st.expert_misses += sum(table[(layer.layer, e)].source == "disk" for e in read)
 
-    def _ensure_compact(self, ticket: int, layer: ExpertLayer, experts: list[int]) -> None:
+    def _ensure_compact(self, ticket: int, layer: ExpertLayer, experts: list[int], wait: bool = True) -> None:
         """:meth:`ensure_experts` in a compact layout: the picked experts (ascending ids) go to rows 0, 1, ... of the
         slot, each copied from the expert cache (where predictions were read to) or read from disk; one on-demand job
         for all of them (a prediction still being read finishes first: the loader serves one job at a time)."""
@@ -318,7 +320,36 @@ class SlotRing:
                 self.urgent.append(_Job(ticket, self._section_of(ticket), layer, list(experts),
                                         positions=list(range(len(experts)))))
             self.cv.notify_all()
-            self._await(table, layer, experts, experts, lambda x: x.in_slot)
+            if wait:
+                self._await(table, layer, experts, experts, lambda x: x.in_slot)
+
+    def placement(self, ticket: int, layer: ExpertLayer, e: int) -> tuple[torch.Tensor, tuple[tuple[int, int], ...]]:
+        """(in place, after ``ensure_experts(..., wait=False)``) block until expert ``e`` is placed (a cache hit: at
+        once; a miss: when its read is done), then where it lies, as :meth:`placements` gives it."""
+        t0 = time.perf_counter()
+        with self.cv:
+            x = self.experts[ticket][(layer.layer, e)]
+            while not x.in_slot and self.error is None:
+                self.cv.wait()
+            if self.error is not None:
+                raise self.error
+            where = x.where
+        self.stats.wait_s += time.perf_counter() - t0
+        assert where is not None, f"expert {e} of layer {layer.layer} was not placed"  # invariant
+        return where
+
+    def placed(self, ticket: int, layer: ExpertLayer, e: int) -> bool:
+        """Whether expert ``e`` of ``layer`` is placed for ``ticket`` now (:meth:`placement` would not wait)."""
+        with self.cv:
+            return self.experts[ticket][(layer.layer, e)].in_slot
+
+    def finish_experts(self, ticket: int, layer: ExpertLayer, experts: list[int]) -> None:
+        """(after ``ensure_experts(..., wait=False)`` and the compute) wait for any expert not placed yet and count
+        them as :meth:`ensure_experts` does."""
+        t0 = time.perf_counter()
+        with self.cv:
+            self._await(self.experts[ticket], layer, experts, experts, lambda x: x.in_slot)
+        self.stats.wait_s += time.perf_counter() - t0
 
     def prefetch_experts(self, ticket: int, layer: ExpertLayer, experts: list[int],
                          section: Section | None = None) -> None:
@@ -759,6 +790,12 @@ class SlotRing:
                 raise RuntimeError(f"layer {xl.layer}: no room for expert {e}: {xl.positions} slot rows and "
                                    f"{cache.capacity if cache is not None else 0} cache entries, all in use")
             x.source = "disk"
+        with self.cv:  # the hits can be computed from while the misses are read
+            for e in job.experts:
+                x = table[(xl.layer, e)]
+                if x.source == "cache":
+                    x.in_slot = True
+            self.cv.notify_all()
         if not prog:
             return
         self._drop_pending_reads()

@@ -1013,7 +1013,10 @@ class RingEngine:
                              f"wave (--batch-size) or raise --max-memory to at least "
                              f"{math.ceil(self.min_memory(2) / MiB + 1)}MB")
         self._capture_predictor(i, layer)
-        self._ring.ensure_experts(ticket, xl, need)
+        # in place, the compute starts before the misses are in: the cache hits' groups first, each miss's group once
+        # its read is done (expert_ffn_views: any group order gives the same bits)
+        in_place = self._ring.in_place and xl.positions < xl.num_experts
+        self._ring.ensure_experts(ticket, xl, need, wait=not in_place)
         self._count_predictions(ticket, i, need)
         if self.cache is not None:
             self.cache.touch(i, need)
@@ -1024,13 +1027,17 @@ class RingEngine:
             hyr_all = [[(h, y, dataclasses.replace(r, expert_A=lut[r.expert_A])) for h, y, r in hyr] for hyr in parts]
         else:
             hyr_all = parts
-        in_place = self._ring.in_place and xl.positions < xl.num_experts
         try:
-            # in place: group j's weights are views of wherever expert need[j] lies (a cache entry or a slot row)
-            with (experts_on_views(layer.moe.experts, self._expert_views(i, xl).weights(
-                    self._ring.placements(ticket, xl, need))) if in_place else contextlib.nullcontext()):
+            # in place: group j's weights are views of wherever expert need[j] lies (a cache entry or a slot row), each
+            # built when the compute first needs it (waiting for its read if it is a miss)
+            ring = self._ring
+            with (experts_on_views(layer.moe.experts, self._expert_views(i, xl).lazy(
+                    len(need), lambda j: ring.placement(ticket, xl, need[j]),
+                    lambda j: ring.placed(ticket, xl, need[j]))) if in_place else contextlib.nullcontext()):
                 for g, hyr in zip(active, hyr_all):
                     g.x = [h_BSD + layer.moe(y_BSD, routing=routing).out for h_BSD, y_BSD, routing in hyr]
+            if in_place:
+                ring.finish_experts(ticket, xl, need)
         finally:
             if in_place:
                 self._ring.unpin(ticket)
