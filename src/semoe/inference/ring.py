@@ -96,7 +96,7 @@ ROUTED_MARGIN = 0.5
 #: the engine's own memory that no estimate names (Python objects of the plan, the read programs and the bindings,
 #: routing tensors, the loader's and readers' thread stacks and malloc arenas, allocator slack), kept out of what the
 #: caches get: measured 3.7-8.2 MiB of anonymous memory above the slots, caches, KV caches and activation estimate on
-#: the *-big bench models (Intel Xeon, bf16, B = 1 to 16: it grows by ~1.3 MiB from B=1 to B=16); at most 1/16 of
+#: the *-big bench models (Intel Xeon, bf16, B = 1 to 16: it grows by 0.8-1.9 MiB from B=1 to B=16); at most 1/16 of
 #: the budget (tiny budgets)
 RUNTIME_RESERVE = 8 * MiB
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
