@@ -51,6 +51,39 @@ def test_views_are_bit_identical_to_the_fused_op(dtype: torch.dtype, swiglu: boo
 
 
 @pytest.mark.numerics
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lazy_views_compute_ready_groups_first_with_the_same_bits(dtype: torch.dtype) -> None:
+    """Weights lent as :class:`LazyRows` (the ring's misses still being read): the groups ``ready`` now are fetched
+    and computed first, the others after, each in id order; the output is bit-identical to the fused op's."""
+    from semoe.inference.expert_views import LazyRows
+
+    torch.manual_seed(1)
+    G, D, Fd = 5, 48, 80
+    w1 = torch.randn(G, Fd, D, dtype=dtype).transpose(1, 2)
+    w3 = torch.randn(G, Fd, D, dtype=dtype).transpose(1, 2)
+    w2 = torch.randn(G, D, Fd, dtype=dtype).transpose(1, 2)
+    views = {"w1": _scattered(w1, True), "w3": _scattered(w3, True), "w2": _scattered(w2, True)}
+    counts = [3, 0, 7, 1, 20]
+    ready = {1, 3}  # group 1 has no rows: never fetched
+    fetched: list[int] = []
+
+    def get(g: int) -> dict[str, torch.Tensor]:
+        if not fetched or fetched[-1] != g:
+            fetched.append(g)
+        return {name: v[g] for name, v in views.items()}
+
+    lazy = {name: LazyRows(name, G, get, lambda g: g in ready) for name in views}
+    x = torch.randn(sum(counts), D, dtype=dtype)
+    with torch.inference_mode():
+        ref = expert_ffn(x, w1, w2, w3, counts)
+        got = expert_ffn_views(x, lazy["w1"], lazy["w2"], lazy["w3"], counts)
+    assert torch.equal(got, ref)
+    assert fetched == [3, 0, 2, 4]  # the ready group with rows first, then the rest in id order
+    with pytest.raises(IndexError):
+        lazy["w1"][G]
+
+
+@pytest.mark.numerics
 def test_views_reproduce_the_loop_impl_and_only_touch_used_groups() -> None:
     torch.manual_seed(1)
     ex = Experts(5, 32, 64, "swiglu", impl="loop")

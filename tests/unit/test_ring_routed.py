@@ -535,3 +535,44 @@ def test_corrupt_expert_tensor_met_mid_run(tmp_path, monkeypatch, capsys) -> Non
     assert main(args) == 2
     cap = capsys.readouterr()
     assert cap.out == "" and shard.name in cap.err and any(f"'{n}'" in cap.err for n in names), cap.err
+
+
+def test_split_runs_cover_the_same_bytes(tmp_path) -> None:
+    """A run cut into pieces of at most ``limit`` bytes reads the same bytes into the same buffers (scatter views
+    split across piece boundaries), each piece naming the run's reads."""
+    from semoe.inference.loader import split_runs
+    from semoe.storage.tensor_io import PositionalReader, byte_view, coalesce
+
+    data = torch.randint(0, 256, (10_000,), dtype=torch.uint8)
+    f = tmp_path / "blob"
+    f.write_bytes(data.numpy().tobytes())
+    with PositionalReader(f) as r:
+        outs = [torch.zeros(n, dtype=torch.uint8) for n in (1000, 3333, 17, 4650)]
+        offs = [100, 1100, 4433, 4450]  # consecutive: one run of 9000 bytes
+        runs = coalesce((r, o, byte_view(t), f"t{i}") for i, (o, t) in enumerate(zip(offs, outs)))
+        assert len(runs) == 1
+        pieces = split_runs(runs, 1024)
+        assert [p.nbytes for p in pieces] == [1024] * 8 + [9100 - 100 - 8 * 1024]
+        assert all(p.parts == runs[0].parts for p in pieces)
+        assert [p.offset for p in pieces] == [100 + 1024 * i for i in range(9)]
+        assert sum(p.read() for p in pieces) == 9000
+    for o, t in zip(offs, outs):
+        assert torch.equal(t, data[o:o + t.numel()])
+    assert split_runs(runs, 10_000) == runs  # short runs stay as they are
+
+
+def test_predictions_read_in_pieces_stay_bit_identical(tmp_path) -> None:
+    """Predictions read in tiny pieces (on-demand jobs served between them, in compact slots and whole-layer slots):
+    bit-identical to the resident model, every pick counted as a hit or a miss (with 512-byte pieces on-demand jobs
+    are served inside predictions: 20 per run here, counted in ``prediction_yields``; how many is timing)."""
+    d = _save(tmp_path, "mixtral", seed=23)
+    ref = _resident(d)
+    for compact in (True, False):
+        with RingEngine(d, max_memory=_ring_budget(d), strategy="routed", prefetch="always",
+                        compact_slots=compact, batch_size=2) as e:
+            e._ring.prediction_piece = 512
+            got = e.generate(PROMPTS, NEW, return_logits=True)
+        _same(got, ref)
+        st = got.stats
+        assert st.experts_prefetched > 0
+        assert st.expert_cache_hits + st.expert_prefetch_hits + st.expert_misses >= st.experts_needed

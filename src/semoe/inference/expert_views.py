@@ -10,7 +10,7 @@ op's ops in its order: the outputs are bit-identical to the resident model's.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -44,21 +44,56 @@ class ExpertViews:
     def weights(self, placements: list[Placement]) -> dict[str, list[torch.Tensor]]:
         """Parameter name ("w1", "w3", "w2") -> one view per placement (group g = placement g)."""
         out: dict[str, list[torch.Tensor]] = {name: [] for name, _ in self.params}
-        for buf, ranges in placements:
-            regs = {key: buf[off:off + n].view(self.dtype).view(1, *shape)
-                    for (key, shape), (off, n) in zip(self.rows, ranges)}
-            for name, pv in self.params:
-                out[name].append(pv.apply(regs[pv.region])[0])
+        for p in placements:
+            for name, t in self.one(p).items():
+                out[name].append(t)
         return out
+
+    def one(self, placement: Placement) -> dict[str, torch.Tensor]:
+        """Parameter name -> the view of one expert's weights."""
+        buf, ranges = placement
+        regs = {key: buf[off:off + n].view(self.dtype).view(1, *shape)
+                for (key, shape), (off, n) in zip(self.rows, ranges)}
+        return {name: pv.apply(regs[pv.region])[0] for name, pv in self.params}
+
+    def lazy(self, groups: int, fetch: Callable[[int], Placement], ready: Callable[[int], bool]
+             ) -> dict[str, Sequence[torch.Tensor]]:
+        """Parameter name -> a sequence of ``groups`` views whose item g is built on first use from ``fetch(g)`` (which
+        may wait for the expert's read); ``ready(g)``: whether it would not wait (``expert_ffn_views`` computes those
+        groups first)."""
+        memo: dict[int, dict[str, torch.Tensor]] = {}
+
+        def get(g: int) -> dict[str, torch.Tensor]:
+            if g not in memo:
+                memo[g] = self.one(fetch(g))
+            return memo[g]
+
+        return {name: LazyRows(name, groups, get, ready) for name, _ in self.params}
+
+
+class LazyRows(Sequence[torch.Tensor]):
+    """One parameter's per-group weight views, each built when first indexed (see :meth:`ExpertViews.lazy`)."""
+
+    def __init__(self, name: str, groups: int, get: Callable[[int], dict[str, torch.Tensor]],
+                 ready: Callable[[int], bool]) -> None:
+        self.name, self.groups, self._get, self.ready = name, groups, get, ready
+
+    def __len__(self) -> int:
+        return self.groups
+
+    def __getitem__(self, g: int) -> torch.Tensor:  # type: ignore[override]
+        if not 0 <= g < self.groups:
+            raise IndexError(g)
+        return self._get(g)[self.name]
 
 
 @contextmanager
-def experts_on_views(experts: Experts, weights: dict[str, list[torch.Tensor]]) -> Iterator[None]:
+def experts_on_views(experts: Experts, weights: Mapping[str, Sequence[torch.Tensor]]) -> Iterator[None]:
     """Within the block, ``experts`` computes group g with ``weights[...][g]`` instead of its bound parameters
     (lent through its ``weight_views``: no patched ``forward``)."""
     if not supports_views(experts):
         raise ValueError(f"experts impl {experts.impl!r} cannot run on per-expert views")
-    experts.weight_views = weights
+    experts.weight_views = weights  # type: ignore[assignment]
     try:
         yield
     finally:

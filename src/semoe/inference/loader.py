@@ -42,6 +42,10 @@ from semoe.storage.tensor_io import PositionalReader, ReadPool, ReadRun, byte_vi
 
 log = logging.getLogger(__name__)
 
+#: bytes per piece of a prediction's disk reads: an on-demand read waits at most for one piece per reader thread
+#: (2 x 2 MiB: ~3 ms at 1.3 GB/s), not for the whole prediction (a 12 MiB expert: ~10 ms)
+PREDICTION_PIECE = 2 * 2**20
+
 __all__ = ["Bandwidth", "SlotRing", "trim_heap"]
 
 
@@ -106,6 +110,33 @@ class _Job:
     #: compact layout, experts served in place (``SlotRing.in_place``): a cache hit stays in its entry (pinned), a
     #: miss is read into an entry it is admitted to, else into the next free row of the slot; nothing is copied
     place: bool = False
+    #: a prediction (from :meth:`SlotRing.prefetch_experts`): its disk reads give way to on-demand jobs between pieces
+    prediction: bool = False
+
+
+def split_runs(runs: list[ReadRun], limit: int) -> list[ReadRun]:
+    """``runs`` cut into runs of at most ``limit`` bytes (the last piece of each shorter), in file order, each naming
+    the same :class:`Read` s as the run it comes from (a prediction's reads are read piece by piece, so that an
+    on-demand read waits for one piece, not the whole prediction)."""
+    out: list[ReadRun] = []
+    for run in runs:
+        if run.nbytes <= limit:
+            out.append(run)
+            continue
+        cur: ReadRun | None = None
+        offset = run.offset
+        for view in run.views:
+            pos = 0
+            while pos < view.nbytes:
+                if cur is None or cur.nbytes == limit:
+                    cur = ReadRun(run.reader, offset, [], 0, run.tag, run.parts)
+                    out.append(cur)
+                n = min(view.nbytes - pos, limit - cur.nbytes)
+                cur.views.append(view[pos:pos + n])
+                cur.nbytes += n
+                pos += n
+                offset += n
+    return out
 
 
 def _named(err: BaseException, reads: list[Read]) -> ValueError:
@@ -171,6 +202,8 @@ class SlotRing:
         # otherwise wait (deque append/popleft are atomic), at the latest before the section is read again
         self._drops: deque[tuple[PositionalReader, int, int, int]] = deque()
         self.pool = ReadPool(io_threads)
+        self.prediction_piece = PREDICTION_PIECE  # bytes per piece of a prediction's reads
+        self._yield_s = 0.0  # seconds the loader spent serving on-demand jobs inside a prediction's reads (cumulative)
         self.cv = threading.Condition()
         self.requests: deque[tuple[int, int, str]] = deque()  # (ticket, section, "full" | "dense")
         self.urgent: deque[_Job] = deque()  # experts a router picked that are not loaded: first
@@ -205,13 +238,15 @@ class SlotRing:
             if self.error is not None:
                 raise self.error
 
-    def ensure_experts(self, ticket: int, layer: ExpertLayer, experts: list[int]) -> None:
+    def ensure_experts(self, ticket: int, layer: ExpertLayer, experts: list[int], wait: bool = True) -> None:
         """Block until these experts of ``layer`` are in ``ticket``'s slot: the ones not loaded or loading yet (no
-        prediction asked for them) are read now, before anything else. Counts hits and misses."""
+        prediction asked for them) are read now, before anything else. Counts hits and misses. ``wait=False`` (a
+        compact layout served in place): only ask; each expert is then waited for by :meth:`placement` and the
+        counts are made by :meth:`finish_experts`."""
         t0 = time.perf_counter()
         st = self.stats
         if layer.positions < layer.num_experts:
-            self._ensure_compact(ticket, layer, experts)
+            self._ensure_compact(ticket, layer, experts, wait or not self.in_place)
             st.wait_s += time.perf_counter() - t0
             return
         with self.cv:
@@ -268,7 +303,7 @@ class SlotRing:
         st.expert_cache_hits += sum(table[(layer.layer, e)].source == "cache" for e in experts)
         st.expert_misses += sum(table[(layer.layer, e)].source == "disk" for e in read)
 
-    def _ensure_compact(self, ticket: int, layer: ExpertLayer, experts: list[int]) -> None:
+    def _ensure_compact(self, ticket: int, layer: ExpertLayer, experts: list[int], wait: bool = True) -> None:
         """:meth:`ensure_experts` in a compact layout: the picked experts (ascending ids) go to rows 0, 1, ... of the
         slot, each copied from the expert cache (where predictions were read to) or read from disk; one on-demand job
         for all of them (a prediction still being read finishes first: the loader serves one job at a time)."""
@@ -285,7 +320,36 @@ class SlotRing:
                 self.urgent.append(_Job(ticket, self._section_of(ticket), layer, list(experts),
                                         positions=list(range(len(experts)))))
             self.cv.notify_all()
-            self._await(table, layer, experts, experts, lambda x: x.in_slot)
+            if wait:
+                self._await(table, layer, experts, experts, lambda x: x.in_slot)
+
+    def placement(self, ticket: int, layer: ExpertLayer, e: int) -> tuple[torch.Tensor, tuple[tuple[int, int], ...]]:
+        """(in place, after ``ensure_experts(..., wait=False)``) block until expert ``e`` is placed (a cache hit: at
+        once; a miss: when its read is done), then where it lies, as :meth:`placements` gives it."""
+        t0 = time.perf_counter()
+        with self.cv:
+            x = self.experts[ticket][(layer.layer, e)]
+            while not x.in_slot and self.error is None:
+                self.cv.wait()
+            if self.error is not None:
+                raise self.error
+            where = x.where
+        self.stats.wait_s += time.perf_counter() - t0
+        assert where is not None, f"expert {e} of layer {layer.layer} was not placed"  # invariant
+        return where
+
+    def placed(self, ticket: int, layer: ExpertLayer, e: int) -> bool:
+        """Whether expert ``e`` of ``layer`` is placed for ``ticket`` now (:meth:`placement` would not wait)."""
+        with self.cv:
+            return self.experts[ticket][(layer.layer, e)].in_slot
+
+    def finish_experts(self, ticket: int, layer: ExpertLayer, experts: list[int]) -> None:
+        """(after ``ensure_experts(..., wait=False)`` and the compute) wait for any expert not placed yet and count
+        them as :meth:`ensure_experts` does."""
+        t0 = time.perf_counter()
+        with self.cv:
+            self._await(self.experts[ticket], layer, experts, experts, lambda x: x.in_slot)
+        self.stats.wait_s += time.perf_counter() - t0
 
     def prefetch_experts(self, ticket: int, layer: ExpertLayer, experts: list[int],
                          section: Section | None = None) -> None:
@@ -304,7 +368,7 @@ class SlotRing:
             for e in new:
                 table[(layer.layer, e)] = _Expert(prefetched=True)
             if new:
-                self.prefetch.append(_Job(ticket, section, layer, new, to_cache=compact))
+                self.prefetch.append(_Job(ticket, section, layer, new, to_cache=compact, prediction=True))
                 self.stats.experts_prefetched += len(new)
             self.cv.notify_all()
 
@@ -421,7 +485,8 @@ class SlotRing:
                     # that an on-demand read (a router waits) never waits behind a long prediction
                     n = max(1, self.pool.threads)
                     if len(pj.experts) > n:
-                        job = _Job(pj.ticket, pj.section, pj.layer, pj.experts[:n], to_cache=pj.to_cache)
+                        job = _Job(pj.ticket, pj.section, pj.layer, pj.experts[:n], to_cache=pj.to_cache,
+                                   prediction=True)
                         pj.experts = pj.experts[n:]
                     else:
                         job = pj
@@ -449,18 +514,46 @@ class SlotRing:
             with self.cv:
                 if isinstance(job, _Job):
                     self.busy_ticket = None
-                    table = self.experts.get(job.ticket, {})
-                    for e in job.experts:
-                        if (job.layer.layer, e) in table:
-                            x = table[(job.layer.layer, e)]
-                            x.done = True
-                            x.in_slot = x.in_slot or job.positions is not None or job.place
+                    self._mark_done(job)
                 else:
                     self.done.add(job[0])
                 self.cv.notify_all()
                 idle = not (self._ready() or self.urgent or self.prefetch)
             if idle and self.readahead and self.K < len(self.plan.sections) and not isinstance(job, _Job):
                 self._hint((job[1] + 1) % len(self.plan.sections))
+
+    def _mark_done(self, job: _Job) -> None:
+        """Holding ``cv``: the experts of a finished expert job are loaded (and, compact, placed)."""
+        table = self.experts.get(job.ticket, {})
+        for e in job.experts:
+            if (job.layer.layer, e) in table:
+                x = table[(job.layer.layer, e)]
+                x.done = True
+                x.in_slot = x.in_slot or job.positions is not None or job.place
+
+    def _serve_urgent(self, busy: set[tuple[int, int]]) -> None:
+        """Called by the loader between two pieces of a prediction's reads: serve the on-demand jobs waiting (a router
+        waits for them; the prediction may not even be needed) before the prediction goes on, unless one of them
+        needs an expert in ``busy`` (the prediction is writing it: it is finished first, and then used as it is)."""
+        while True:
+            with self.cv:
+                if not self.urgent or self.stopping or self.error is not None:
+                    return
+                job = self.urgent[0]
+                # (more picks than slot rows: some go to forced cache entries, which the prediction's pinned one
+                # could leave without room; finished first then, as before)
+                if len(job.experts) > job.layer.positions or any((job.layer.layer, e) in busy for e in job.experts):
+                    return
+                self.urgent.popleft()
+                outer, self.busy_ticket = self.busy_ticket, job.ticket
+            self.stats.prediction_yields += 1
+            t0 = time.perf_counter()
+            self._load_experts(job)  # (an error propagates: the prediction's job fails with it)
+            self._yield_s += time.perf_counter() - t0  # (not the prediction's time)
+            with self.cv:
+                self.busy_ticket = outer
+                self._mark_done(job)
+                self.cv.notify_all()
 
     def _next_prefetch(self) -> _Job | None:
         """The prediction to serve next (call with ``cv`` held): of those whose ticket is loaded (its slot holds that
@@ -520,14 +613,24 @@ class SlotRing:
                     os.posix_fadvise(r.fd, 0, 0, os.POSIX_FADV_RANDOM)
         return self.expert_readers
 
-    def _run_program(self, prog: list[ReadRun | tuple[Any, ...]], section: Section, parallel: bool = False) -> int:
+    def _run_program(self, prog: list[ReadRun | tuple[Any, ...]], section: Section, parallel: bool = False,
+                     yield_for: set[tuple[int, int]] | None = None) -> int:
         """Run a program; with ``parallel`` its direct runs go through the reader pool at once (casts share the
-        staging area, so they run one after the other here). Errors name the file and the tensor."""
+        staging area, so they run one after the other here). ``yield_for`` (a prediction's experts being written):
+        the runs are read in pieces of at most ``prediction_piece`` bytes, one per reader thread at a time, and the
+        on-demand jobs that arrive meanwhile are served between them (:meth:`_serve_urgent`). Errors name the file
+        and the tensor."""
         n = 0
         runs = [op for op in prog if isinstance(op, ReadRun)]
+        if parallel and yield_for is not None:
+            runs = split_runs(runs, self.prediction_piece)
         if parallel and len(runs) > 1 and self.pool.threads > 1:
+            step = self.pool.threads if yield_for is not None else len(runs)
             try:
-                n += self.pool.run(runs)
+                for i in range(0, len(runs), step):
+                    n += self.pool.run(runs[i:i + step])
+                    if yield_for is not None and i + step < len(runs):
+                        self._serve_urgent(yield_for)
             except (OSError, ValueError) as e:
                 raise _named(e, [r for run in runs for r in run.parts]) from e
             prog = [op for op in prog if not isinstance(op, ReadRun)]
@@ -632,11 +735,13 @@ class SlotRing:
         if not disk:
             return
         self._drop_pending_reads()
+        y0 = self._yield_s
         prog = [op for e, p in disk
                 for op in self._program(section, slot, target, ("expert", xl.layer, e, p), xl.reads_at(e, p))]
-        n = self._run_program(prog, section, parallel=True)
+        n = self._run_program(prog, section, parallel=True,
+                              yield_for={(xl.layer, e) for e, _ in disk} if job.prediction else None)
         t2 = time.perf_counter()
-        self.bw_expert.add(n, t2 - t1)
+        self.bw_expert.add(n, t2 - t1 - (self._yield_s - y0))
         for e, p in disk:
             table[(xl.layer, e)].source = "disk"
             buf = self.cache.admit((xl.layer, e)) if self.cache is not None else None
@@ -645,7 +750,7 @@ class SlotRing:
                 for off, m in xl.slot_ranges[p]:
                     buf[pos:pos + m].copy_(target[off:off + m])
                     pos += m
-        self._count_expert_read(n, t0)
+        self._count_expert_read(n, t0, y0)
 
     def _place_experts(self, job: _Job) -> None:
         """The picked experts of a compact layout, in place: a cached one stays in its entry (pinned for the
@@ -685,6 +790,12 @@ class SlotRing:
                 raise RuntimeError(f"layer {xl.layer}: no room for expert {e}: {xl.positions} slot rows and "
                                    f"{cache.capacity if cache is not None else 0} cache entries, all in use")
             x.source = "disk"
+        with self.cv:  # the hits can be computed from while the misses are read
+            for e in job.experts:
+                x = table[(xl.layer, e)]
+                if x.source == "cache":
+                    x.in_slot = True
+            self.cv.notify_all()
         if not prog:
             return
         self._drop_pending_reads()
@@ -698,37 +809,41 @@ class SlotRing:
         self.bw_expert.add(n, time.perf_counter() - t1)
         self._count_expert_read(n, t0)
 
-    def _count_expert_read(self, n: int, t0: float) -> None:
-        """``n`` expert bytes read from disk by a job that began at ``t0``."""
+    def _count_expert_read(self, n: int, t0: float, y0: float | None = None) -> None:
+        """``n`` expert bytes read from disk by a job that began at ``t0`` (``y0``: ``_yield_s`` then, for a prediction:
+        the on-demand jobs it served meanwhile count their own time)."""
         st = self.stats
         st.bytes_read += n
         st.expert_bytes_read += n
-        st.load_s += time.perf_counter() - t0
+        st.load_s += time.perf_counter() - t0 - (self._yield_s - y0 if y0 is not None else 0.0)
 
     def _read_into_cache(self, job: _Job) -> None:
         """A prediction in a compact layout: each expert not cached yet is read from disk straight into an expert
         cache entry (admitted over the lowest-scored entry: it is about to be used), to be copied into the slot once
         a router picks it."""
-        t0 = time.perf_counter()
+        t0, y0 = time.perf_counter(), self._yield_s
         xl, section = job.layer, job.section
         assert self.cache is not None
         table = self.experts.get(job.ticket, {})
         n = 0
         for e in job.experts:
             key = (xl.layer, e)
-            buf = self.cache.admit(key, force=True) if key not in self.cache else None
+            # (pinned while it is written: an on-demand job served between its pieces must not evict it)
+            buf = self.cache.admit(key, force=True, pin=True) if key not in self.cache else None
             if buf is None:
                 continue
             try:
-                n += self._run_program(self._entry_program(xl, section, e, buf), section, parallel=True)
+                n += self._run_program(self._entry_program(xl, section, e, buf), section, parallel=True,
+                                       yield_for={key})
             except BaseException:
                 self.cache.discard(key)
                 raise
+            self.cache.unpin([key])
             if key in table:
                 table[key].source = "disk"
         if n:
-            self.bw_expert.add(n, time.perf_counter() - t0)
-            self._count_expert_read(n, t0)
+            self.bw_expert.add(n, time.perf_counter() - t0 - (self._yield_s - y0))
+            self._count_expert_read(n, t0, y0)
 
     def _entry_program(self, xl: ExpertLayer, section: Section, e: int, buf: torch.Tensor
                        ) -> list[ReadRun | tuple[Any, ...]]:

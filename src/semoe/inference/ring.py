@@ -93,6 +93,12 @@ STRATEGIES = ("auto", "layer", "routed")
 #: the router while a whole layer loads ahead under compute (bench_expert_offload, 2-core EPYC, cold: routed at
 #: f = 0.68 took 1.9x the whole-layer time, at f = 0.25 0.86x)
 ROUTED_MARGIN = 0.5
+#: the engine's own memory that no estimate names (Python objects of the plan, the read programs and the bindings,
+#: routing tensors, the loader's and readers' thread stacks and malloc arenas, allocator slack), kept out of what the
+#: caches get: measured 3.7-8.2 MiB of anonymous memory above the slots, caches, KV caches and activation estimate on
+#: the *-big bench models (Intel Xeon, bf16, B = 1 to 16: it grows by 0.8-1.9 MiB from B=1 to B=16); at most 1/16 of
+#: the budget (tiny budgets)
+RUNTIME_RESERVE = 8 * MiB
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
 
@@ -561,7 +567,7 @@ class RingEngine:
         if self._cache_request != "auto":
             return self._cache_reserved // self.cache.entry_bytes
         ring = self._ring.K * max(sec.nbytes for sec in self._compact(rows)) + self._ring_extra
-        room = self.budget - ring - self._wave_need - self._ring.dense_capacity  # type: ignore[operator]
+        room = self.budget - ring - self._wave_need - self._ring.dense_capacity - self._reserve  # type: ignore[operator]
         return max(0, room) // self.cache.entry_bytes
 
     def _arrange(self, T: int) -> None:
@@ -748,17 +754,23 @@ class RingEngine:
                                                      for P, (r, c) in w.items()]) for w in waves), default=0)
         self._fit_caches()
 
+    @property
+    def _reserve(self) -> int:
+        """Budget bytes kept from the caches for the engine's unnamed memory (:data:`RUNTIME_RESERVE`)."""
+        return min(RUNTIME_RESERVE, (self.budget or 0) // 16)
+
     def _fit_caches(self) -> None:
         """The dense cache gets what the budget leaves after the ring in its largest layout (``ring_bytes``), the
         largest wave and an explicit expert cache (so it stays put when the layout switches); an "auto" expert cache
-        gets the rest after the ring in its current layout: with compact slots, what they free."""
+        gets the rest after the ring in its current layout (with compact slots, what they free), both less the
+        runtime reserve (:data:`RUNTIME_RESERVE`)."""
         if self.budget is None or self.resident:
             self._ring.set_dense_capacity(0)
             if self.cache is not None:
                 self.cache.resize(self._cache_reserved if self._cache_request != "auto" else 0)
             return
         reserved = self._cache_reserved if self.cache is not None else 0
-        room = max(0, self.budget - self.ring_bytes - self._wave_need - reserved)  # type: ignore[operator]
+        room = max(0, self.budget - self.ring_bytes - self._wave_need - reserved - self._reserve)  # type: ignore[operator]
         dense = min(self._dense_total, room) if self.dense_cache else 0
         self._ring.set_dense_capacity(dense)
         if self.cache is None:
@@ -766,7 +778,7 @@ class RingEngine:
         if self._cache_request != "auto":
             self.cache.resize(self._cache_reserved)
             return
-        now = max(0, self.budget - self._ring_now - self._wave_need - dense)  # type: ignore[operator]
+        now = max(0, self.budget - self._ring_now - self._wave_need - dense - self._reserve)  # type: ignore[operator]
         self.cache.resize(now)
         log.debug("expert cache: %.1f MiB (%d experts)", self.cache.capacity_bytes / MiB, self.cache.capacity)
 
@@ -1001,7 +1013,10 @@ class RingEngine:
                              f"wave (--batch-size) or raise --max-memory to at least "
                              f"{math.ceil(self.min_memory(2) / MiB + 1)}MB")
         self._capture_predictor(i, layer)
-        self._ring.ensure_experts(ticket, xl, need)
+        # in place, the compute starts before the misses are in: the cache hits' groups first, each miss's group once
+        # its read is done (expert_ffn_views: any group order gives the same bits)
+        in_place = self._ring.in_place and xl.positions < xl.num_experts
+        self._ring.ensure_experts(ticket, xl, need, wait=not in_place)
         self._count_predictions(ticket, i, need)
         if self.cache is not None:
             self.cache.touch(i, need)
@@ -1012,13 +1027,17 @@ class RingEngine:
             hyr_all = [[(h, y, dataclasses.replace(r, expert_A=lut[r.expert_A])) for h, y, r in hyr] for hyr in parts]
         else:
             hyr_all = parts
-        in_place = self._ring.in_place and xl.positions < xl.num_experts
         try:
-            # in place: group j's weights are views of wherever expert need[j] lies (a cache entry or a slot row)
-            with (experts_on_views(layer.moe.experts, self._expert_views(i, xl).weights(
-                    self._ring.placements(ticket, xl, need))) if in_place else contextlib.nullcontext()):
+            # in place: group j's weights are views of wherever expert need[j] lies (a cache entry or a slot row), each
+            # built when the compute first needs it (waiting for its read if it is a miss)
+            ring = self._ring
+            with (experts_on_views(layer.moe.experts, self._expert_views(i, xl).lazy(
+                    len(need), lambda j: ring.placement(ticket, xl, need[j]),
+                    lambda j: ring.placed(ticket, xl, need[j]))) if in_place else contextlib.nullcontext()):
                 for g, hyr in zip(active, hyr_all):
                     g.x = [h_BSD + layer.moe(y_BSD, routing=routing).out for h_BSD, y_BSD, routing in hyr]
+            if in_place:
+                ring.finish_experts(ticket, xl, need)
         finally:
             if in_place:
                 self._ring.unpin(ticket)

@@ -47,6 +47,7 @@ class RingStats:
     experts_prefetched: int = 0  # experts loaded on a prediction (next layer's router on this layer's output)
     prefetch_wasted: int = 0  # prefetched experts the router then did not pick
     predictions_skipped: int = 0  # predicted experts not read ahead: the cost rule said the read would not pay
+    prediction_yields: int = 0  # on-demand expert jobs served between two pieces of a prediction's reads
     expert_bytes_read: int = 0  # file bytes of single-expert reads (part of bytes_read)
     dense_cache_bytes: int = 0  # dense-part bytes copied from the dense cache instead of read
     # prediction accuracy per depth (1: layer i+1's experts from layer i's output, 2: layer i+2's): the picked

@@ -31,7 +31,9 @@ def expert_ffn_views(x_ND: torch.Tensor, w1: Sequence[torch.Tensor], w2: Sequenc
                      ) -> torch.Tensor:
     """``y = act(x @ w1[g]) @ w2[g]`` per group g of rows (GELU; SwiGLU when ``w3`` is given), where ``w1[g]``
     (``[D, F]``), ``w3[g]`` and ``w2[g]`` (``[F, D]``) are separate tensors; ``counts[g]`` rows belong to group g
-    (groups without rows need no weights: ``w1[g]`` is not touched). Inference only (no autograd). ``impl``: the
+    (groups without rows need no weights: ``w1[g]`` is not touched). A weight sequence with a ``ready(g)`` method
+    (:class:`~semoe.inference.expert_views.LazyRows`) has the groups ready now computed first. Inference only (no
+    autograd). ``impl``: the
     :class:`~semoe.layers.experts.Experts` impl whose results to reproduce bit for bit: "grouped_mm" (the fused CPU
     op) or "loop"."""
     if torch.is_grad_enabled() and (x_ND.requires_grad or any(w.requires_grad for w in w1)):
@@ -52,12 +54,17 @@ def expert_ffn_views(x_ND: torch.Tensor, w1: Sequence[torch.Tensor], w2: Sequenc
     padded = any(n != p for _, _, n, _, p in spans)
     P = spans[-1][3] + spans[-1][4] if spans else 0
     chunk = max((p for *_, p in spans), default=0)
-    Fd = w1[used[0]].shape[-1] if used else 0
+    ready = getattr(w1, "ready", None)
+    if ready is not None and len(spans) > 1:  # weights still being read (the ring's misses): the groups whose weights
+        # are in place first, the others after, each in id order (each group's ops and rows are its own: same bits)
+        spans = sorted(spans, key=lambda sp: not ready(sp[0]))
+    first = spans[0][0] if spans else 0
+    Fd = w1[first].shape[-1] if used else 0
     x_PD = x_ND
     if padded:
         x_PD = x_ND.new_empty((P, D))
         _to_padded(x_ND, x_PD, spans)
-    y_ND = x_ND.new_empty((N, w2[used[0]].shape[-1] if used else D))
+    y_ND = x_ND.new_empty((N, w2[first].shape[-1] if used else D))
     y_PD = x_ND.new_empty((P, D)) if padded else y_ND
     h1_c = x_ND.new_empty((chunk, Fd))
     h3_c = x_ND.new_empty((chunk, Fd)) if w3 is not None else None
