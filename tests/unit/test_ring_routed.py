@@ -4,7 +4,9 @@ model's decisions against its formula; bad strategies and budgets; a corrupt exp
 
 from __future__ import annotations
 
+import itertools
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from semoe.inference.expert_cache import ExpertCache
 from semoe.inference.loader import SlotRing
 from semoe.inference.ring import ROUTED_MARGIN, MiB, RingEngine
 from semoe.inference.sections import open_model, plan_sections
+from semoe.storage.tensor_io import ReadPool
 from tests.unit.test_ring import PROMPTS, build_hf, one_thread, write_word_tokenizer  # noqa: F401
 
 transformers = pytest.importorskip("transformers")
@@ -576,3 +579,115 @@ def test_predictions_read_in_pieces_stay_bit_identical(tmp_path) -> None:
         st = got.stats
         assert st.experts_prefetched > 0
         assert st.expert_cache_hits + st.expert_prefetch_hits + st.expert_misses >= st.experts_needed
+
+
+class _GatedPool(ReadPool):
+    """Two reader threads that log each expert they read (``("read", (layer, expert))``, in call order) and, before
+    reading an expert whose layer's previous expert (read by the previous call) the compute has not taken yet
+    (``placement`` returned it: logged by the test as ``("placed", key)``), wait up to 10 s for it to be taken. With
+    each miss placed as soon as its own reads are done the compute takes it at once; with a layer's misses placed
+    together it could not before they all were read. ``fail_at``: the gated call of that number raises ``OSError``."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        super().__init__(2)
+        self.cv = threading.Condition()
+        self.log: list[tuple[str, tuple[int, int]]] = []
+        self.untaken: set[tuple[int, int]] = set()  # read, and not taken by the compute since
+        self.last: tuple[int, int] | None = None
+        self.gated = self.timeouts = 0
+        self.fail_at = fail_at
+
+    def run(self, runs):  # type: ignore[override]
+        keys = sorted({_expert_key(r.tensor) for run in runs for r in run.parts})
+        prev = self.last
+        if prev is not None and prev[0] == keys[0][0]:  # a later miss of the same layer
+            self.gated += 1
+            with self.cv:
+                if not self.cv.wait_for(lambda: prev not in self.untaken, timeout=10):
+                    self.timeouts += 1
+            if self.gated == self.fail_at:
+                raise OSError("injected read error")
+        n = super().run(runs)
+        with self.cv:
+            self.untaken.update(keys)
+            self.log += [("read", k) for k in keys]
+        self.last = keys[-1]
+        return n
+
+    def took(self, key: tuple[int, int]) -> None:
+        with self.cv:
+            self.untaken.discard(key)
+            self.log.append(("placed", key))
+            self.cv.notify_all()
+
+
+def _expert_key(tensor: str) -> tuple[int, int]:
+    m = re.search(r"layers\.(\d+)\..*experts\.(\d+)\.", tensor)
+    assert m is not None, tensor
+    return int(m.group(1)), int(m.group(2))
+
+
+def _gated_engine(d: Path, monkeypatch, pool: _GatedPool) -> RingEngine:
+    """Compact decode passes computed in place, every pick a miss read on demand (no cache, no prediction), the
+    reads through ``pool``; the compute's ``placement`` calls reported to it."""
+    budget = 2 * plan_sections(open_model(d)).slot_bytes + MiB // 2
+    e = RingEngine(d, max_memory=budget, strategy="routed", batch_size=2, dense_cache=False, expert_cache=0,
+                   prefetch=False)
+    ring = e._ring
+    ring.pool.close()
+    ring.pool = pool
+    real = ring.placement
+
+    def placement(ticket, layer, x):
+        where = real(ticket, layer, x)
+        pool.took((layer.layer, x))
+        return where
+
+    monkeypatch.setattr(ring, "placement", placement)
+    return e
+
+
+def test_each_miss_is_computed_from_once_its_own_read_is_done(tmp_path, monkeypatch) -> None:
+    """In place, a routed layer's misses are read one after the other in ascending id order (the order the compute
+    takes them) and each is placed when its own reads are done: the compute takes miss j (and computes its group)
+    before miss j + 1 is read (the gated pool waits for that; it would time out if the misses were placed together),
+    and the output is the resident model's, bit for bit."""
+    d = _many_experts(tmp_path, seed=24)
+    one = [PROMPTS[0]]
+    ref = _resident(d, prompts=one)
+    pool = _GatedPool()
+    with _gated_engine(d, monkeypatch, pool) as e:
+        got = e.generate(one, NEW, return_logits=True)
+        assert e._ring.in_place and e._rows == 4
+    _same(got, ref)
+    # decode passes: 4 layers x 4 picks, one read per miss, 3 of them after an earlier miss of their layer
+    assert pool.gated == (NEW - 1) * 4 * 3 and pool.timeouts == 0
+    segments: list[list[tuple[int, tuple[int, int]]]] = []  # (log index, key) of consecutive reads of one layer
+    for i, (what, key) in enumerate(pool.log):
+        if what == "read":
+            if segments and segments[-1][-1][1][0] == key[0]:
+                segments[-1].append((i, key))
+            else:
+                segments.append([(i, key)])
+    decode = [s for s in segments if len(s) == 4]  # (a prefill reads 8 or more experts of a layer here)
+    assert len(decode) == (NEW - 1) * 4
+    for s in decode:
+        assert [k for _, k in s] == sorted(k for _, k in s)  # ascending ids: the compute's order
+        for (i, a), (j, _) in itertools.pairwise(s):  # each miss was taken by the compute before the next was read
+            assert ("placed", a) in pool.log[i:j]
+
+
+def test_a_miss_whose_read_fails_fails_the_compute_waiting_for_it(tmp_path, monkeypatch) -> None:
+    """The read of a layer's third miss fails after the compute took the first two: the compute, waiting for the
+    third, gets the error (naming the file and the tensor) instead of waiting for ever; the engine closes."""
+    d = _many_experts(tmp_path, seed=25)
+    pool = _GatedPool(fail_at=2)
+    e = _gated_engine(d, monkeypatch, pool)
+    try:
+        with pytest.raises(ValueError, match="injected read error") as err:
+            e.generate([PROMPTS[0]], NEW)
+    finally:
+        e.close()
+    msg = str(err.value)
+    assert "model.safetensors" in msg and re.search(r"'model\.layers\.\d+\.mlp\.experts\.\d+\.", msg), msg
+    assert pool.timeouts == 0 and sum(ev[0] == "placed" for ev in pool.log) >= 2

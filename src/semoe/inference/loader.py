@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 #: (2 x 2 MiB: ~3 ms at 1.3 GB/s), not for the whole prediction (a 12 MiB expert: ~10 ms)
 PREDICTION_PIECE = 2 * 2**20
 
+#: an on-demand expert's reads are spread over the reader threads in pieces of at least this many bytes (below it a
+#: second system call costs more than it saves)
+SPREAD_MIN = 256 * 2**10
+
 __all__ = ["Bandwidth", "SlotRing", "trim_heap"]
 
 
@@ -624,15 +628,15 @@ class SlotRing:
         runs = [op for op in prog if isinstance(op, ReadRun)]
         if parallel and yield_for is not None:
             runs = split_runs(runs, self.prediction_piece)
-        if parallel and len(runs) > 1 and self.pool.threads > 1:
+        if parallel and runs and self.pool.threads > 1:  # (pool.run reads a single run in this thread)
             step = self.pool.threads if yield_for is not None else len(runs)
-            try:
-                for i in range(0, len(runs), step):
+            for i in range(0, len(runs), step):
+                try:
                     n += self.pool.run(runs[i:i + step])
-                    if yield_for is not None and i + step < len(runs):
-                        self._serve_urgent(yield_for)
-            except (OSError, ValueError) as e:
-                raise _named(e, [r for run in runs for r in run.parts]) from e
+                except (OSError, ValueError) as e:
+                    raise _named(e, [r for run in runs[i:i + step] for r in run.parts]) from e
+                if yield_for is not None and i + step < len(runs):  # (its errors name their own reads)
+                    self._serve_urgent(yield_for)
             prog = [op for op in prog if not isinstance(op, ReadRun)]
             if self.drop_page_cache:
                 self._drops.extend((op.reader, op.offset, op.nbytes, section.index) for op in runs)
@@ -755,7 +759,13 @@ class SlotRing:
     def _place_experts(self, job: _Job) -> None:
         """The picked experts of a compact layout, in place: a cached one stays in its entry (pinned for the
         ticket's compute), one on disk is read into a cache entry when the policy admits it (pinned), else into the
-        next free row of the slot. No copies: the compute takes views where they lie (:meth:`placements`)."""
+        next free row of the slot. No copies: the compute takes views where they lie (:meth:`placements`).
+
+        The hits are marked placed at once; the misses are read one after the other in the order of ``job.experts``
+        (ascending ids: the order the compute takes the groups not ready), each spread over the reader threads
+        (:meth:`_spread`), and each is marked placed as soon as its own reads are done, so the compute of its group
+        starts while the later misses are read. A failed read leaves the experts not read yet unplaced (their cache
+        entries discarded) and raises; the compute waiting for one of them gets the error (:meth:`placement`)."""
         t0 = time.perf_counter()
         slot, xl, section = job.ticket % self.K, job.layer, job.section
         target = self.slots[slot]
@@ -763,8 +773,8 @@ class SlotRing:
         cache, pins = self.cache, self._pins.setdefault(job.ticket, [])
         sizes = [per * self.plan.dtype.itemsize for _, per in xl.row_numel]
         entry_ranges = tuple(zip(itertools.accumulate([0, *sizes[:-1]]), sizes))
-        prog: list[ReadRun | tuple[Any, ...]] = []
-        admitted: list[tuple[int, int]] = []
+        misses: list[tuple[tuple[int, int], list[ReadRun | tuple[Any, ...]]]] = []  # (key, its reads), in order
+        admitted: set[tuple[int, int]] = set()
         row = 0
         for e in job.experts:
             key = (xl.layer, e)
@@ -779,11 +789,12 @@ class SlotRing:
                 buf = cache.admit(key, force=True, pin=True)
             if buf is not None:
                 pins.append(key)
-                admitted.append(key)
-                prog += self._entry_program(xl, section, e, buf)
+                admitted.add(key)
+                misses.append((key, self._entry_program(xl, section, e, buf)))
                 x.where = (buf, entry_ranges)
             elif row < xl.positions:
-                prog += self._program(section, slot, target, ("expert", xl.layer, e, row), xl.reads_at(e, row))
+                misses.append((key, self._program(section, slot, target, ("expert", xl.layer, e, row),
+                                                  xl.reads_at(e, row))))
                 x.where = (target, xl.slot_ranges[row])
                 row += 1
             else:  # invariant: the engine checks that the slot and the cache hold every pick
@@ -796,18 +807,38 @@ class SlotRing:
                 if x.source == "cache":
                     x.in_slot = True
             self.cv.notify_all()
-        if not prog:
+        if not misses:
             return
         self._drop_pending_reads()
         t1 = time.perf_counter()
+        n, placed = 0, 0
         try:
-            n = self._run_program(prog, section, parallel=True)
+            for key, prog in misses:
+                n += self._run_program(self._spread(prog), section, parallel=True)
+                with self.cv:  # this miss can be computed from while the next ones are read
+                    table[key].in_slot = True
+                    self.cv.notify_all()
+                placed += 1
         except BaseException:
-            for key in admitted:
-                cache.discard(key)  # type: ignore[union-attr]
+            for key, _ in misses[placed:]:
+                if key in admitted:
+                    cache.discard(key)  # type: ignore[union-attr]
             raise
         self.bw_expert.add(n, time.perf_counter() - t1)
         self._count_expert_read(n, t0)
+
+    def _spread(self, prog: list[ReadRun | tuple[Any, ...]]) -> list[ReadRun | tuple[Any, ...]]:
+        """One expert's reads with its runs cut into about one piece per reader thread (page-aligned sizes), so that
+        the threads read it together and it is in before the next one is started (the pool reads a program's runs
+        at once)."""
+        threads = self.pool.threads
+        runs = [op for op in prog if isinstance(op, ReadRun)]
+        total = sum(r.nbytes for r in runs)
+        if threads <= 1 or total < 2 * SPREAD_MIN:
+            return prog
+        piece = max(SPREAD_MIN, -(-total // threads))
+        piece = -(-piece // 4096) * 4096
+        return [*split_runs(runs, piece), *(op for op in prog if not isinstance(op, ReadRun))]
 
     def _count_expert_read(self, n: int, t0: float, y0: float | None = None) -> None:
         """``n`` expert bytes read from disk by a job that began at ``t0`` (``y0``: ``_yield_s`` then, for a prediction:
