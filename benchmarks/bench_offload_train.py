@@ -390,7 +390,6 @@ def main() -> None:
     rows += [f"{r}@{d}" for d in dtypes for r in (["deepspeed:cpu", "deepspeed:nvme"] if args.peers != "none" else [])]
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_offload_") as work:
-        write_corpus(Path(work) / "corpus.txt")
         batches, regime = {d: args.batch for d in dtypes}, {}
         if args.batch is None:  # size the run to the regime: F and B first, then the batch
             state = 16 * 3 * args.layers * args.experts * args.d_model * args.d_ff
@@ -400,6 +399,8 @@ def main() -> None:
                 LOG.info("%s: batch %d (%.0f tokens/expert/step; F %.0f GFLOP/s, B %.2f GB/s, T* %.0f at %d B/param)",
                          d, batches[d], regime[d]["tokens_per_expert"], regime[d]["flops"] / 1e9, bw / 1e9,
                          regime[d]["t_star"], SCHEDULE_BYTES_PER_PARAM)
+        # enough text for the largest batch's validation windows too (4000 lines: 226 windows of 129 tokens)
+        write_corpus(Path(work) / "corpus.txt", 4000 * max(1, math.ceil(max(batches.values()) / 150)))
         fwd, skip = [], False
         for a in sys.argv[1:]:  # the child gets the sizes; --peers / --dtype are the parent's
             if skip:
