@@ -112,7 +112,7 @@ def test_finetune_smoke(tmp_path) -> None:
 
 
 OFFLOAD_KEYS = {"impl", "cache", "tokens_per_s", "step_ms", "peak_rss_mb", "budget_mb", "expert_state_mb",
-                "bytes_moved_per_step", "bound_step_ms"}
+                "bytes_moved_per_step", "bound_step_ms", "batch", "tokens_per_expert"}
 
 
 def test_offload_train_smoke() -> None:
@@ -132,6 +132,13 @@ def test_offload_train_smoke() -> None:
     for r in rows:
         if r["impl"] == "semoe-offload":
             assert r["expert_state_mb"] >= 4 * r["budget_mb"] and r["bytes_moved_per_step"] > 0 and r["t_star"] > 0
+            # the regime: T* = b F / (6 B) from the row's own b, F, B; the smoke's 4 x 32 tokens top-2 over 4 experts
+            b = r["bytes_moved_per_step"] / r["expert_params"]
+            assert r["tokens_per_expert"] == 4 * 32 * 2 / 4 and r["batch"] == 4
+            assert r["t_star"] == pytest.approx(b * r["flops"] / (6 * r["disk_bytes_per_s"]), rel=1e-9)
+            assert r["tokens_per_expert_over_t_star"] == pytest.approx(r["tokens_per_expert"] / r["t_star"], rel=1e-9)
+            assert summary[f"in_regime_{r['cache']}@{r['dtype']}"] == (r["tokens_per_expert_over_t_star"] >= 1.5)
+    assert summary["batch_chosen"] == "given" and summary["batch"] == {"float32": 4, "bfloat16": 4}
     assert summary["summary"] is True and summary["ratio_vs_in_memory_warm"] > 0
     assert summary["ratio_vs_in_memory_cold@bfloat16"] > 0 and summary["best_dtype_warm"] in ("float32", "bfloat16")
 
