@@ -289,9 +289,18 @@ class SlotRing:
 
     def _await(self, table: dict, layer: ExpertLayer, experts: list[int], read: list[int],
                ready: Callable[[_Expert], bool]) -> None:
-        """Holding ``cv``: wait until ``ready`` holds for each of ``experts`` (doing a pending page-cache drop rather
-        than only waiting), then count them: needed, cache hits, and misses among ``read`` (those read on demand)."""
-        while self.error is None and not all(ready(table[(layer.layer, e)]) for e in experts):
+        """Holding ``cv``: wait until ``ready`` holds for each of ``experts`` (:meth:`_wait_until`), then count them:
+        needed, cache hits, and misses among ``read`` (those read on demand)."""
+        self._wait_until(lambda: all(ready(table[(layer.layer, e)]) for e in experts))
+        st = self.stats
+        st.experts_needed += len(experts)
+        st.expert_cache_hits += sum(table[(layer.layer, e)].source == "cache" for e in experts)
+        st.expert_misses += sum(table[(layer.layer, e)].source == "disk" for e in read)
+
+    def _wait_until(self, done: Callable[[], bool]) -> None:
+        """Holding ``cv``: wait until ``done()`` (doing a pending page-cache drop rather than only waiting); the
+        loader's error, if any, is raised."""
+        while self.error is None and not done():
             if self._drops:
                 self.cv.release()
                 try:
@@ -302,10 +311,6 @@ class SlotRing:
             self.cv.wait()
         if self.error is not None:
             raise self.error
-        st = self.stats
-        st.experts_needed += len(experts)
-        st.expert_cache_hits += sum(table[(layer.layer, e)].source == "cache" for e in experts)
-        st.expert_misses += sum(table[(layer.layer, e)].source == "disk" for e in read)
 
     def _ensure_compact(self, ticket: int, layer: ExpertLayer, experts: list[int], wait: bool = True) -> None:
         """:meth:`ensure_experts` in a compact layout: the picked experts (ascending ids) go to rows 0, 1, ... of the
@@ -333,10 +338,7 @@ class SlotRing:
         t0 = time.perf_counter()
         with self.cv:
             x = self.experts[ticket][(layer.layer, e)]
-            while not x.in_slot and self.error is None:
-                self.cv.wait()
-            if self.error is not None:
-                raise self.error
+            self._wait_until(lambda: x.in_slot)
             where = x.where
         self.stats.wait_s += time.perf_counter() - t0
         assert where is not None, f"expert {e} of layer {layer.layer} was not placed"  # invariant
