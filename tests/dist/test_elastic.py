@@ -17,9 +17,8 @@ import torch.nn.functional as F
 
 from semoe.config import ElasticConfig, MoEConfig, MultiTaskModelConfig, MultiTaskRunConfig, RouterConfig, TrainConfig
 from semoe.elastic.data import load_tasks, task_batch, task_specs
-from semoe.elastic.layout import ElasticLayout
 from semoe.elastic.planner import Plan, plan_tasks
-from semoe.models.multitask import MultiTaskMoE, param_task
+from semoe.models.multitask import MultiTaskMoE
 from semoe.training.elastic_trainer import ElasticTrainer
 from semoe.training.trainer import lr_at, param_groups
 from tests.dist.launcher import run_ranks
@@ -68,11 +67,8 @@ def reference(run: MultiTaskRunConfig, steps: int):
     return (*first, {n: p.detach().clone() for n, p in model.named_parameters()})
 
 
-def _elastic(rank: int, world: int, run: MultiTaskRunConfig, plan_json: dict, out: str, steps: int,
-             fuse_max: int | None = None):
+def _elastic(rank: int, world: int, run: MultiTaskRunConfig, plan_json: dict, out: str, steps: int):
     t = ElasticTrainer(run, Path(out), resume=None, plan=Plan.from_json(plan_json))
-    if fuse_max is not None:  # the layout with another fusion size (every layout must give the same sums)
-        t.layout = ElasticLayout(t.plan, rank, t.mesh, t.distributed, fuse_max=fuse_max)
     xs, ys = t.local_batch(0)
     value, mo, _ = t.objective(xs, ys)
     value.backward()
@@ -84,8 +80,7 @@ def _elastic(rank: int, world: int, run: MultiTaskRunConfig, plan_json: dict, ou
     offsets = {n: m.expert_offset for n, m in t.model.named_modules() if hasattr(m, "expert_offset")}
     return {"logits": {k: v.detach() for k, v in mo.logits.items()}, "value": float(value), "grads": grads,
             "params": {n: p.detach().clone() for n, p in t.model.named_parameters()}, "offsets": offsets,
-            "local": t.plan.local(rank), "fused": t.layout.fused_tasks,
-            "group_sums": sorted(k for k in t.layout.comm_s if k)}
+            "local": t.plan.local(rank)}
 
 
 def _ref_slice(name: str, ref: torch.Tensor, offsets: dict[str, int], local: torch.Tensor) -> torch.Tensor:
@@ -95,10 +90,9 @@ def _ref_slice(name: str, ref: torch.Tensor, offsets: dict[str, int], local: tor
     return ref
 
 
-def _check(run: MultiTaskRunConfig, plan: Plan, tmp_path: Path, steps: int = 3,
-           fuse_max: int | None = None) -> list[dict]:
+def _check(run: MultiTaskRunConfig, plan: Plan, tmp_path: Path, steps: int = 3) -> None:
     logits, loss, grads, params = reference(run, steps)
-    got = run_ranks(_elastic, plan.world, tmp_path, run, plan.to_json(), str(tmp_path / "out"), steps, fuse_max)
+    got = run_ranks(_elastic, plan.world, tmp_path, run, plan.to_json(), str(tmp_path / "out"), steps)
     assert sum(g["value"] for g in got) == pytest.approx(loss, abs=TOL)  # the ranks' shares sum to the loss
     seen = set()
     for r, g in enumerate(got):
@@ -113,7 +107,6 @@ def _check(run: MultiTaskRunConfig, plan: Plan, tmp_path: Path, steps: int = 3,
             torch.testing.assert_close(p, _ref_slice(name, params[name], g["offsets"], p), rtol=TOL, atol=TOL,
                                        msg=lambda m, n=name, r=r: f"rank {r} param {n}: {m}")
     assert seen == set(grads)  # every parameter of the one-process model is held by some rank
-    return got
 
 
 def _costs(run: MultiTaskRunConfig) -> dict[str, tuple[int, float]]:
@@ -128,44 +121,11 @@ def test_planned_2_ranks_with_shared_rank(tmp_path) -> None:
     _check(run, plan, tmp_path)
 
 
-@pytest.mark.parametrize("fuse_max", [0, None])
-def test_planned_4_ranks_uneven(tmp_path, fuse_max) -> None:
-    """A task on 2-3 of the 4 ranks: summed over its own group (fuse_max=0) or, small, in the world sum with
-    zeros on the ranks outside it (the default size rule): the same sums and norm either way."""
+def test_planned_4_ranks_uneven(tmp_path) -> None:
     run = small_run(tasks="synth2=16,digits=4,cancer=2,wine=1")
     plan = plan_tasks(_costs(run), 4)
     assert max(len(r) for r in plan.ranks) >= 2 and len({len(r) for r in plan.ranks}) > 1  # uneven
-    split = [t for t, on in zip(plan.tasks, plan.experts_on) if 1 < len(on) < 4]
-    assert split
-    got = _check(run, plan, tmp_path, fuse_max=fuse_max)
-    for r, g in enumerate(got):
-        holds_split = [t for t in split if r in plan.experts_on[plan.index(t)]]
-        if fuse_max == 0:  # each split task over its group, on its ranks only
-            assert g["fused"] == () and g["group_sums"] == sorted(holds_split)
-        else:  # every rank, holding it or not, carries it in the world sum: no group sum at all
-            assert g["fused"] == tuple(split) and g["group_sums"] == []
-
-
-def test_fused_task_on_two_of_four_ranks_next_to_a_grouped_one(tmp_path) -> None:
-    """Two tasks each on 2 of 4 ranks (one of them on a rank with a third task), the first under the size rule
-    (fused into the world sum), the other over it (its own group sum): mixed paths, same numbers as one
-    process."""
-    run = small_run(token_moe=False)
-    names = tuple(run.elastic.task_batches())
-    batches = tuple(run.elastic.task_batches().values())
-    on = ((0, 1), (2, 3), (3,), (3,))
-    plan = Plan(4, names, batches, (1.0,) * 4, on, on)
-    data = load_tasks(list(names))
-    model = MultiTaskMoE(run.model, task_specs(data), (names[0], names[1]), seed=0)
-    numel = {t: sum(p.numel() for n, p in model.named_parameters() if param_task(n) == t) for t in names[:2]}
-    assert numel[names[0]] != numel[names[1]]
-    fuse_max = min(numel.values())  # the smaller of the two is fused, the other is summed over its group
-    small = min(numel, key=numel.get)
-    got = _check(run, plan, tmp_path, fuse_max=fuse_max)
-    for r, g in enumerate(got):
-        assert g["fused"] == (small,)
-        big = [t for t in names[:2] if t != small and r in plan.experts_on[plan.index(t)]]
-        assert g["group_sums"] == sorted(big)
+    _check(run, plan, tmp_path)
 
 
 def test_every_task_split_over_ranks_without_token_moe(tmp_path) -> None:

@@ -8,12 +8,7 @@ Gradients that are summed live in persistent flat buffers, one per class (shared
 ranks, token-gated experts with replicas): ``prepare_`` zeroes them and makes every ``p.grad`` a view of its
 buffer, so backward adds into them in place and each sum is one all-reduce of a buffer, with no packing,
 unpacking or allocation per step. A task held by every rank (its group is the world) is summed with the
-shared parameters, in the shared buffer: one collective less. So is a task held by several ranks whose gradients
-are small (at most ``fuse_max`` elements, default ``FUSE_MAX_NUMEL``): a gloo all-reduce costs about 1 ms of CPU
-per call at 4 ranks whatever its size, 0.2-0.3 ms per 100k elements more, so a small task's own group call costs
-its ranks more than carrying its elements in the world's sum costs everyone. Its segment of the shared buffer
-is its gradients on its ranks and zeros elsewhere, so the world sum is the sum over its ranks; after it every
-rank has the summed segment and counts it in the norm itself. The shared buffer has a tail: this rank's part
+shared parameters, in the shared buffer: one collective less. The shared buffer has a tail: this rank's part
 of the squared norm and the caller's statistics ride the shared sum, so a step has one world collective (the
 task and expert sums, within their groups, go first). The tail is in the gradients' dtype: in float32 the norm
 and the statistics are summed to float32 rounding (counts below 2^24 exactly)."""
@@ -33,8 +28,6 @@ from semoe.models.multitask import param_task
 from semoe.parallel.grads import is_expert_param
 from semoe.parallel.mesh import dp_group, task_groups
 
-FUSE_MAX_NUMEL = 1 << 18  # a task's gradients summed in the world all-reduce up to this many elements (see above)
-
 
 def token_ep_size(world: int, num_experts: int) -> int:
     """The largest expert-parallel size that divides both the world and the token-gated experts."""
@@ -44,23 +37,18 @@ def token_ep_size(world: int, num_experts: int) -> int:
 class _Flat:
     """One class's gradients as views of one buffer (``tail`` more elements after them)."""
 
-    def __init__(self, params: list[nn.Parameter | int], tail: int = 0) -> None:
-        """``params``: parameters, or element counts of zero segments (a task this rank does not hold, whose
-        gradients others send in the same buffer), in buffer order."""
-        dtypes = {p.dtype for p in params if not isinstance(p, int)}
+    def __init__(self, params: list[nn.Parameter], tail: int = 0) -> None:
+        dtypes = {p.dtype for p in params}
         if len(dtypes) > 1:
             raise ValueError(f"one gradient class holds parameters of dtypes {sorted(map(str, dtypes))}; cast the "
                              "model to one dtype (model.to(dtype)) before training it elastically")
         dtype = dtypes.pop() if dtypes else torch.get_default_dtype()
-        self.numel = sum(p if isinstance(p, int) else p.numel() for p in params)
-        self.params = [p for p in params if not isinstance(p, int)]
+        self.params, self.numel = params, sum(p.numel() for p in params)
         self.buf = torch.zeros(self.numel + tail, dtype=dtype)
         self.views, off = [], 0
         for p in params:
-            n = p if isinstance(p, int) else p.numel()
-            if not isinstance(p, int):
-                self.views.append(self.buf[off:off + n].view_as(p))
-            off += n
+            self.views.append(self.buf[off:off + p.numel()].view_as(p))
+            off += p.numel()
         self.tail = self.buf[self.numel:]
 
     def attach_(self) -> None:
@@ -84,12 +72,8 @@ class _Flat:
 class ElasticLayout:
     """This rank's view of a plan: its groups and the gradient sync / norm of its model."""
 
-    def __init__(self, plan: Plan, rank: int, mesh: DeviceMesh | None, distributed: bool,
-                 fuse_max: int = FUSE_MAX_NUMEL) -> None:
-        """``fuse_max``: a task held by more than one rank (not every rank) with at most this many gradient
-        elements is summed in the world all-reduce with the shared gradients (0: each over its own group)."""
+    def __init__(self, plan: Plan, rank: int, mesh: DeviceMesh | None, distributed: bool) -> None:
         self.plan, self.rank, self.mesh, self.distributed = plan, rank, mesh, distributed
-        self.fuse_max = fuse_max
         self.groups = task_groups([list(r) for r in plan.experts_on]) if distributed else [None] * len(plan.tasks)
         self._classes_of: tuple[int, tuple] | None = None  # (id of the model, its classes): named once
         self._flat_of: tuple[int, int, dict[str, _Flat]] | None = None  # (id of the model, tail, buffers)
@@ -98,31 +82,6 @@ class ElasticLayout:
         # tasks held by every rank: their gradients ride the shared buffer (summed over the world with it)
         self.world_tasks = tuple(t for t, on in zip(plan.tasks, plan.experts_on)
                                  if distributed and plan.world > 1 and len(on) == plan.world)
-        # tasks held by some ranks that may ride the shared buffer too (chosen by size once the sizes are known)
-        self._candidates = tuple(t for t, on in zip(plan.tasks, plan.experts_on)
-                                 if distributed and fuse_max > 0 and 1 < len(on) < plan.world)
-        self._fused: tuple[tuple[str, int], ...] | None = None  # (task, gradient elements) in the shared buffer
-
-    @property
-    def fused_tasks(self) -> tuple[str, ...]:
-        """The tasks held by some ranks (not all) whose gradients ride the shared buffer (known after the first
-        ``prepare_`` / ``sync_gradients``)."""
-        return tuple(t for t, _ in self._fused or ())
-
-    def _fuse(self, model: nn.Module) -> tuple[tuple[str, int], ...]:
-        """(task, elements) of the candidates with at most ``fuse_max`` gradient elements: the sizes of the tasks
-        this rank does not hold come from their first ranks (one all-reduce, once per layout)."""
-        if self._fused is None:
-            self._fused = ()
-            if self._candidates:
-                _, tasks, _ = self._classes(model)
-                n = torch.zeros(len(self._candidates), dtype=torch.float64)
-                for i, t in enumerate(self._candidates):
-                    if self.plan.experts_on[self.plan.index(t)][0] == self.rank:
-                        n[i] = sum(p.numel() for p in tasks[t])
-                dist.all_reduce(n)
-                self._fused = tuple((t, int(k)) for t, k in zip(self._candidates, n.tolist()) if k <= self.fuse_max)
-        return self._fused
 
     def numel(self, model: nn.Module) -> tuple[int, dict[str, int]]:
         """Gradient elements of (the shared parameters, each task's parameters held here)."""
@@ -130,25 +89,10 @@ class ElasticLayout:
         return sum(p.numel() for p in shared), {t: sum(p.numel() for p in ps) for t, ps in tasks.items() if ps}
 
     def _world_summed(self, model: nn.Module) -> list[nn.Parameter]:
-        """The parameters summed over the world in the shared buffer, whose every rank has their sums after it:
-        shared ones, then those of every task held by every rank (task order)."""
+        """The parameters summed over the world in the shared buffer: shared ones, then those of every task
+        held by every rank (task order)."""
         shared, tasks, _ = self._classes(model)
         return shared + [p for t in self.world_tasks for p in tasks[t]]
-
-    def _segments(self, model: nn.Module) -> list[nn.Parameter | int]:
-        """The shared buffer's layout: ``_world_summed``, then each fused task's parameters (a task this rank
-        does not hold: its element count, a zero segment), in task order on every rank."""
-        _, tasks, _ = self._classes(model)
-        segs: list[nn.Parameter | int] = list(self._world_summed(model))
-        for t, n in self._fuse(model):
-            if tasks[t]:
-                if sum(p.numel() for p in tasks[t]) != n:
-                    raise ValueError(f"task {t!r} has {sum(p.numel() for p in tasks[t])} gradient elements on "
-                                     f"rank {self.rank}, {n} on its first rank")
-                segs += tasks[t]
-            else:
-                segs.append(n)
-        return segs
 
     def _classes(self, model: nn.Module) -> tuple[list[nn.Parameter], dict[str, list[nn.Parameter]],
                                                    list[nn.Parameter]]:
@@ -183,11 +127,10 @@ class ElasticLayout:
             _, tasks, experts = self._classes(model)
             flats: dict[str, _Flat] = {}
             if self.distributed:
-                flats[""] = _Flat(self._segments(model), tail)
-                fused = self.fused_tasks
+                flats[""] = _Flat(self._world_summed(model), tail)
                 flats.update({t: _Flat(tasks[t]) for t, g in zip(self.plan.tasks, self.groups)
                               if tasks[t] and g is not None and 1 < dist.get_world_size(g)
-                              and t not in self.world_tasks and t not in fused})
+                              and t not in self.world_tasks})
                 if experts and self.mesh is not None and self.mesh.size(0) > 1:
                     flats["experts"] = _Flat(experts)
             if self._flat_of is not None and self._flat_of[0] == id(model):
@@ -240,20 +183,15 @@ class ElasticLayout:
         else:  # one process: nothing to send, nothing rounded to the gradients' dtype
             summed = torch.cat([own.reshape(1), torch.zeros(0, dtype=torch.float64) if extra is None
                                 else extra.to(torch.float64).reshape(-1)])
-        sq = _sq([p.grad for p in self._world_summed(model)])
-        if self.distributed and self._fused:  # the fused tasks' sums: the same on every rank, counted here
-            sf, off = flats[""], sum(p.numel() for p in self._world_summed(model))
-            sq = sq + _sq([sf.buf[off:sf.numel]])
-        norm = (sq + summed[0]).sqrt()
+        norm = (_sq([p.grad for p in self._world_summed(model)]) + summed[0]).sqrt()
         self._summed = (norm, None if extra is None else summed[1:].view_as(extra))
         return self._summed
 
     def _own_sq(self, tasks: dict[str, list[nn.Parameter]], experts: list[nn.Parameter]) -> torch.Tensor:
-        """This rank's share of the squared norm: task t's on t's first rank (a task in the shared buffer: after
-        the shared sum, on every rank), token-gated experts at dp 0."""
-        skip = set(self.world_tasks) | set(self.fused_tasks)  # counted after the shared sum, on every rank
+        """This rank's share of the squared norm: task t's on t's first rank (a task every rank holds: after the
+        shared sum, on every rank), token-gated experts at dp 0."""
         mine = [p.grad for i, t in enumerate(self.plan.tasks) if self.plan.experts_on[i][0] == self.rank
-                and t not in skip for p in tasks[t]]
+                and t not in self.world_tasks for p in tasks[t]]  # a world task: counted with the shared ones
         if self.mesh is None or self.mesh.get_local_rank("dp") == 0:
             mine += [p.grad for p in experts]
         return _sq(mine)

@@ -253,8 +253,7 @@ class ElasticTrainer:
         if not self.comm or self.world == 1:
             return []
         med = np.median(np.stack(self.comm), 0)
-        # the tasks summed in the shared buffer (a fused task's elements are summed on every rank)
-        world_tasks = [self.plan.index(t) for t in self.layout.world_tasks + self.layout.fused_tasks]
+        world_tasks = [self.plan.index(t) for t in self.layout.world_tasks]  # summed in the shared buffer
         shared_numel = self.layout.numel(self.model)[0] + int(sum(self.task_numel[i] for i in world_tasks))
         measured = [(int(self.task_numel[i]), len(on), float(med[i])) for i, on in enumerate(self.plan.experts_on)
                     if len(on) > 1 and i not in world_tasks] + [(shared_numel, self.world, float(med[-1]))]
