@@ -4,13 +4,14 @@ and global batches, at W ranks (gloo, 1 thread per rank).
     flock -x /tmp/semoe-cpu.lock .venv/bin/python benchmarks/bench_elastic.py             # W = 2 and 4
     .venv/bin/python benchmarks/bench_elastic.py --smoke                                    # seconds (CI)
 
-Workload: 4 tasks with global batches 8:4:2:1 (``--tasks``, default synth=128,digits=64,cancer=32,wine=16; per-sample
-costs = tokens per sample 8, 4, 2, 1), the multi-task model of ``semoe.models.multitask`` with wide task-routed
-layers (``--task-ff``, the task experts; ``--shared-ff``, the shared expert and DeepSpeed's residual MLP, default as
-wide as the task experts) and a narrow backbone, so the experts carry most of the work. Loss: the sum over tasks of
-each task's mean cross-entropy. AdamW (fused, the trainers' ``build_optimizer``, for every placement). No
-token-gated layer (its all-to-all would make every placement wait alike). docs/elastic.md says why
-``--shared-ff 384`` (half the task expert) is the UFO-like workload.
+Workload: 4 tasks with global batches 8:4:2:1 (``--tasks``, default synth=128,digits=64,cancer=32,wine=16, times
+``--batch-scale``; per-sample costs = tokens per sample 8, 4, 2, 1), the multi-task model of
+``semoe.models.multitask`` with wide task-routed layers (``--task-ff``, the task experts; ``--shared-ff``, the
+shared expert and DeepSpeed's residual MLP, default as wide as the task experts) and a narrow backbone, so the
+experts carry most of the work. Loss: the sum over tasks of each task's mean cross-entropy. AdamW (fused, the
+trainers' ``build_optimizer``, for every placement). No token-gated layer (its all-to-all would make every
+placement wait alike). docs/elastic.md says why ``--shared-ff 384`` (half the task expert) is the UFO-like
+workload.
 
 Placements:
   elastic    ``semoe.elastic`` (``ElasticTrainer``), its plan re-planned from measured times: a calibration launch
@@ -76,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--worlds", default="2,4")
     p.add_argument("--placements", default=",".join(PLACEMENTS))
     p.add_argument("--tasks", default="synth=128,digits=64,cancer=32,wine=16")
+    p.add_argument("--batch-scale", type=float, default=1.0, help="every global batch of --tasks multiplied by "
+                   "this (rounded, same ratios): 9 gives synth=1152,digits=576,cancer=288,wine=144, UFO's "
+                   "1152:576 for the two largest tasks")
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--d-ff", type=int, default=64)
     p.add_argument("--task-ff", type=int, default=768)
@@ -99,6 +103,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.worlds, args.placements = "2", "elastic,uniform"
         args.tasks, args.task_ff, args.warmup, args.steps = "synth=16,digits=8,cancer=4,wine=2", 64, 1, 3
         args.rounds, args.calib_rounds, args.calib_steps = 1, 1, 2
+    if args.batch_scale <= 0:
+        p.error("--batch-scale must be > 0")
+    if args.batch_scale != 1:
+        args.tasks = ",".join(f"{n}={max(1, round(int(b) * args.batch_scale))}"
+                              for n, b in (x.split("=") for x in args.tasks.split(",")))
     bad = [x for x in args.placements.split(",") if x and x not in CHOICES]
     if bad:
         p.error(f"unknown placement(s) {bad}; choose from {', '.join(CHOICES)}")
@@ -637,11 +646,13 @@ def main(argv: list[str] | None = None) -> int:
                 row = ok[len(ok) // 2] if ok else got[0]
                 row = {**row, "bound_ratio": bound_ratio(loads, world), "tasks": args.tasks, "rounds": len(got),
                        "task_ff": args.task_ff, "shared_ff": args.shared_ff or args.task_ff,
+                       "batch_scale": args.batch_scale,
                        "samples_per_s_all": [g.get("samples_per_s") for g in got]}
                 emit_json(row)
                 rows[placement] = row
             el, un, ds = (rows.get(p, {}) for p in PLACEMENTS)
-            summary: dict = {"summary": True, "world": world, "smoke": args.smoke,
+            summary: dict = {"summary": True, "world": world, "smoke": args.smoke, "tasks": args.tasks,
+                             "batch_scale": args.batch_scale,
                              "bound_ratio": bound_ratio(loads, world)}
             if "samples_per_s" in el and "samples_per_s" in un:
                 summary["elastic_over_uniform"] = el["samples_per_s"] / un["samples_per_s"]
