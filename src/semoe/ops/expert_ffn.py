@@ -125,16 +125,13 @@ def _from_padded(src_PD: torch.Tensor, dst_ND: torch.Tensor, spans: list[tuple[i
 
 def forward_groups(x_PD: torch.Tensor, w1: WeightRows, w2: WeightRows, w3: WeightRows | None,
                    spans: list[tuple[int, int, int, int, int]], h1_PF: torch.Tensor, act_PF: torch.Tensor,
-                   h3_PF: torch.Tensor | None, y_PD: torch.Tensor, keep: bool,
-                   silu_PF: torch.Tensor | None = None) -> None:
+                   h3_PF: torch.Tensor | None, y_PD: torch.Tensor, keep: bool) -> None:
     """The forward's ops, one group after another: ``y[g] = act(x[g] @ w1[g]) @ w2[g]`` (GELU; SwiGLU when ``w3``
     is given) into ``y_PD``. ``w*[g]`` is a stacked ``[G, ...]`` tensor's row or a per-expert tensor of the same
     shape and strides (the ring's in-place views, ``ops.expert_ffn_views``): the same ops in the same order, so
     the same bits. ``keep``: every group's pre-activations and activation go to its own rows of ``h1_PF`` /
     ``h3_PF`` / ``act_PF`` (kept for the backward); otherwise they reuse the first rows of expert-sized chunks,
-    and ``act_PF`` may be ``h1_PF`` itself (the activation in place). ``silu_PF`` (SwiGLU, with ``keep``): each
-    group's ``silu(h1)`` is kept there too (for the backward) and ``act = silu * h3`` formed from it: the same values
-    as SiLU in place then ``mul_`` (the same elementwise ops over the same number of elements)."""
+    and ``act_PF`` may be ``h1_PF`` itself (the activation in place)."""
     for g, _, _, ps, p in spans:
         x_p = x_PD[ps:ps + p]
         r = slice(ps, ps + p) if keep else slice(0, p)
@@ -146,11 +143,8 @@ def forward_groups(x_PD: torch.Tensor, w1: WeightRows, w2: WeightRows, w3: Weigh
             assert h3_PF is not None
             h3 = h3_PF[r]
             torch.mm(x_p, w3[g], out=h3)
-            if silu_PF is not None:
-                torch.mul(torch.ops.aten.silu.out(h1, out=silu_PF[r]), h3, out=act)
-            else:
-                torch.ops.aten.silu.out(h1, out=act)
-                act.mul_(h3)
+            torch.ops.aten.silu.out(h1, out=act)
+            act.mul_(h3)
         torch.mm(act, w2[g], out=y_PD[ps:ps + p])
 
 
@@ -185,15 +179,13 @@ class _ExpertFFN(torch.autograd.Function):
         y_ND = x_ND.new_empty((N, w2.shape[-1]))
         y_PD = buf("y_pad", P, D) if padded else y_ND
         swiglu = w3 is not None
-        silu_PF = None
-        if needs_grad:  # keep every expert's pre-activations, SiLU (SwiGLU) and activation output for the backward
+        if needs_grad:  # keep every expert's pre-activations and activation output for the backward
             h1_PF, act_PF = buf("h1", P), buf("act", P)
             h3_PF = buf("h3", P) if swiglu else None
-            silu_PF = buf("silu_keep", P) if swiglu else None
         else:  # nothing is kept: one expert-sized chunk (two for SwiGLU), activations in place
             h1_PF = act_PF = buf("h1", chunk)
             h3_PF = buf("h3", chunk) if swiglu else None
-        forward_groups(x_PD, w1, w2, w3, spans, h1_PF, act_PF, h3_PF, y_PD, keep=needs_grad, silu_PF=silu_PF)
+        forward_groups(x_PD, w1, w2, w3, spans, h1_PF, act_PF, h3_PF, y_PD, keep=needs_grad)
         if padded:
             _from_padded(y_PD, y_ND, spans)
         ctx.spans, ctx.padded, ctx.ws, ctx.use_ws, ctx.swiglu = spans, padded, ws, use_ws, swiglu
@@ -203,13 +195,13 @@ class _ExpertFFN(torch.autograd.Function):
         ctx.cast_w = [w is not None and w.grad_fn is not None for w in (w1, w2, w3)]
         if needs_grad:
             ctx.x_shape = x_ND.shape
-            ctx.save_for_backward(x_PD, w1, w2, w3, h1_PF, h3_PF, act_PF, silu_PF)
+            ctx.save_for_backward(x_PD, w1, w2, w3, h1_PF, h3_PF, act_PF)
         return y_ND
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_ND):  # type: ignore[override]
-        x_PD, w1, w2, w3, h1_PF, h3_PF, act_PF, silu_PF = ctx.saved_tensors
+        x_PD, w1, w2, w3, h1_PF, h3_PF, act_PF = ctx.saved_tensors
         ws, swiglu, spans, padded = ctx.ws, ctx.swiglu, ctx.spans, ctx.padded
         need_x, need_w1, need_w2 = ctx.needs_input_grad[:3]
         need_w3 = swiglu and ctx.needs_input_grad[3]
@@ -242,7 +234,7 @@ class _ExpertFFN(torch.autograd.Function):
                     g_w[g].zero_()
         g_act_c = buf("g_act")
         if swiglu:
-            g_sw_c = buf("g_silu")
+            g_sw_c, silu_c = buf("g_silu"), buf("silu")
         for g, _, _, ps, p in spans:
             x_p, g_p = x_PD[ps:ps + p], g_PD[ps:ps + p]
             h1, act = h1_PF[ps:ps + p], act_PF[ps:ps + p]
@@ -257,7 +249,7 @@ class _ExpertFFN(torch.autograd.Function):
                 h3 = h3_PF[ps:ps + p]
                 g_h1 = torch.mul(g_act, h3, out=g_sw_c[:p])  # d loss / d silu(h1)
                 torch.ops.aten.silu_backward.grad_input(g_h1, h1, grad_input=g_h1)
-                g_h3 = g_act.mul_(silu_PF[ps:ps + p])  # the forward's silu(h1), kept
+                g_h3 = g_act.mul_(torch.ops.aten.silu.out(h1, out=silu_c[:p]))
             if g_w1 is not None:
                 torch.mm(x_p.t(), g_h1, out=g_w1[g])
             if g_w3 is not None:
