@@ -11,9 +11,12 @@ reset once the trainer is built, so it covers the timed steps):
 * ``deepspeed`` / ``offload`` ``cpu`` and ``nvme``: its nearest setup, the HF Mixtral of the same shapes
   (transformers, random weights) with ``MixtralSparseMoeBlock`` a ZeRO-3 leaf module, ``offload_param`` and
   ``offload_optimizer`` to cpu or to nvme (files in the work folder, DeepSpeed's async IO), DeepSpeed's CPU
-  AdamW, gloo, one process. A row that cannot run carries its error. (semoe's own MoE layer cannot be a ZeRO-3
-  leaf: it returns a dataclass, in which DeepSpeed does not find the tensors to hook its pre-backward gather
-  on, so the experts are still partitioned when autograd runs their backward; see docs/storage.md.)
+  AdamW, gloo, one process; each with HF's attention ``eager`` and ``sdpa`` (``--ds-attn``, an ``attn`` field; on a
+  CPU in bf16 at the bench's 32-wide heads HF's default SDPA is the slower, its flash backward: docs/storage.md),
+  the summary taking DeepSpeed's fastest row. A row that cannot run carries its error. (semoe's own MoE layer
+  cannot be a ZeRO-3 leaf: it returns a dataclass, in which DeepSpeed does not find the tensors to hook its
+  pre-backward gather on, so the experts are still partitioned when autograd runs their backward; see
+  docs/storage.md.)
 
 ``--dtype float32,bfloat16`` (default float32): every row in each dtype (bfloat16: CPU autocast over float32
 master weights, AdamW state float32, for semoe as ``train.dtype=bfloat16``; for DeepSpeed its ``"bf16":
@@ -246,9 +249,10 @@ def row_semoe(args: argparse.Namespace, impl: str, cache: str) -> dict:
     return out
 
 
-def hf_mixtral(args: argparse.Namespace):
+def hf_mixtral(args: argparse.Namespace, attn: str = "sdpa"):
     """The HF Mixtral (transformers, random weights, built here) with the semoe model's shapes: the same
-    experts (SwiGLU d_model x d_ff, ``experts`` per layer, top-2, dropless), layers, heads and vocabulary."""
+    experts (SwiGLU d_model x d_ff, ``experts`` per layer, top-2, dropless), layers, heads and vocabulary;
+    ``attn``: HF's ``attn_implementation`` ("sdpa", its default, or "eager")."""
     import torch
     import transformers
 
@@ -259,20 +263,22 @@ def hf_mixtral(args: argparse.Namespace):
     hf = transformers.MixtralConfig(
         vocab_size=320, hidden_size=cfg.d_model, intermediate_size=cfg.moe.d_ff, num_hidden_layers=cfg.n_layers,
         num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads, num_local_experts=cfg.moe.num_experts,
-        num_experts_per_tok=cfg.moe.router.top_k, max_position_embeddings=args.seq, output_router_logits=True)
+        num_experts_per_tok=cfg.moe.router.top_k, max_position_embeddings=args.seq, output_router_logits=True,
+        attn_implementation=attn)
     torch.manual_seed(0)
     return transformers.MixtralForCausalLM(hf)
 
 
-def row_deepspeed(args: argparse.Namespace, device: str) -> dict:
-    """DeepSpeed's nearest setup: the HF Mixtral, its MixtralSparseMoeBlock a ZeRO-3 leaf module, ZeRO-3 with
-    ``offload_param`` and ``offload_optimizer`` to ``device`` ("cpu", or "nvme": files in the work folder through
-    DeepSpeed's async IO, O_DIRECT), DeepSpeed's CPU AdamW, gloo, one process. Bytes moved: the block-layer
-    reads + writes of the process per step (``/proc/self/io``)."""
+def row_deepspeed(args: argparse.Namespace, device: str, attn: str = "sdpa") -> dict:
+    """DeepSpeed's nearest setup: the HF Mixtral (HF attention ``attn``), its MixtralSparseMoeBlock a ZeRO-3 leaf
+    module, ZeRO-3 with ``offload_param`` and ``offload_optimizer`` to ``device`` ("cpu", or "nvme": files in the
+    work folder through DeepSpeed's async IO, O_DIRECT), DeepSpeed's CPU AdamW, gloo, one process. Bytes moved:
+    the block-layer reads + writes of the process per step (``/proc/self/io``)."""
     from common import deepspeed_hf_moe_engine, process_io_bytes
 
     e_params = 3 * args.layers * args.experts * args.d_model * args.d_ff
-    base = {"impl": "deepspeed", "cache": "warm" if device == "cpu" else "cold", "offload": device, "dtype": args.dtype,
+    base = {"impl": "deepspeed", "cache": "warm" if device == "cpu" else "cold", "offload": device, "attn": attn,
+            "dtype": args.dtype,
             "tokens_per_s": None, "step_ms": None, "peak_rss_mb": None, "budget_mb": None,
             "expert_state_mb": 16 * e_params / 2**20, "bytes_moved_per_step": None, "bound_step_ms": None,
             "batch": args.batch, "tokens_per_expert": tokens_per_expert(args.batch, args.seq, args.experts),
@@ -281,7 +287,7 @@ def row_deepspeed(args: argparse.Namespace, device: str) -> dict:
         import torch
 
         torch.set_num_threads(args.threads)
-        model = hf_mixtral(args)
+        model = hf_mixtral(args, attn)
         off: dict = {"device": device}
         if device == "nvme":
             (Path(args.workdir) / "ds-nvme").mkdir(exist_ok=True)
@@ -334,7 +340,8 @@ def row_deepspeed(args: argparse.Namespace, device: str) -> dict:
 def child(args: argparse.Namespace) -> None:
     row, args.dtype = args.row.split("@")
     if row.startswith("deepspeed:"):
-        res = row_deepspeed(args, row.split(":")[1])
+        _, device, attn = row.split(":")
+        res = row_deepspeed(args, device, attn)
     else:
         impl, cache = row.split(":")
         res = row_semoe(args, impl, cache)
@@ -366,6 +373,9 @@ def main() -> None:
                     help="none: no DeepSpeed rows; only: DeepSpeed rows and the in-memory row (a shorter run)")
     ap.add_argument("--dtype", default="float32",
                     help="float32, bfloat16 or float32,bfloat16: every row in each (bf16: autocast, float32 masters)")
+    ap.add_argument("--ds-attn", default="eager,sdpa",
+                    help="HF attention implementations of the DeepSpeed rows (each a row per offload device; the "
+                         "summary compares with the fastest): eager, sdpa or both")
     ap.add_argument("--row", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -375,6 +385,9 @@ def main() -> None:
     bad = [d for d in dtypes if d not in ("float32", "bfloat16")]
     if bad or not dtypes:
         ap.error(f"--dtype {args.dtype!r}: choose float32, bfloat16 or float32,bfloat16")
+    ds_attn = args.ds_attn.split(",")
+    if not ds_attn or any(a not in ("eager", "sdpa") for a in ds_attn):
+        ap.error(f"--ds-attn {args.ds_attn!r}: choose eager, sdpa or eager,sdpa")
     if args.batch is not None and args.batch < 1:
         ap.error(f"--batch {args.batch}: must be >= 1")
     if args.regime <= 0:
@@ -387,7 +400,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(levelname)s: %(message)s")
     ours = ["in-memory:warm"] + (["semoe-offload:warm", "semoe-offload:cold"] if args.peers != "only" else [])
     rows = [f"{r}@{d}" for d in dtypes for r in ours]
-    rows += [f"{r}@{d}" for d in dtypes for r in (["deepspeed:cpu", "deepspeed:nvme"] if args.peers != "none" else [])]
+    rows += [f"deepspeed:{dev}:{a}@{d}" for d in dtypes for a in ds_attn for dev in ("cpu", "nvme")
+             if args.peers != "none"]
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_offload_") as work:
         batches, regime = {d: args.batch for d in dtypes}, {}
@@ -405,9 +419,9 @@ def main() -> None:
         for a in sys.argv[1:]:  # the child gets the sizes; --peers / --dtype are the parent's
             if skip:
                 skip = False
-            elif a in ("--peers", "--dtype"):
+            elif a in ("--peers", "--dtype", "--ds-attn"):
                 skip = True
-            elif not a.startswith(("--peers=", "--dtype=")):
+            elif not a.startswith(("--peers=", "--dtype=", "--ds-attn=")):
                 fwd.append(a)
         for row in rows:
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
@@ -453,7 +467,8 @@ def main() -> None:
     summary = {"summary": True, "smoke": args.smoke, "cpu": cpu_model(), "dtypes": dtypes,
                "batch_chosen": "given" if args.batch is not None else "regime", "batch": batches,
                "regime_pick": regime or None,
-               "errors": [f"{r['impl']}:{r.get('offload', r['cache'])}@{r['dtype']}: {r['error'][:200]}"
+               "errors": [f"{r['impl']}:{r.get('offload', r['cache'])}:{r.get('attn', '')}@{r['dtype']}: "
+                          f"{r['error'][:200]}"
                           for r in results if "error" in r] or None}
     for d in dtypes:  # like with like: offloaded vs in memory in the same dtype
         mem = mems[d]
@@ -478,7 +493,7 @@ def main() -> None:
         if best is not None:
             summary[f"best_dtype_{cache}"] = best["dtype"]
             summary[f"ratio_vs_deepspeed_{cache}"] = best["tokens_per_s"] / ds["tokens_per_s"] if ds else None
-    summary["deepspeed_fastest"] = f"{ds['offload']}@{ds['dtype']}" if ds else None
+    summary["deepspeed_fastest"] = f"{ds['offload']}:{ds['attn']}@{ds['dtype']}" if ds else None
     summary["targets"] = {"ratio_vs_in_memory": 1.3, "ratio_vs_bound": 1.15, "moved_over_schedule": 1.05,
                           "ratio_vs_deepspeed": 2.0, "tokens_per_expert_over_t_star": 1.5}
     print(json.dumps(summary), flush=True)
