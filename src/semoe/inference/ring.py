@@ -1022,7 +1022,10 @@ class RingEngine:
         order = need if len(ids) == 1 else list(dict.fromkeys(e for t in ids for e in t.unique().tolist()))
         self._ring.ensure_experts(ticket, xl, need, wait=not in_place, order=order)
         self._count_predictions(ticket, i, need)
-        if self.cache is not None:
+        # (the uses feed the cache's scores; in whole-layer slots served in place, after the compute: the loader's
+        # admission of a miss then weighs the scores before this use, as when the compute waited for every read)
+        late_touch = in_place and xl.positions == xl.num_experts
+        if self.cache is not None and not late_touch:
             self.cache.touch(i, need)
         if xl.positions < xl.num_experts:  # compact slot: the picked experts are groups 0, 1, ... in id order, so
             # the routing names groups (an order-keeping renumbering: the same sort, the same sums, the same bits)
@@ -1044,6 +1047,8 @@ class RingEngine:
                     g.x = [h_BSD + layer.moe(y_BSD, routing=routing).out for h_BSD, y_BSD, routing in hyr]
             if in_place:
                 ring.finish_experts(ticket, xl, need)
+            if self.cache is not None and late_touch:
+                self.cache.touch(i, need)
         finally:
             if in_place:
                 self._ring.unpin(ticket)
