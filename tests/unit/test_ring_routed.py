@@ -596,6 +596,8 @@ class _GatedPool(ReadPool):
         self.last: tuple[int, int] | None = None
         self.gated = self.timeouts = 0
         self.fail_at = fail_at
+        self.call_of: dict[int, int] = {}  # log index of a read -> the number of the call that read it
+        self.calls = 0
 
     def run(self, runs):  # type: ignore[override]
         keys = sorted({_expert_key(r.tensor) for run in runs for r in run.parts})
@@ -610,7 +612,10 @@ class _GatedPool(ReadPool):
         n = super().run(runs)
         with self.cv:
             self.untaken.update(keys)
-            self.log += [("read", k) for k in keys]
+            for k in keys:
+                self.call_of[len(self.log)] = self.calls
+                self.log.append(("read", k))
+            self.calls += 1
         self.last = keys[-1]
         return n
 
@@ -627,12 +632,13 @@ def _expert_key(tensor: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def _gated_engine(d: Path, monkeypatch, pool: _GatedPool) -> RingEngine:
-    """Compact decode passes computed in place, every pick a miss read on demand (no cache, no prediction), the
-    reads through ``pool``; the compute's ``placement`` calls reported to it."""
+def _gated_engine(d: Path, monkeypatch, pool: _GatedPool, compact_slots: bool = True, batch_size: int = 2
+                  ) -> RingEngine:
+    """Decode passes computed in place (compact slots unless ``compact_slots=False``), every pick a miss read on
+    demand (no cache, no prediction), the reads through ``pool``; the compute's ``placement`` calls reported to it."""
     budget = 2 * plan_sections(open_model(d)).slot_bytes + MiB // 2
-    e = RingEngine(d, max_memory=budget, strategy="routed", batch_size=2, dense_cache=False, expert_cache=0,
-                   prefetch=False)
+    e = RingEngine(d, max_memory=budget, strategy="routed", batch_size=batch_size, dense_cache=False,
+                   expert_cache=0, prefetch=False, compact_slots=compact_slots)
     ring = e._ring
     ring.pool.close()
     ring.pool = pool
@@ -645,6 +651,29 @@ def _gated_engine(d: Path, monkeypatch, pool: _GatedPool) -> RingEngine:
 
     monkeypatch.setattr(ring, "placement", placement)
     return e
+
+
+def _read_segments(pool: _GatedPool) -> list[list[tuple[int, tuple[int, int]]]]:
+    """(log index, key) of each run of consecutive reads of one layer in the gated pool's log."""
+    segments: list[list[tuple[int, tuple[int, int]]]] = []
+    for i, (what, key) in enumerate(pool.log):
+        if what == "read":
+            if segments and segments[-1][-1][1][0] == key[0]:
+                segments[-1].append((i, key))
+            else:
+                segments.append([(i, key)])
+    return segments
+
+
+def _assert_each_taken_before_the_next_read(segments: list[list[tuple[int, tuple[int, int]]]],
+                                            pool: _GatedPool, ascending: bool = True) -> None:
+    """Each miss was taken by the compute before the next read of its layer (a later call of the pool) began."""
+    for s in segments:
+        if ascending:  # ascending ids: the compute's order (one MoE call per layer)
+            assert [k for _, k in s] == sorted(k for _, k in s)
+        for (i, a), (j, _) in itertools.pairwise(s):
+            if pool.call_of[i] != pool.call_of[j]:
+                assert ("placed", a) in pool.log[i:j]
 
 
 def test_each_miss_is_computed_from_once_its_own_read_is_done(tmp_path, monkeypatch) -> None:
@@ -660,21 +689,43 @@ def test_each_miss_is_computed_from_once_its_own_read_is_done(tmp_path, monkeypa
         got = e.generate(one, NEW, return_logits=True)
         assert e._ring.in_place and e._rows == 4
     _same(got, ref)
-    # decode passes: 4 layers x 4 picks, one read per miss, 3 of them after an earlier miss of their layer
-    assert pool.gated == (NEW - 1) * 4 * 3 and pool.timeouts == 0
-    segments: list[list[tuple[int, tuple[int, int]]]] = []  # (log index, key) of consecutive reads of one layer
-    for i, (what, key) in enumerate(pool.log):
-        if what == "read":
-            if segments and segments[-1][-1][1][0] == key[0]:
-                segments[-1].append((i, key))
-            else:
-                segments.append([(i, key)])
-    decode = [s for s in segments if len(s) == 4]  # (a prefill reads 8 or more experts of a layer here)
+    segments = _read_segments(pool)
+    # every pool call after an earlier one of its layer was gated (the prefill's too: it runs from whole-layer slots,
+    # placed two experts at a time), and none timed out
+    calls = [len({pool.call_of[i] for i, _ in s}) for s in segments]
+    assert pool.gated == sum(c - 1 for c in calls) and pool.timeouts == 0
+    decode = [s for s in segments if len(s) == 4]  # decode passes: 4 layers x 4 picks (a prefill reads 8 or more)
     assert len(decode) == (NEW - 1) * 4
-    for s in decode:
-        assert [k for _, k in s] == sorted(k for _, k in s)  # ascending ids: the compute's order
-        for (i, a), (j, _) in itertools.pairwise(s):  # each miss was taken by the compute before the next was read
-            assert ("placed", a) in pool.log[i:j]
+    assert all(len({pool.call_of[i] for i, _ in s}) == 4 for s in decode)  # compact: one read per miss
+    _assert_each_taken_before_the_next_read(segments, pool)
+
+
+SAME_LEN = [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14], [30, 31, 32, 33, 34], [40, 41, 42, 43, 44]]
+
+
+@pytest.mark.parametrize("prompts", ["one", "four", "mixed"])
+def test_whole_layer_slots_compute_each_miss_once_its_own_read_is_done(tmp_path, monkeypatch, prompts: str) -> None:
+    """Routed passes from whole-layer slots (compact slots off; with four sequences and top-4 of 16 a pass can pick
+    every expert, as at T k >= E in the bench) are placed as their reads finish too: the misses are read into their
+    own rows (no cache here) in the order the compute takes them (ascending ids in one MoE call; "mixed": three prompt
+    lengths, three calls per layer, each call's picks first), one whole expert per reader thread (two at a time),
+    and the compute takes each pair before the next pair is read (the gated pool times out otherwise: before, a
+    layer's misses were one job, computed from once all were read); bit-identical to the resident model."""
+    d = _many_experts(tmp_path, seed=26)
+    batch = {"one": [PROMPTS[0]], "four": SAME_LEN, "mixed": PROMPTS}[prompts]
+    bs = 4 if prompts == "four" else 2  # (prefill micro-batches: "four" prefills in one call)
+    ref = _resident(d, prompts=batch, batch_size=bs)
+    pool = _GatedPool()
+    with _gated_engine(d, monkeypatch, pool, compact_slots=False, batch_size=bs) as e:
+        got = e.generate(batch, NEW, return_logits=True)
+        assert e._ring.in_place and e._rows is None and got.stats.full_layer_loads == 0
+    _same(got, ref)
+    segments = _read_segments(pool)
+    assert len(segments) >= NEW * 4 and pool.timeouts == 0
+    calls = [len({pool.call_of[i] for i, _ in s}) for s in segments]  # pool calls per run of one layer's reads
+    assert all(2 * c >= len(s) for c, s in zip(calls, segments))  # at most one expert per reader thread a call
+    assert pool.gated == sum(c - 1 for c in calls) >= (NEW - 1) * 4  # (decode: 4 picks or more a layer, two calls)
+    _assert_each_taken_before_the_next_read(segments, pool, ascending=prompts != "mixed")
 
 
 def test_a_miss_whose_read_fails_fails_the_compute_waiting_for_it(tmp_path, monkeypatch) -> None:

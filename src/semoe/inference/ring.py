@@ -387,10 +387,11 @@ class RingEngine:
             if self.strategy != "layer" and entry and expert_cache != 0 else None
         self._ring = SlotRing(self.plan, self.device, sizes, self.stats, drop_page_cache, readahead, self.cache,
                               io_threads, self._sections)
-        # compact routed passes compute from the experts where they lie (no copy of a cache hit into the slot) where
-        # the experts' impl can run on per-expert views (expert_views)
-        self._ring.in_place = self._compactable and all(supports_views(moe.experts)
-                                                        for moe in moe_layers(self.model))
+        # routed passes (compact or whole-layer slots) compute from the experts where they lie (no copy of a cache hit
+        # into the slot), each expert once its own reads are done, where the experts' impl can run on per-expert views
+        # (expert_views)
+        self._ring.in_place = self.strategy != "layer" and all(supports_views(moe.experts)
+                                                               for moe in moe_layers(self.model))
         self._views: dict[int, ExpertViews] = {}
         # cost model (see _mode_for): (pass, section, tokens, mode, expected whole-layer s, expected routed s)
         self.decisions: deque[tuple[int, int, int, str, float, float]] = deque(maxlen=4096)
@@ -1014,11 +1015,17 @@ class RingEngine:
                              f"{math.ceil(self.min_memory(2) / MiB + 1)}MB")
         self._capture_predictor(i, layer)
         # in place, the compute starts before the misses are in: the cache hits' groups first, each miss's group once
-        # its read is done (expert_ffn_views: any group order gives the same bits)
-        in_place = self._ring.in_place and xl.positions < xl.num_experts
-        self._ring.ensure_experts(ticket, xl, need, wait=not in_place)
+        # its read is done (expert_ffn_views: any group order gives the same bits); in compact and whole-layer slots
+        in_place = self._ring.in_place
+        # (the order the compute takes the picks in, which their misses are read in: each MoE call's (group, chunk)
+        # in ascending ids, the first call's first)
+        order = need if len(ids) == 1 else list(dict.fromkeys(e for t in ids for e in t.unique().tolist()))
+        self._ring.ensure_experts(ticket, xl, need, wait=not in_place, order=order)
         self._count_predictions(ticket, i, need)
-        if self.cache is not None:
+        # (the uses feed the cache's scores; in whole-layer slots served in place, after the compute: the loader's
+        # admission of a miss then weighs the scores before this use, as when the compute waited for every read)
+        late_touch = in_place and xl.positions == xl.num_experts
+        if self.cache is not None and not late_touch:
             self.cache.touch(i, need)
         if xl.positions < xl.num_experts:  # compact slot: the picked experts are groups 0, 1, ... in id order, so
             # the routing names groups (an order-keeping renumbering: the same sort, the same sums, the same bits)
@@ -1029,15 +1036,19 @@ class RingEngine:
             hyr_all = parts
         try:
             # in place: group j's weights are views of wherever expert need[j] lies (a cache entry or a slot row), each
-            # built when the compute first needs it (waiting for its read if it is a miss)
+            # built when the compute first needs it (waiting for its read if it is a miss); whole-layer slots: group j
+            # is expert j (groups without rows are not touched)
             ring = self._ring
+            names = need if xl.positions < xl.num_experts else list(range(xl.num_experts))
             with (experts_on_views(layer.moe.experts, self._expert_views(i, xl).lazy(
-                    len(need), lambda j: ring.placement(ticket, xl, need[j]),
-                    lambda j: ring.placed(ticket, xl, need[j]))) if in_place else contextlib.nullcontext()):
+                    len(names), lambda j: ring.placement(ticket, xl, names[j]),
+                    lambda j: ring.placed(ticket, xl, names[j]))) if in_place else contextlib.nullcontext()):
                 for g, hyr in zip(active, hyr_all):
                     g.x = [h_BSD + layer.moe(y_BSD, routing=routing).out for h_BSD, y_BSD, routing in hyr]
             if in_place:
                 ring.finish_experts(ticket, xl, need)
+            if self.cache is not None and late_touch:
+                self.cache.touch(i, need)
         finally:
             if in_place:
                 self._ring.unpin(ticket)
