@@ -111,8 +111,9 @@ class _Job:
     #: row e (whole-layer layout), or, with ``to_cache``, a prediction read into the expert cache only
     positions: list[int] | None = None
     to_cache: bool = False
-    #: compact layout, experts served in place (``SlotRing.in_place``): a cache hit stays in its entry (pinned), a
-    #: miss is read into an entry it is admitted to, else into the next free row of the slot; nothing is copied
+    #: experts served in place (``SlotRing.in_place``): a cache hit stays in its entry (pinned), a miss is read into
+    #: an entry it is admitted to, else into the next free row of the slot (whole-layer layout: its row e); nothing
+    #: is copied
     place: bool = False
     #: a prediction (from :meth:`SlotRing.prefetch_experts`): its disk reads give way to on-demand jobs between pieces
     prediction: bool = False
@@ -288,9 +289,8 @@ class SlotRing:
                         keep.append(j)
                 self.prefetch = keep
             if new or promoted:
-                job = _Job(ticket, self._section_of(ticket), layer, _in_order(new + promoted, order), place=True) \
-                    if place else _Job(ticket, self._section_of(ticket), layer, new + promoted)
-                self.urgent.append(job)
+                picks = _in_order(new + promoted, order) if place else new + promoted
+                self.urgent.append(_Job(ticket, self._section_of(ticket), layer, picks, place=place))
                 self.cv.notify_all()
             if not place:
                 self._await(table, layer, experts, new, lambda x: x.done)
